@@ -1,0 +1,174 @@
+"""Checkpoints that are never half-written, and the run's final Hugging Face artifact.
+
+A checkpoint is written into a temporary folder, its files fsynced, a manifest (files, sizes,
+step) written last, and the folder renamed into place; only then does `latest` move and do old
+checkpoints go. Resume trusts only folders whose manifest matches what is on disk.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dtune.errors import DtuneError
+
+log = logging.getLogger("dtune")
+
+MANIFEST = "manifest.json"
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
+                    keep: int) -> Path:
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(trainable_state(model), tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
+        for path in tmp.iterdir():
+            _fsync_file(path)
+        _fsync_dir(tmp)
+        if final.exists():  # a resumed run saving a step again: replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DtuneError(
+            f"could not write the checkpoint for step {step} under {root}: {exc}. Free disk "
+            "space or point hydra.run.dir at a writable folder; earlier checkpoints are intact."
+        ) from None
+    _write_atomically(root / "latest", final.name)
+    _prune(root, keep)
+    return final
+
+
+def valid_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first; incomplete ones are reported and skipped."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.glob("step-*"):
+        try:
+            step = int(folder.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if _manifest_ok(folder, step):
+            found.append((step, folder))
+        else:
+            log.warning("Skipping %s: its manifest is missing or does not match its files.", folder)
+    return [folder for _, folder in sorted(found, reverse=True)]
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; return the trainer state."""
+    weights = load_file(folder / "model.safetensors")
+    expected = set(trainable_state(model))
+    if set(weights) != expected:
+        raise DtuneError(
+            f"the checkpoint {folder} holds weights for other parameters than this run trains "
+            f"({len(set(weights) ^ expected)} names differ). It was written by another model or "
+            "method; start a new run dir, or set train.resume=false."
+        )
+    model.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def save_final(model, tokenizer, out_dir: Path) -> None:
+    """Write the Hugging Face artifact: a PEFT adapter folder or a full model folder."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+
+
+def _manifest_ok(folder: Path, step: int) -> bool:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("step") != step:
+        return False
+    for name, size in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
+
+
+def _prune(root: Path, keep: int) -> None:
+    complete = valid_checkpoints(root.parent)
+    for folder in complete[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):  # left behind by a run that was killed mid-save
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,110 @@
+"""The `dtune` command: `train` (same as `python -m dtune`), `eval` and `generate`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dtune.errors import DtuneError, exit_with
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":
+        from dtune.__main__ import main as train_main
+
+        sys.argv = ["dtune"] + argv[1:]
+        train_main()
+        return
+    parser = argparse.ArgumentParser(prog="dtune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="fine-tune; takes Hydra overrides, like `python -m dtune`")
+
+    p_eval = sub.add_parser("eval", help="held-out loss and exact match of a finished run")
+    p_eval.add_argument("run_dir", type=Path)
+    p_eval.add_argument("--samples", type=int, default=None,
+                        help="held-out prompts to answer (default: the whole held-out split)")
+    p_eval.add_argument("--max-new-tokens", type=int, default=None)
+
+    p_gen = sub.add_parser("generate", help="answer prompts with a finished run's model")
+    p_gen.add_argument("run_dir", type=Path)
+    p_gen.add_argument("--prompt", action="append",
+                       help="a user message (repeatable); without it, an interactive chat")
+    p_gen.add_argument("--max-new-tokens", type=int, default=128)
+    p_gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p_gen.add_argument("--temperature", type=float, default=0.7)
+    p_gen.add_argument("--top-p", type=float, default=0.9)
+    p_gen.add_argument("--raw", action="store_true",
+                       help="send the prompt as plain text, without the chat template")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "eval":
+            run_eval(args)
+        elif args.command == "generate":
+            run_generate(args)
+    except DtuneError as error:
+        exit_with(error)
+
+
+def run_eval(args) -> None:
+    from dtune.data.loading import load_splits
+    from dtune.evaluate import eval_loss, exact_match
+    from dtune.run_dir import load_final_model
+    from dtune.train import tokenize_records
+
+    model, tokenizer, cfg = load_final_model(args.run_dir)
+    _, eval_records = load_splits(cfg.data)
+    if not eval_records:
+        raise DtuneError(f"the run in {args.run_dir} has no held-out split to evaluate on.")
+    examples = tokenize_records(eval_records, cfg, tokenizer, "eval")
+    result = {"eval_loss": eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id)}
+    em = exact_match(model, tokenizer, eval_records, cfg.data.format, cfg.data.system_prompt,
+                     args.samples or len(eval_records),
+                     args.max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    if em is not None:
+        result.update(exact_match=em["exact_match"], exact_match_by_task=em["by_task"], n=em["n"])
+    (Path(args.run_dir) / "eval.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+def run_generate(args) -> None:
+    from dtune.evaluate import generate
+    from dtune.run_dir import load_final_model
+
+    model, tokenizer, cfg = load_final_model(args.run_dir)
+    use_chat = not args.raw and bool(getattr(tokenizer, "chat_template", None))
+    system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
+
+    def answer(history: list[dict]) -> str:
+        if use_chat:
+            prompt = tokenizer.apply_chat_template(history, tokenize=False,
+                                                   add_generation_prompt=True)
+        else:
+            prompt = history[-1]["content"]
+        return generate(model, tokenizer, [prompt], args.max_new_tokens, 1,
+                        add_special_tokens=not use_chat, do_sample=args.sample,
+                        temperature=args.temperature, top_p=args.top_p)[0]
+
+    if args.prompt:
+        for prompt in args.prompt:
+            print(answer(system + [{"role": "user", "content": prompt}]), flush=True)
+        return
+    history = list(system)
+    print("Chat with the fine-tuned model; an empty line or Ctrl-D ends it.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        reply = answer(history)
+        history.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+
+
+if __name__ == "__main__":
+    main()

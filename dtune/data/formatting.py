@@ -1,0 +1,112 @@
+"""Turn records into token ids and loss labels.
+
+Loss falls only on responses: the `output` of an alpaca record, and every assistant turn of a
+chat (not just the last one). Labels are found through character offsets of the rendered text,
+so they follow whatever chat template the tokenizer carries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dtune.errors import DtuneError
+
+IGNORE = -100
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where no loss is taken
+
+
+def alpaca_prompt(record: dict) -> str:
+    if record.get("input"):
+        return ALPACA_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
+    return ALPACA_NO_INPUT.format(instruction=record["instruction"])
+
+
+def render(record: dict, fmt: str, tokenizer, system_prompt: str | None = None):
+    """Return (text, [(start, end) character spans that carry loss])."""
+    if fmt == "text":
+        text = record["text"] + (tokenizer.eos_token or "")
+        return text, [(0, len(text))]
+    if fmt == "alpaca":
+        prompt = alpaca_prompt(record)
+        text = prompt + record["output"] + (tokenizer.eos_token or "")
+        return text, [(len(prompt), len(text))]
+    messages = _with_system(record["messages"], system_prompt)
+    text = _chat(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _chat(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (text.startswith(before) and text.startswith(through)):
+            raise DtuneError(
+                "the tokenizer's chat template does not render conversations prefix by prefix, "
+                "so dtune cannot tell which tokens are assistant turns; use data.format=alpaca "
+                "or a tokenizer with a standard template."
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def tokenize(record: dict, fmt: str, tokenizer, max_seq_len: int, train_on_inputs: bool,
+             system_prompt: str | None = None) -> Example:
+    text, spans = render(record, fmt, tokenizer, system_prompt)
+    encoded = tokenizer(
+        text, add_special_tokens=fmt != "chat", return_offsets_mapping=True, truncation=False
+    )
+    ids = encoded["input_ids"][:max_seq_len]
+    offsets = encoded["offset_mapping"][:max_seq_len]
+    if train_on_inputs:
+        labels = list(ids)
+    else:
+        labels = [
+            tid if any(s <= start < e for s, e in spans) and end > start else IGNORE
+            for tid, (start, end) in zip(ids, offsets)
+        ]
+    return Example(input_ids=ids, labels=labels)
+
+
+def prompt_and_reference(record: dict, fmt: str, tokenizer, system_prompt: str | None = None):
+    """The prompt a model answers at eval time and the reference answer, or None for `text`."""
+    if fmt == "alpaca":
+        return alpaca_prompt(record), record["output"]
+    if fmt == "chat":
+        messages = _with_system(record["messages"], system_prompt)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = _chat(tokenizer, messages[:last], add_generation_prompt=True)
+        return prompt, messages[last]["content"]
+    return None
+
+
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DtuneError(
+            "data.format=chat needs a tokenizer with a chat template, and this model's tokenizer "
+            "has none; use data.format=alpaca, or a chat/instruct model."
+        )
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )

@@ -1,0 +1,28 @@
+"""One exception type for every problem the user can fix, and how the entry points show it."""
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+
+
+class DtuneError(Exception):
+    """A problem with the user's input or environment, explained in words they can act on.
+
+    The message names the field or file, the value found, and the fix. Entry points print it
+    without a traceback unless HYDRA_FULL_ERROR=1 (or DTUNE_TRACEBACK=1) is set.
+    """
+
+
+def show_tracebacks() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("DTUNE_TRACEBACK") == "1"
+
+
+def exit_with(error: DtuneError, code: int = 2) -> None:
+    """Print a DtuneError as one wrapped paragraph on stderr and exit non-zero."""
+    if show_tracebacks():
+        raise error
+    text = " ".join(str(error).split())
+    print("\n".join(textwrap.wrap(f"dtune: error: {text}", width=100)), file=sys.stderr)
+    print("(set HYDRA_FULL_ERROR=1 to see the traceback)", file=sys.stderr)
+    sys.exit(code)

