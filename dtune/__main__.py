@@ -20,13 +20,14 @@ def _config_dir() -> str:
 @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
 def train_app(cfg: DictConfig) -> float | None:
     """Returns the final eval loss, which Hydra sweepers minimise."""
-    from dtune import train
-
     try:
-        summary = train.run(to_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+        config = to_config(cfg)  # range checks run here, before the heavy imports below
+        from dtune import train
+
+        result = train.run(config, Path(HydraConfig.get().runtime.output_dir))
     except DtuneError as error:
         exit_with(error)
-    return summary.get("eval_loss")
+    return result.summary.get("eval_loss")
 
 
 def main() -> None:

@@ -24,8 +24,10 @@ def load_final_model(run_dir: Path):
     """Return (model, tokenizer, config) from `run_dir/final`: base + adapter, or a full model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dtune.logs import quiet_libraries
     from dtune.models import load_model_and_tokenizer
 
+    quiet_libraries()
     cfg = load_run_config(run_dir)
     final = Path(run_dir) / "final"
     if not final.is_dir():

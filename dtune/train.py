@@ -9,6 +9,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from dtune.data.formatting import IGNORE, tokenize
 from dtune.data.loading import load_splits
 from dtune.errors import DtuneError
 from dtune.evaluate import eval_loss, exact_match
+from dtune.logs import quiet_libraries
 from dtune.loss import summed_token_loss
 from dtune.methods import apply_method, count_parameters, is_adapter
 from dtune.metrics import MetricsLog, peak_memory_bytes
@@ -31,9 +33,17 @@ log = logging.getLogger("dtune")
 GIB = 1024**3
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
-    """Fine-tune as `cfg` says, writing everything into `run_dir`; return the summary."""
+@dataclass
+class RunResult:
+    summary: dict
+    model: torch.nn.Module  # the trained model, as `final/` holds it
+    tokenizer: object
+
+
+def run(cfg: Config, run_dir: Path) -> RunResult:
+    """Fine-tune as `cfg` says, writing everything into `run_dir`."""
     started = time.perf_counter()
+    quiet_libraries()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
@@ -108,12 +118,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     while state["step"] < total_steps:
         step_started = time.perf_counter()
         window = [stream.next_batch() for _ in range(cfg.train.grad_accum_steps)]
-        window_loss_tokens = sum(loss_token_count(b) for b in window)
-        loss_value = 0.0
-        for batch in window:
-            loss = summed_token_loss(model, batch) / max(window_loss_tokens, 1)
-            loss.backward()
-            loss_value += loss.item()
+        loss_value, window_loss_tokens = accumulate_gradients(model, window)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -180,7 +185,19 @@ def run(cfg: Config, run_dir: Path) -> dict:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(summary_table(summary_rows(summary, run_dir), "dtune run summary"), flush=True)
-    return summary
+    return RunResult(summary, model, tokenizer)
+
+
+def accumulate_gradients(model, window: list[dict]) -> tuple[float, int]:
+    """Backpropagate a window of micro-batches as one batch: the loss is the mean over every
+    loss-carrying token in the window, not a mean of per-micro-batch means."""
+    window_tokens = sum(loss_token_count(b) for b in window)
+    total = 0.0
+    for batch in window:
+        loss = summed_token_loss(model, batch) / max(window_tokens, 1)
+        loss.backward()
+        total += loss.item()
+    return total, window_tokens
 
 
 def seed_everything(seed: int) -> None:

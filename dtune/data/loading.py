@@ -4,6 +4,7 @@ Errors name the file and the line (JSONL, CSV) or row (JSON, Parquet) of the bad
 """
 from __future__ import annotations
 
+import csv
 import json
 import random
 from pathlib import Path
@@ -94,8 +95,15 @@ def _load_with_datasets(path: Path, loader: str) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
+    # CSV has no types: read every cell as text, so "42" stays the answer "42" and "" stays "".
+    extra = {}
+    if loader == "csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            header = next(csv.reader(handle), [])
+        extra = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
+                 "keep_default_na": False}
     try:
-        table = datasets.load_dataset(loader, data_files=str(path), split="train")
+        table = datasets.load_dataset(loader, data_files=str(path), split="train", **extra)
     except Exception as exc:  # datasets/Arrow raise many types; the user needs the file name
         cause = " ".join(str(exc).split())[:300]
         raise DtuneError(

@@ -1,0 +1,72 @@
+"""Shared helpers: compose configs like the CLI does, and run dtune as a user would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+# Small, fast settings for the tiny random model; tests add what they exercise.
+TINY = [
+    "model=tiny-llama",
+    "data.builtin.train_size=256",
+    "data.builtin.eval_size=32",
+    "eval.exact_match_samples=8",
+    "eval.max_new_tokens=12",
+    "train.micro_batch_size=4",
+    "train.log_every=1",
+    "train.save_every=0",
+    "train.warmup_steps=0",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Random-init models go to a per-session cache; the real SmolLM2 keeps the user's cache."""
+    os.environ.setdefault("DTUNE_REAL_CACHE_DIR",
+                          os.environ.get("DTUNE_CACHE_DIR", str(Path.home() / ".cache/dtune")))
+    os.environ["DTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("dtune-cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    yield
+
+
+def compose(*overrides: str):
+    """The validated Config that `python -m dtune <overrides>` would run."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from dtune.config import register_schema, to_config
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_config(hydra_compose("config", overrides=list(overrides)))
+
+
+def run_dtune(*args: str, module: bool = True, env: dict | None = None,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m dtune ARGS` (or the `dtune` console script) as a subprocess."""
+    command = [sys.executable, "-m", "dtune"] if module else [sys.executable, "-m", "dtune.cli"]
+    return subprocess.run(
+        command + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tmp_path_factory) -> Path:
+    """One real CLI run of LoRA on the tiny model, shared by the tests that inspect a run dir."""
+    run_dir = tmp_path_factory.mktemp("tiny-lora-run")
+    result = run_dtune(*TINY, "+method=lora", "train.max_steps=12", "train.lr=3e-3",
+                       "train.save_every=6", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def one_line(text: str) -> str:
+    """Error output with the terminal wrapping undone, for substring checks."""
+    return " ".join(text.split())
