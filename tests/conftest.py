@@ -62,7 +62,7 @@ def tiny_lora_run(tmp_path_factory) -> Path:
     """One real CLI run of LoRA on the tiny model, shared by the tests that inspect a run dir."""
     run_dir = tmp_path_factory.mktemp("tiny-lora-run")
     result = run_dtune(*TINY, "+method=lora", "train.max_steps=12", "train.lr=3e-3",
-                       "train.save_every=6", f"hydra.run.dir={run_dir}")
+                       "train.save_every=6", "train.eval_every=4", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 

@@ -29,7 +29,9 @@ def test_cli_run_leaves_the_documented_run_directory(tiny_lora_run):
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens"):
         assert all(key in m for m in records), key
     evals = [m for m in read_metrics(run_dir / "metrics.jsonl") if m.get("split") == "eval"]
-    assert {m["step"] for m in evals} == {0, 12} and all("eval_loss" in m for m in evals)
+    assert [m["step"] for m in evals] == [0, 4, 8, 12]
+    assert all("eval_loss" in m for m in evals)
+    assert "exact_match" in evals[0] and "exact_match" in evals[-1]
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("final_loss", "eval_loss", "wall_time_s", "trainable_params", "total_params",
                 "peak_memory_bytes", "exact_match_before", "exact_match_after"):
@@ -142,3 +144,11 @@ def test_resume_skips_a_checkpoint_whose_files_do_not_match_its_manifest(tmp_pat
     with open(newest / "optimizer.pt", "ab") as handle:
         handle.write(b"torn write")
     assert [p.name for p in valid_checkpoints(tmp_path)] == ["step-2"]
+
+
+def test_epochs_set_the_step_count_when_max_steps_is_unset(tmp_path):
+    cfg = compose(*TINY, "+method=lora", "train.max_steps=-1", "train.epochs=2",
+                  "data.builtin.train_size=40", "train.micro_batch_size=8",
+                  "train.grad_accum_steps=2", "eval.exact_match_samples=0")
+    result = run(cfg, tmp_path)
+    assert result.summary["steps"] == 2 * (40 // 8 // 2)

