@@ -1,4 +1,4 @@
-"""The `dtune` command: `train` (same as `python -m dtune`), `eval` and `generate`."""
+"""The `dtune` command: `train` (same as `python -m dtune`), `eval`, `generate`, `merge`."""
 from __future__ import annotations
 
 import argparse
@@ -38,12 +38,20 @@ def main(argv: list[str] | None = None) -> None:
     p_gen.add_argument("--raw", action="store_true",
                        help="send the prompt as plain text, without the chat template")
 
+    p_merge = sub.add_parser("merge", help="merge a run's adapter into its base model")
+    p_merge.add_argument("run_dir", type=Path)
+    p_merge.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/merged")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "eval":
             run_eval(args)
         elif args.command == "generate":
             run_generate(args)
+        elif args.command == "merge":
+            from dtune.merge import merge_run
+
+            print(f"Merged model written to {merge_run(args.run_dir, args.out)}")
     except DtuneError as error:
         exit_with(error)
 

@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtune.errors import DtuneError
 
-METHODS = ("full", "lora")
-PRECISIONS = ("fp32",)
+METHODS = ("full", "lora", "dora", "qlora", "lora_int8", "ia3", "prompt_tuning", "prefix_tuning")
+PRECISIONS = ("fp32", "fp16", "bf16", "bf16_pure")
 PARALLELISMS = ("single",)
 TRACKERS = ("none",)
 DATA_FORMATS = ("alpaca", "chat", "text")
@@ -50,7 +50,7 @@ class RandomInitConfig:
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
-    intermediate_size: int = 176
+    intermediate_size: int = 192
     vocab_size: int = 512
     max_position_embeddings: int = 1024
     init_seed: int = 1234
@@ -91,25 +91,75 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """How the model is adapted. One flat record: each method function reads its own fields."""
+    """How the model is adapted. One flat record: each method function reads its own fields
+    (see METHOD_FIELDS); setting a field the chosen method ignores is refused."""
 
     name: str = "lora"
+    # LoRA family (lora, dora, qlora, lora_int8) and ia3
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    # "all-linear" or a list of module names such as [q_proj, v_proj]
+    # "all-linear", "attention" (q/k/v/o projections), "default" (peft's choice for the
+    # architecture), or a list of module names such as [q_proj, v_proj]
     target_modules: Any = "all-linear"
+    modules_to_save: Optional[List[str]] = None
+    # quantised bases (qlora: 4-bit; lora_int8: 8-bit)
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "fp32"
+    # soft prompts (prompt_tuning, prefix_tuning)
+    num_virtual_tokens: int = 20
+    init_text: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_choice("method.name", self.name, METHODS)
         check_positive("method.r", self.r)
         check_positive("method.alpha", self.alpha)
         check_fraction("method.dropout", self.dropout)
+        check_choice("method.quant_type", self.quant_type, ("nf4", "fp4"))
+        check_choice("method.compute_dtype", self.compute_dtype, ("fp32", "bf16", "fp16"))
+        check_positive("method.num_virtual_tokens", self.num_virtual_tokens)
         if not isinstance(self.target_modules, (str, list)) or not self.target_modules:
             raise DtuneError(
-                f"method.target_modules={self.target_modules!r} must be 'all-linear' or a "
-                "non-empty list of module names, e.g. method.target_modules=[q_proj,v_proj]."
+                f"method.target_modules={self.target_modules!r} must be 'all-linear', "
+                "'attention', 'default' or a non-empty list of module names, e.g. "
+                "method.target_modules=[q_proj,v_proj]."
             )
+        if isinstance(self.target_modules, str) and self.target_modules not in TARGET_ALIASES:
+            raise DtuneError(
+                f"method.target_modules={self.target_modules!r} is not one of "
+                f"{', '.join(TARGET_ALIASES)}; for specific layers give a list, e.g. "
+                f"method.target_modules=[{self.target_modules}]."
+            )
+        defaults = MethodConfig.__dataclass_fields__
+        for key in METHOD_FIELDS_ALL - METHOD_FIELDS[self.name]:
+            default = defaults[key].default
+            if getattr(self, key) != default and key not in PRIMARY_METHOD_VALUES:
+                raise DtuneError(
+                    f"method.{key}={getattr(self, key)!r} has no effect with "
+                    f"method.name={self.name}; it applies to "
+                    f"{', '.join(m for m in METHODS if key in METHOD_FIELDS[m])}. Remove it."
+                )
+
+
+TARGET_ALIASES = ("all-linear", "attention", "default")
+_LORA = {"r", "alpha", "dropout", "target_modules", "modules_to_save"}
+_QUANT = {"quant_type", "double_quant", "compute_dtype"}
+_SOFT_PROMPT = {"num_virtual_tokens", "modules_to_save"}
+METHOD_FIELDS = {
+    "full": set(),
+    "lora": _LORA,
+    "dora": _LORA,
+    "qlora": _LORA | _QUANT,
+    "lora_int8": _LORA | {"compute_dtype"},
+    "ia3": {"target_modules", "modules_to_save"},
+    "prompt_tuning": _SOFT_PROMPT | {"init_text"},
+    "prefix_tuning": _SOFT_PROMPT,
+}
+METHOD_FIELDS_ALL = set().union(*METHOD_FIELDS.values())
+# conf/config.yaml carries LoRA's values as the default method; they stay in every composed
+# config, so they cannot count as "set by the user" for other methods.
+PRIMARY_METHOD_VALUES = {"r", "alpha", "dropout", "target_modules"}
 
 
 @dataclass
@@ -205,9 +255,14 @@ class EvalConfig:
 @dataclass
 class PrecisionConfig:
     name: str = "fp32"
+    # fp16 dynamic loss scaling (Micikevicius et al.): start, growth period, back-off on overflow
+    init_loss_scale: float = 65536.0
+    growth_interval: int = 2000
 
     def __post_init__(self) -> None:
         check_choice("precision.name", self.name, PRECISIONS)
+        check_positive("precision.init_loss_scale", self.init_loss_scale)
+        check_positive("precision.growth_interval", self.growth_interval)
 
 
 @dataclass
@@ -236,6 +291,51 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+
+    def __post_init__(self) -> None:
+        check_combination(self)
+
+
+# Which precision each method trains in. This table is what the code checks and what the
+# README shows; a combination outside it is refused before anything loads.
+SUPPORTED_PRECISIONS = {
+    "full": ("fp32", "fp16", "bf16", "bf16_pure"),
+    "lora": ("fp32", "fp16", "bf16"),
+    "dora": ("fp32", "fp16", "bf16"),
+    "qlora": ("fp32", "fp16", "bf16"),
+    "lora_int8": ("fp32", "fp16", "bf16"),
+    "ia3": ("fp32", "fp16", "bf16"),
+    "prompt_tuning": ("fp32", "fp16", "bf16"),
+    "prefix_tuning": ("fp32", "fp16", "bf16"),
+}
+_AUTOCAST_DTYPE = {"fp16": "fp16", "bf16": "bf16"}
+
+
+def check_combination(cfg: "Config") -> None:
+    method, precision = cfg.method, cfg.precision.name
+    allowed = SUPPORTED_PRECISIONS[method.name]
+    if precision not in allowed:
+        why = (" bf16_pure keeps the weights themselves in bf16, which only full fine-tuning "
+               "has a use for;" if precision == "bf16_pure" else "")
+        raise DtuneError(
+            f"precision={precision} does not work with +method={method.name};{why} choose "
+            f"precision from {', '.join(allowed)}."
+        )
+    if method.name == "qlora" and precision in _AUTOCAST_DTYPE \
+            and method.compute_dtype != _AUTOCAST_DTYPE[precision]:
+        raise DtuneError(
+            f"precision={precision} autocasts to {precision}, but the QLoRA base computes in "
+            f"method.compute_dtype={method.compute_dtype}; the two would fight over the "
+            f"matmul dtype. Set method.compute_dtype={_AUTOCAST_DTYPE[precision]} or "
+            "precision=fp32."
+        )
+    if method.name in ("prompt_tuning", "prefix_tuning") \
+            and cfg.data.max_seq_len <= method.num_virtual_tokens:
+        raise DtuneError(
+            f"data.max_seq_len={cfg.data.max_seq_len} leaves no room for text next to "
+            f"method.num_virtual_tokens={method.num_virtual_tokens} virtual tokens; raise "
+            "data.max_seq_len or lower method.num_virtual_tokens."
+        )
 
 
 def register_schema() -> None:

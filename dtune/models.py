@@ -35,17 +35,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DTUNE_CACHE_DIR", Path.home() / ".cache" / "dtune"))
 
 
-def load_model_and_tokenizer(cfg: ModelConfig):
-    """Return (model in fp32 on CPU, tokenizer, where the weights came from)."""
+def load_model_and_tokenizer(cfg: ModelConfig, load_options: dict | None = None):
+    """Return (model with fp32 weights, tokenizer, where the weights came from).
+
+    `load_options` go to from_pretrained: a method's bitsandbytes quantization, for example,
+    or `dtype="auto"` to keep the checkpoint's own dtype.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, source = resolve_model(cfg)
+    load_options = dict(load_options or {})
+    dtype = load_options.pop("dtype", torch.float32)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if folder != cfg.name_or_path:
         kwargs.pop("revision")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs,
+                                                     **load_options)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise DtuneError(
@@ -61,7 +68,20 @@ def load_model_and_tokenizer(cfg: ModelConfig):
         raise
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if "quantization_config" in load_options:
+        keep_4bit_layout_trainable(model)
     return model, tokenizer, source
+
+
+def keep_4bit_layout_trainable(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time
+    it runs in eval mode, into a bf16 layout whose kernel has no backward: training after an
+    eval then gets wrong gradients, silently, and logits shift. Keep the one layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def resolve_model(cfg: ModelConfig) -> tuple[str, str]:

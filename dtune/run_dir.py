@@ -39,7 +39,9 @@ def load_final_model(run_dir: Path):
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base, _, _ = load_model_and_tokenizer(cfg.model)
+        from dtune.methods import load_options
+
+        base, _, _ = load_model_and_tokenizer(cfg.model, load_options(cfg.method))
         model = PeftModel.from_pretrained(base, final)
     else:
         model = AutoModelForCausalLM.from_pretrained(final)

@@ -24,9 +24,10 @@ from dtune.errors import DtuneError
 from dtune.evaluate import eval_loss, exact_match
 from dtune.logs import quiet_libraries
 from dtune.loss import summed_token_loss
-from dtune.methods import apply_method, count_parameters, is_adapter
+from dtune.methods import apply_method, count_parameters, is_adapter, load_options
 from dtune.metrics import MetricsLog, peak_memory_bytes
 from dtune.models import load_model_and_tokenizer
+from dtune.precision import Precision, setup_precision
 from dtune.progress import Progress, summary_table
 
 log = logging.getLogger("dtune")
@@ -48,7 +49,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
 
-    model, tokenizer, source = load_model_and_tokenizer(cfg.model)
+    model, tokenizer, source = load_model_and_tokenizer(cfg.model, load_options(cfg.method))
     check_context_length(cfg, model)
     log.info("Model %s from %s", cfg.model.name_or_path, source)
 
@@ -57,8 +58,9 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     eval_examples = tokenize_records(eval_records[: cfg.eval.max_loss_samples], cfg, tokenizer,
                                      "eval") if eval_records else []
 
-    model = apply_method(model, cfg.method)
+    model = apply_method(model, cfg.method, tokenizer)
     trainable, total = count_parameters(model)
+    precision = setup_precision(cfg.precision, model)
     optimizer = build_optimizer(model, cfg)
     stream = BatchStream(train_examples, cfg.train.micro_batch_size, cfg.train.seed,
                          tokenizer.pad_token_id)
@@ -72,7 +74,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     )
 
     state = {"step": 0, "trained_tokens": 0, "loss_tokens": 0, "train_seconds": 0.0,
-             "exact_match_before": None, "data": stream.state_dict()}
+             "skipped_steps": 0, "exact_match_before": None, "data": stream.state_dict()}
     resumed_from = None
     if cfg.train.resume:
         checkpoints = valid_checkpoints(run_dir)
@@ -80,6 +82,8 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
             resumed_from = checkpoints[0]
             state = load_checkpoint(resumed_from, model, optimizer, scheduler)
             stream.load_state_dict(state["data"])
+            if precision.scaler is not None:
+                precision.scaler.load_state_dict(state["loss_scaler"])
             log.info("Resumed from %s (step %d)", resumed_from, state["step"])
         else:
             log.info("train.resume=true but %s holds no complete checkpoint; starting fresh",
@@ -118,11 +122,13 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     while state["step"] < total_steps:
         step_started = time.perf_counter()
         window = [stream.next_batch() for _ in range(cfg.train.grad_accum_steps)]
-        loss_value, window_loss_tokens = accumulate_gradients(model, window)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        loss_value, window_loss_tokens = accumulate_gradients(model, window, precision)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
+        grad_norm, skipped = precision.step(optimizer, params, max_norm)
+        if skipped:  # fp16 overflow: the weights did not move, so neither does the schedule
+            state["skipped_steps"] += 1
+        else:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         state["step"] += 1
@@ -133,10 +139,15 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         state["loss_tokens"] += window_loss_tokens
         state["train_seconds"] += step_seconds
         state["data"] = stream.state_dict()
+        if precision.scaler is not None:
+            state["loss_scaler"] = precision.scaler.state_dict()
         last = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": real_tokens / step_seconds,
                 "trained_tokens": state["trained_tokens"], "loss_tokens": state["loss_tokens"],
-                "epoch": stream.epoch, "step_time_s": step_seconds}
+                "epoch": stream.epoch, "step_time_s": step_seconds,
+                "skipped_steps": state["skipped_steps"]}
+        if precision.loss_scale is not None:
+            last["loss_scale"] = precision.loss_scale
         if step % cfg.train.log_every == 0 or step == total_steps:
             metrics.write(last)
         progress.update(step, loss_value, lr, last["tokens_per_s"], peak_memory_bytes() / GIB)
@@ -164,6 +175,8 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         "precision": cfg.precision.name,
         "parallelism": cfg.parallelism.name,
         "final_artifact": "peft_adapter" if is_adapter(model) else "full_model",
+        "loss_scale": precision.loss_scale,
+        "skipped_steps": state["skipped_steps"],
         "steps": state["step"],
         "global_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum_steps,
         "final_loss": last.get("loss"),
@@ -188,14 +201,15 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     return RunResult(summary, model, tokenizer)
 
 
-def accumulate_gradients(model, window: list[dict]) -> tuple[float, int]:
+def accumulate_gradients(model, window: list[dict], precision: Precision) -> tuple[float, int]:
     """Backpropagate a window of micro-batches as one batch: the loss is the mean over every
     loss-carrying token in the window, not a mean of per-micro-batch means."""
     window_tokens = sum(loss_token_count(b) for b in window)
     total = 0.0
     for batch in window:
-        loss = summed_token_loss(model, batch) / max(window_tokens, 1)
-        loss.backward()
+        with precision.autocast():
+            loss = summed_token_loss(model, batch) / max(window_tokens, 1)
+        precision.backward(loss)
         total += loss.item()
     return total, window_tokens
 

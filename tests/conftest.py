@@ -70,3 +70,34 @@ def tiny_lora_run(tmp_path_factory) -> Path:
 def one_line(text: str) -> str:
     """Error output with the terminal wrapping undone, for substring checks."""
     return " ".join(text.split())
+
+
+def train(run_dir: Path, *overrides: str):
+    """Train in-process and leave `.hydra/config.yaml` as the CLI would, for the run-dir tools."""
+    from omegaconf import OmegaConf
+
+    from dtune.train import run
+
+    cfg = compose(*overrides)
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), run_dir / ".hydra" / "config.yaml")
+    return run(cfg, run_dir)
+
+
+@pytest.fixture(scope="session")
+def constant_answer_data(tmp_path_factory) -> Path:
+    """A chat task a frozen random base can still learn in 30 steps: one fixed answer."""
+    import json
+    import random
+
+    from dtune.data.builtin import WORDS
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "constant.jsonl"
+    with path.open("w") as handle:
+        for _ in range(200):
+            handle.write(json.dumps({"messages": [
+                {"role": "user", "content": " ".join(rng.sample(WORDS, 4))},
+                {"role": "assistant", "content": "the answer is yes"},
+            ]}) + "\n")
+    return path

@@ -79,6 +79,7 @@ def test_accumulated_gradient_equals_the_gradient_of_the_whole_batch():
     from dtune.data.batching import collate
     from dtune.data.builtin import generate
     from dtune.data.formatting import tokenize
+    from dtune.precision import setup_precision
     from dtune.train import accumulate_gradients
 
     cfg = compose(*TINY, "+method=full")
@@ -87,9 +88,11 @@ def test_accumulated_gradient_equals_the_gradient_of_the_whole_batch():
     examples = [tokenize(r, "chat", tokenizer, 256, False) for r in records]
     assert len({len(e.input_ids) for e in examples}) > 1  # unequal lengths make this a real test
 
+    fp32 = setup_precision(cfg.precision, model)
+
     def grads(window):
         model.zero_grad()
-        loss, _ = accumulate_gradients(model, window)
+        loss, _ = accumulate_gradients(model, window, fp32)
         return loss, [p.grad.clone() for p in model.parameters()]
 
     pad = tokenizer.pad_token_id
