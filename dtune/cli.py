@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="held-out prompts to answer (default: the whole held-out split)")
     p_eval.add_argument("--max-new-tokens", type=int, default=None)
 
-    p_gen = sub.add_parser("generate", help="answer prompts with a finished run's model")
-    p_gen.add_argument("run_dir", type=Path)
+    p_gen = sub.add_parser("generate", help="answer prompts with a run's model or a model folder")
+    p_gen.add_argument("run_dir", type=Path, metavar="RUN_DIR_OR_MODEL_DIR")
     p_gen.add_argument("--prompt", action="append",
                        help="a user message (repeatable); without it, an interactive chat")
     p_gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -79,11 +79,11 @@ def run_eval(args) -> None:
 
 def run_generate(args) -> None:
     from dtune.evaluate import generate
-    from dtune.run_dir import load_final_model
+    from dtune.run_dir import load_for_generation
 
-    model, tokenizer, cfg = load_final_model(args.run_dir)
+    model, tokenizer, system_prompt = load_for_generation(args.run_dir)
     use_chat = not args.raw and bool(getattr(tokenizer, "chat_template", None))
-    system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
 
     def answer(history: list[dict]) -> str:
         if use_chat:

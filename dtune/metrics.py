@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -44,3 +46,40 @@ def peak_memory_bytes() -> int:
         return int(torch.cuda.max_memory_allocated())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class TrainingPeakMemory:
+    """Peak memory while training, apart from loading: on CUDA the allocator's peak since
+    `start`; on CPU the highest RSS sampled every few milliseconds by a background thread
+    (the process peak also holds load-time transients, such as a mapped checkpoint)."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s, self.peak = interval_s, 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> "TrainingPeakMemory":
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        elif sys.platform.startswith("linux"):
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> int:
+        if torch.cuda.is_available():
+            return int(torch.cuda.max_memory_allocated())
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        return self.peak

@@ -49,3 +49,27 @@ def load_final_model(run_dir: Path):
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer, cfg
+
+
+def load_for_generation(path: Path):
+    """A run directory (its final model) or a plain model folder, such as `dtune merge` writes.
+
+    Returns (model, tokenizer, system prompt or None)."""
+    path = Path(path)
+    if (path / ".hydra" / "config.yaml").is_file():
+        model, tokenizer, cfg = load_final_model(path)
+        return model, tokenizer, cfg.data.system_prompt
+    if (path / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from dtune.logs import quiet_libraries
+
+        quiet_libraries()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer, None
+    raise DtuneError(
+        f"{path} is neither a dtune run directory (no .hydra/config.yaml) nor a model folder "
+        "(no config.json); pass a training run's directory or a folder written by dtune merge."
+    )

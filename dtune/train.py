@@ -25,7 +25,7 @@ from dtune.evaluate import eval_loss, exact_match
 from dtune.logs import quiet_libraries
 from dtune.loss import summed_token_loss
 from dtune.methods import apply_method, count_parameters, is_adapter, load_options
-from dtune.metrics import MetricsLog, peak_memory_bytes
+from dtune.metrics import MetricsLog, TrainingPeakMemory, peak_memory_bytes
 from dtune.models import load_model_and_tokenizer
 from dtune.precision import Precision, setup_precision
 from dtune.progress import Progress, summary_table
@@ -118,6 +118,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     max_norm = cfg.train.max_grad_norm or math.inf
     model.train()
     loop_started = time.perf_counter()
+    training_memory = TrainingPeakMemory().start()
     last = {}
     while state["step"] < total_steps:
         step_started = time.perf_counter()
@@ -161,6 +162,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
                             cfg.train.keep_checkpoints)
     progress.close()
     loop_seconds = time.perf_counter() - loop_started
+    train_peak_memory = training_memory.stop()
 
     final_eval = evaluate(state["step"], with_generation=True)
     save_checkpoint(run_dir, state["step"], model, optimizer, scheduler, state,
@@ -194,6 +196,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         "wall_time_s": time.perf_counter() - started,
         "loop_time_s": loop_seconds,
         "peak_memory_bytes": peak_memory_bytes(),
+        "train_peak_memory_bytes": train_peak_memory,
         "resumed_from": str(resumed_from) if resumed_from else None,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

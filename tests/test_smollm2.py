@@ -61,3 +61,24 @@ def test_cli_trains_then_generates_with_the_real_model(tmp_path):
                          "--max-new-tokens", "12", module=False)
     assert answered.returncode == 0, answered.stderr[-3000:]
     assert answered.stdout.strip()
+
+
+def test_merge_then_generate_keeps_the_fine_tuned_behaviour(tmp_path):
+    """After a short LoRA run the model answers in the trained format (digits only, not the
+    base model's worked explanation), and the merged model answers exactly as the adapter."""
+    run_dir = tmp_path / "run"
+    trained = run_dtune("train.max_steps=30", "train.micro_batch_size=4", "train.save_every=0",
+                        "train.warmup_steps=2", "data.builtin.eval_size=4",
+                        "eval.exact_match_samples=0", f"hydra.run.dir={run_dir}")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    merged = run_dtune("merge", str(run_dir), module=False)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    prompts = ["What is 245 + 310?", "Reverse the order of these words: apple stone river"]
+    args = [arg for p in prompts for arg in ("--prompt", p)] + ["--max-new-tokens", "16"]
+    adapter = run_dtune("generate", str(run_dir), *args, module=False)
+    standalone = run_dtune("generate", str(run_dir / "merged"), *args, module=False)
+    assert adapter.returncode == 0 and standalone.returncode == 0, standalone.stderr[-2000:]
+    answers = adapter.stdout.strip().splitlines()
+    assert answers == standalone.stdout.strip().splitlines()
+    assert answers[0].isdigit(), answers
+    assert sorted(answers[1].split()) == ["apple", "river", "stone"], answers
