@@ -1,6 +1,7 @@
 """`python -m dtune [overrides]`: the Hydra training app over conf/config.yaml."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,18 +21,44 @@ def _config_dir() -> str:
 @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
 def train_app(cfg: DictConfig) -> float | None:
     """Returns the final eval loss, which Hydra sweepers minimise."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
     try:
         config = to_config(cfg)  # range checks run here, before the heavy imports below
+        from dtune import distributed
+
+        parallel = config.parallelism
+        if distributed.launched_ranks(parallel) is None and parallel.name != "single" \
+                and distributed.wanted_processes(parallel) > 1:
+            distributed.check_process_count(parallel)
+            code = distributed.launch_workers(parallel, run_dir, list(hydra_cfg.overrides.task))
+            if code:
+                sys.exit(code)
+            return _read_eval_loss(Path(run_dir))
         from dtune import train
 
-        result = train.run(config, Path(HydraConfig.get().runtime.output_dir))
+        result = train.run(config, Path(run_dir))
     except DtuneError as error:
         exit_with(error)
+    finally:
+        if "dtune.distributed" in sys.modules:
+            sys.modules["dtune.distributed"].shutdown()
     return result.summary.get("eval_loss")
+
+
+def _read_eval_loss(run_dir: Path) -> float | None:
+    import json
+
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text()).get("eval_loss") if summary.is_file() else None
 
 
 def main() -> None:
     register_schema()
+    if os.environ.get("RANK", "0") != "0":
+        # Worker ranks share rank 0's run dir: only rank 0 writes Hydra's files and log.
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled",
+                     "hydra/hydra_logging=disabled"]
     try:
         check_overrides([arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")])
     except DtuneError as error:

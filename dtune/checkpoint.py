@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from dtune.errors import DtuneError
 
@@ -51,37 +50,47 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict, keep: int) -> Path:
+    """Every rank takes part (ZeRO shards live on each); rank 0 seals the folder."""
+    from dtune.distributed import barrier
+
+    ranks = engine.ranks
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = root / f".tmp-step-{step}"
     try:
-        save_file(trainable_state(model), tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
-        for path in tmp.iterdir():
-            _fsync_file(path)
-        _fsync_dir(tmp)
-        if final.exists():  # a resumed run saving a step again: replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+        if ranks.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        state = dict(trainer_state)
+        engine.save_state(tmp, state)
+        torch.save(rng_state(), tmp / f"rng-rank{ranks.rank}.pt")
+        barrier()
+        if ranks.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            files = {str(p.relative_to(tmp)): p.stat().st_size
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            for name in files:
+                _fsync_file(tmp / name)
+            (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
+            _fsync_file(tmp / MANIFEST)
+            for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+                _fsync_dir(folder)
+            if final.exists():  # a resumed run saving a step again: replace it whole
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+            _write_atomically(root / "latest", final.name)
+            _prune(root, keep)
+        barrier()
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DtuneError(
             f"could not write the checkpoint for step {step} under {root}: {exc}. Free disk "
             "space or point hydra.run.dir at a writable folder; earlier checkpoints are intact."
         ) from None
-    _write_atomically(root / "latest", final.name)
-    _prune(root, keep)
     return final
 
 
@@ -103,9 +112,20 @@ def valid_checkpoints(run_dir: Path) -> list[Path]:
     return [folder for _, folder in sorted(found, reverse=True)]
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return the trainer state."""
-    weights = load_file(folder / "model.safetensors")
+def load_checkpoint(folder: Path, engine) -> dict:
+    """Restore the engine's state and this rank's RNG; return the trainer state."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    engine.load_state(folder, state)
+    rng_file = folder / f"rng-rank{engine.ranks.rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:  # resumed on more ranks than saved: the new ranks start from their seed
+        log.warning("%s has no RNG state for rank %d; it continues from its seed.",
+                    folder, engine.ranks.rank)
+    return state
+
+
+def check_same_parameters(folder: Path, weights: dict, model) -> None:
     expected = set(trainable_state(model))
     if set(weights) != expected:
         raise DtuneError(
@@ -113,11 +133,6 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
             f"({len(set(weights) ^ expected)} names differ). It was written by another model or "
             "method; start a new run dir, or set train.resume=false."
         )
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
-    return json.loads((folder / "trainer_state.json").read_text())
 
 
 def save_final(model, tokenizer, out_dir: Path) -> None:
@@ -149,9 +164,8 @@ def _prune(root: Path, keep: int) -> None:
     complete = valid_checkpoints(root.parent)
     for folder in complete[keep:]:
         shutil.rmtree(folder, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):  # left behind by a run that was killed mid-save
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):  # left behind by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -60,7 +60,7 @@ def run_eval(args) -> None:
     from dtune.data.loading import load_splits
     from dtune.evaluate import eval_loss, exact_match
     from dtune.run_dir import load_final_model
-    from dtune.train import tokenize_records
+    from dtune.data.prepare import tokenize_records
 
     model, tokenizer, cfg = load_final_model(args.run_dir)
     _, eval_records = load_splits(cfg.data)

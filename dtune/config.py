@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +18,8 @@ from dtune.errors import DtuneError
 
 METHODS = ("full", "lora", "dora", "qlora", "lora_int8", "ia3", "prompt_tuning", "prefix_tuning")
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16_pure")
-PARALLELISMS = ("single",)
+PARALLELISMS = ("single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero2_offload": 2, "zero3_offload": 3}
 TRACKERS = ("none",)
 DATA_FORMATS = ("alpaca", "chat", "text")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -268,9 +269,39 @@ class PrecisionConfig:
 @dataclass
 class ParallelismConfig:
     name: str = "single"
+    # processes per node (0: one per GPU, or one on a CPU machine) and nodes
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "auto"  # "auto": this host, or the first node of a SLURM job
+    master_port: int = 0  # 0: a free port (one node) or 29500
+    backend: str = "auto"  # "auto": nccl on GPUs, gloo on CPU
+    timeout_minutes: int = 30
+    # raw DeepSpeed config keys merged over the generated config (experts only)
+    deepspeed_overrides: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_choice("parallelism.name", self.name, PARALLELISMS)
+        check_positive("parallelism.nproc_per_node", self.nproc_per_node, allow_zero=True)
+        check_positive("parallelism.nnodes", self.nnodes)
+        check_positive("parallelism.timeout_minutes", self.timeout_minutes)
+        check_choice("parallelism.backend", self.backend, ("auto", "nccl", "gloo"))
+        if not 0 <= self.node_rank < self.nnodes:
+            raise DtuneError(
+                f"parallelism.node_rank={self.node_rank} must be in [0, parallelism.nnodes="
+                f"{self.nnodes})."
+            )
+        if self.name == "single" and (self.nproc_per_node > 1 or self.nnodes > 1):
+            raise DtuneError(
+                f"parallelism=single runs one process, but parallelism.nproc_per_node="
+                f"{self.nproc_per_node} and parallelism.nnodes={self.nnodes} ask for more; "
+                "choose parallelism=ddp (data parallel) or a ZeRO stage such as "
+                "parallelism=zero2."
+            )
+
+    @property
+    def zero_stage(self) -> Optional[int]:
+        return ZERO_STAGES.get(self.name)
 
 
 @dataclass
@@ -328,6 +359,19 @@ def check_combination(cfg: "Config") -> None:
             f"method.compute_dtype={method.compute_dtype}; the two would fight over the "
             f"matmul dtype. Set method.compute_dtype={_AUTOCAST_DTYPE[precision]} or "
             "precision=fp32."
+        )
+    parallel = cfg.parallelism
+    if parallel.zero_stage is not None and method.name in ("qlora", "lora_int8"):
+        raise DtuneError(
+            f"+method={method.name} with parallelism={parallel.name} is not supported: "
+            "DeepSpeed ZeRO would have to shard bitsandbytes' packed quantized weights, which "
+            "it cannot do. A quantized base is small already: use parallelism=ddp, which "
+            "replicates it and splits the data."
+        )
+    if parallel.zero_stage is not None and precision == "bf16_pure":
+        raise DtuneError(
+            f"precision=bf16_pure with parallelism={parallel.name}: DeepSpeed keeps fp32 master "
+            "weights in its bf16 mode; use precision=bf16."
         )
     if method.name in ("prompt_tuning", "prefix_tuning") \
             and cfg.data.max_seq_len <= method.num_virtual_tokens:

@@ -26,8 +26,11 @@ def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int) -> f
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
              add_special_tokens: bool, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0) -> list[str]:
-    """Complete each prompt; returns only the new text, special tokens removed."""
+             top_p: float = 1.0, synced_ranks: bool = False) -> list[str]:
+    """Complete each prompt; returns only the new text, special tokens removed.
+
+    `synced_ranks`: every rank generates together (ZeRO-3 gathers weights in each forward),
+    each continuing until all are done."""
     was_training = model.training
     model.eval()
     answers: list[str] = []
@@ -44,6 +47,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         output = model.generate(
             input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+            **({"synced_gpus": True} if synced_ranks else {}),
         )
         for row in output[:, longest:]:
             answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
@@ -52,14 +56,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
 
 def exact_match(model, tokenizer, records: list[dict], fmt: str, system_prompt: str | None,
-                samples: int, max_new_tokens: int, batch_size: int) -> dict | None:
+                samples: int, max_new_tokens: int, batch_size: int,
+                synced_ranks: bool = False) -> dict | None:
     """Share of held-out records whose greedy answer equals the reference, overall and per task."""
     pairs = [(r, prompt_and_reference(r, fmt, tokenizer, system_prompt)) for r in records[:samples]]
     pairs = [(r, pr) for r, pr in pairs if pr is not None]
     if not pairs:
         return None
     answers = generate(model, tokenizer, [pr[0] for _, pr in pairs], max_new_tokens, batch_size,
-                       add_special_tokens=fmt != "chat")
+                       add_special_tokens=fmt != "chat", synced_ranks=synced_ranks)
     hits: dict[str, list[bool]] = defaultdict(list)
     examples = []
     for (record, (_, reference)), answer in zip(pairs, answers):

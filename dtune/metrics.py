@@ -83,3 +83,15 @@ class TrainingPeakMemory:
             self._stop.set()
             self._thread.join()
         return self.peak
+
+
+def release_free_heap() -> None:
+    """Hand memory freed while loading back to the OS (glibc keeps it otherwise), so RSS
+    during training reflects what training holds."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass

@@ -1,12 +1,12 @@
-"""The fine-tuning recipe: config -> model + data -> loop -> checkpoints, metrics, summary.
+"""The fine-tuning recipe: config -> model + data -> engine -> loop -> checkpoints, metrics.
 
 Read it top to bottom: `run` is the whole recipe, and each helper below it does one step.
+The same loop runs one process, DDP or DeepSpeed ZeRO; the engine hides which.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -15,19 +15,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dtune.checkpoint import load_checkpoint, save_checkpoint, save_final, valid_checkpoints
+from dtune.checkpoint import load_checkpoint, save_checkpoint, valid_checkpoints
 from dtune.config import Config
 from dtune.data.batching import BatchStream, loss_token_count
-from dtune.data.formatting import IGNORE, tokenize
-from dtune.data.loading import load_splits
+from dtune.data.prepare import prepare_data
+from dtune.distributed import (Ranks, all_reduce_sum, barrier, init_process_group,
+                               launched_ranks)
+from dtune.engine import build_engine
 from dtune.errors import DtuneError
 from dtune.evaluate import eval_loss, exact_match
 from dtune.logs import quiet_libraries
 from dtune.loss import summed_token_loss
 from dtune.methods import apply_method, count_parameters, is_adapter, load_options
-from dtune.metrics import MetricsLog, TrainingPeakMemory, peak_memory_bytes
+from dtune.metrics import (MetricsLog, TrainingPeakMemory, peak_memory_bytes,
+                           release_free_heap)
 from dtune.models import load_model_and_tokenizer
-from dtune.precision import Precision, setup_precision
 from dtune.progress import Progress, summary_table
 
 log = logging.getLogger("dtune")
@@ -45,32 +47,34 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     """Fine-tune as `cfg` says, writing everything into `run_dir`."""
     started = time.perf_counter()
     quiet_libraries()
+    ranks = launched_ranks(cfg.parallelism) or Ranks()
+    init_process_group(cfg.parallelism, ranks)
+    if not ranks.is_main:
+        log.setLevel(logging.WARNING)  # rank 0 alone reports
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
 
     model, tokenizer, source = load_model_and_tokenizer(cfg.model, load_options(cfg.method))
     check_context_length(cfg, model)
     log.info("Model %s from %s", cfg.model.name_or_path, source)
-
-    train_records, eval_records = load_splits(cfg.data)
-    train_examples = tokenize_records(train_records, cfg, tokenizer, "training")
-    eval_examples = tokenize_records(eval_records[: cfg.eval.max_loss_samples], cfg, tokenizer,
-                                     "eval") if eval_records else []
+    train_records, eval_records, train_examples, eval_examples = \
+        prepare_data(cfg, tokenizer, ranks)
 
     model = apply_method(model, cfg.method, tokenizer)
     trainable, total = count_parameters(model)
-    precision = setup_precision(cfg.precision, model)
-    optimizer = build_optimizer(model, cfg)
     stream = BatchStream(train_examples, cfg.train.micro_batch_size, cfg.train.seed,
-                         tokenizer.pad_token_id)
+                         tokenizer.pad_token_id, ranks.rank, ranks.world_size)
     total_steps = planned_steps(cfg, stream)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    engine = build_engine(cfg, model, ranks, total_steps)
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ranks.world_size
     log.info(
-        "Method %s: %s trainable of %s parameters (%.2f%%); %d training and %d eval examples; "
-        "%d steps of %d sequences", cfg.method.name, f"{trainable:,}", f"{total:,}",
+        "Method %s, %s on %d process(es): %s trainable of %s parameters (%.2f%%); %d training "
+        "and %d eval examples; %d steps of %d sequences", cfg.method.name,
+        cfg.parallelism.name, ranks.world_size, f"{trainable:,}", f"{total:,}",
         100 * trainable / total, len(train_examples), len(eval_records), total_steps,
-        cfg.train.micro_batch_size * cfg.train.grad_accum_steps,
+        global_batch,
     )
 
     state = {"step": 0, "trained_tokens": 0, "loss_tokens": 0, "train_seconds": 0.0,
@@ -80,30 +84,25 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         checkpoints = valid_checkpoints(run_dir)
         if checkpoints:
             resumed_from = checkpoints[0]
-            state = load_checkpoint(resumed_from, model, optimizer, scheduler)
+            state = load_checkpoint(resumed_from, engine)
             stream.load_state_dict(state["data"])
-            if precision.scaler is not None:
-                precision.scaler.load_state_dict(state["loss_scaler"])
             log.info("Resumed from %s (step %d)", resumed_from, state["step"])
         else:
             log.info("train.resume=true but %s holds no complete checkpoint; starting fresh",
                      run_dir / "checkpoints")
     metrics = MetricsLog(run_dir / "metrics.jsonl",
-                         resume_step=state["step"] if resumed_from else None)
+                         resume_step=state["step"] if resumed_from else None) \
+        if ranks.is_main else None
 
     def evaluate(step: int, with_generation: bool) -> dict:
+        """Held-out loss (and exact match): on rank 0, or on every rank under ZeRO-3, whose
+        forward passes need all ranks to gather the sharded weights."""
         record = {"step": step, "split": "eval"}
-        if eval_examples:
-            record["eval_loss"] = eval_loss(model, eval_examples, cfg.eval.batch_size,
-                                            tokenizer.pad_token_id)
-        if with_generation and cfg.eval.exact_match_samples:
-            em = exact_match(model, tokenizer, eval_records, cfg.data.format,
-                             cfg.data.system_prompt, cfg.eval.exact_match_samples,
-                             cfg.eval.max_new_tokens, cfg.eval.batch_size)
-            if em is not None:
-                record["exact_match"] = em["exact_match"]
-                record.update({f"exact_match/{t}": v for t, v in em["by_task"].items()})
-        if len(record) > 2:
+        if ranks.is_main or engine.eval_on_every_rank:
+            record.update(run_eval(cfg, engine, tokenizer, eval_records, eval_examples,
+                                   with_generation))
+        barrier()
+        if metrics is not None and len(record) > 2:
             metrics.write(record)
         return record
 
@@ -113,62 +112,57 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         if "exact_match" in before:
             log.info("Held-out exact match before training: %.1f%%", 100 * before["exact_match"])
 
-    progress = Progress(total_steps, state["step"], cfg.train.log_every)
-    params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = cfg.train.max_grad_norm or math.inf
-    model.train()
+    progress = Progress(total_steps, state["step"], cfg.train.log_every) if ranks.is_main \
+        else None
+    engine.model.train()
+    release_free_heap()
     loop_started = time.perf_counter()
     training_memory = TrainingPeakMemory().start()
     last = {}
     while state["step"] < total_steps:
         step_started = time.perf_counter()
-        window = [stream.next_batch() for _ in range(cfg.train.grad_accum_steps)]
-        loss_value, window_loss_tokens = accumulate_gradients(model, window, precision)
-        lr = scheduler.get_last_lr()[0]
-        grad_norm, skipped = precision.step(optimizer, params, max_norm)
-        if skipped:  # fp16 overflow: the weights did not move, so neither does the schedule
-            state["skipped_steps"] += 1
-        else:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        window = stream.next_window(cfg.train.grad_accum_steps)
+        lr = engine.lr()
+        loss_value, window_loss_tokens = accumulate_gradients(engine, window)
+        grad_norm, skipped = engine.step()
+        state["skipped_steps"] += int(skipped)
 
         state["step"] += 1
         step = state["step"]
         step_seconds = time.perf_counter() - step_started
-        real_tokens = sum(int(b["attention_mask"].sum()) for b in window)
+        real_tokens = int(all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in window)))
         state["trained_tokens"] += real_tokens
         state["loss_tokens"] += window_loss_tokens
         state["train_seconds"] += step_seconds
         state["data"] = stream.state_dict()
-        if precision.scaler is not None:
-            state["loss_scaler"] = precision.scaler.state_dict()
         last = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": real_tokens / step_seconds,
                 "trained_tokens": state["trained_tokens"], "loss_tokens": state["loss_tokens"],
                 "epoch": stream.epoch, "step_time_s": step_seconds,
                 "skipped_steps": state["skipped_steps"]}
-        if precision.loss_scale is not None:
-            last["loss_scale"] = precision.loss_scale
-        if step % cfg.train.log_every == 0 or step == total_steps:
+        if engine.loss_scale is not None:
+            last["loss_scale"] = engine.loss_scale
+        if metrics is not None and (step % cfg.train.log_every == 0 or step == total_steps):
             metrics.write(last)
-        progress.update(step, loss_value, lr, last["tokens_per_s"], peak_memory_bytes() / GIB)
+        if progress is not None:
+            progress.update(step, loss_value, lr, last["tokens_per_s"],
+                            peak_memory_bytes() / GIB)
 
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
             result = evaluate(step, with_generation=False)
-            if "eval_loss" in result:
+            if progress is not None and "eval_loss" in result:
                 progress.write(f"step {step}: eval_loss {result['eval_loss']:.4f}")
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, state,
-                            cfg.train.keep_checkpoints)
-    progress.close()
+            save_checkpoint(run_dir, step, engine, state, cfg.train.keep_checkpoints)
+    if progress is not None:
+        progress.close()
     loop_seconds = time.perf_counter() - loop_started
     train_peak_memory = training_memory.stop()
 
     final_eval = evaluate(state["step"], with_generation=True)
-    save_checkpoint(run_dir, state["step"], model, optimizer, scheduler, state,
-                    cfg.train.keep_checkpoints)
-    save_final(model, tokenizer, run_dir / "final")
-    metrics.close()
+    save_checkpoint(run_dir, state["step"], engine, state, cfg.train.keep_checkpoints)
+    engine.save_final(run_dir / "final", tokenizer)
+    barrier()
 
     summary = {
         "model": cfg.model.name_or_path,
@@ -176,11 +170,12 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         "method": cfg.method.name,
         "precision": cfg.precision.name,
         "parallelism": cfg.parallelism.name,
-        "final_artifact": "peft_adapter" if is_adapter(model) else "full_model",
-        "loss_scale": precision.loss_scale,
+        "world_size": ranks.world_size,
+        "final_artifact": "peft_adapter" if is_adapter(engine.module) else "full_model",
+        "loss_scale": engine.loss_scale,
         "skipped_steps": state["skipped_steps"],
         "steps": state["step"],
-        "global_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum_steps,
+        "global_batch_size": global_batch,
         "final_loss": last.get("loss"),
         "eval_loss": final_eval.get("eval_loss"),
         "exact_match_before": state["exact_match_before"],
@@ -199,22 +194,42 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         "train_peak_memory_bytes": train_peak_memory,
         "resumed_from": str(resumed_from) if resumed_from else None,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(summary_table(summary_rows(summary, run_dir), "dtune run summary"), flush=True)
-    return RunResult(summary, model, tokenizer)
+    if ranks.is_main:
+        metrics.close()
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(summary_table(summary_rows(summary, run_dir), "dtune run summary"), flush=True)
+    return RunResult(summary, engine.module, tokenizer)
 
 
-def accumulate_gradients(model, window: list[dict], precision: Precision) -> tuple[float, int]:
-    """Backpropagate a window of micro-batches as one batch: the loss is the mean over every
-    loss-carrying token in the window, not a mean of per-micro-batch means."""
-    window_tokens = sum(loss_token_count(b) for b in window)
+def run_eval(cfg: Config, engine, tokenizer, eval_records, eval_examples,
+             with_generation: bool) -> dict:
+    result = {}
+    model = engine.module
+    if eval_examples:
+        result["eval_loss"] = eval_loss(model, eval_examples, cfg.eval.batch_size,
+                                        tokenizer.pad_token_id)
+    if with_generation and cfg.eval.exact_match_samples:
+        em = exact_match(model, tokenizer, eval_records, cfg.data.format,
+                         cfg.data.system_prompt, cfg.eval.exact_match_samples,
+                         cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                         synced_ranks=engine.eval_on_every_rank)
+        if em is not None:
+            result["exact_match"] = em["exact_match"]
+            result.update({f"exact_match/{t}": v for t, v in em["by_task"].items()})
+    return result
+
+
+def accumulate_gradients(engine, window: list[dict]) -> tuple[float, int]:
+    """Backpropagate a window of micro-batches, on every rank, as one batch: the loss is the
+    mean over every loss-carrying token in the global window, not a mean of means."""
+    window_tokens = int(all_reduce_sum(sum(loss_token_count(b) for b in window)))
     total = 0.0
-    for batch in window:
-        with precision.autocast():
-            loss = summed_token_loss(model, batch) / max(window_tokens, 1)
-        precision.backward(loss)
+    for index, batch in enumerate(window):
+        with engine.forward_context(last_in_window=index == len(window) - 1):
+            loss = summed_token_loss(engine.model, batch) / max(window_tokens, 1)
+        engine.backward(loss)
         total += loss.item()
-    return total, window_tokens
+    return all_reduce_sum(total), window_tokens
 
 
 def seed_everything(seed: int) -> None:
@@ -232,63 +247,11 @@ def check_context_length(cfg: Config, model) -> None:
         )
 
 
-def tokenize_records(records: list[dict], cfg: Config, tokenizer, split: str) -> list:
-    examples, emptied = [], 0
-    for record in records:
-        example = tokenize(record, cfg.data.format, tokenizer, cfg.data.max_seq_len,
-                           cfg.data.train_on_inputs, cfg.data.system_prompt)
-        if all(label == IGNORE for label in example.labels[1:]):
-            emptied += 1  # truncation cut off the whole response
-            continue
-        examples.append(example)
-    if emptied:
-        log.warning("%d of %d %s examples lost their whole response to data.max_seq_len=%d "
-                    "and were dropped.", emptied, len(records), split, cfg.data.max_seq_len)
-    if records and not examples:
-        raise DtuneError(
-            f"every {split} example is longer than data.max_seq_len={cfg.data.max_seq_len} "
-            "before its response starts, so nothing would be trained; raise data.max_seq_len."
-        )
-    return examples
-
-
-def build_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            # Norms and biases are not decayed, as in most LLM fine-tuning recipes.
-            (no_decay if param.ndim < 2 else decay).append(param)
-    t = cfg.train
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr,
-                             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-
-
 def planned_steps(cfg: Config, stream: BatchStream) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
-    per_epoch = max(stream.batches_per_epoch // cfg.train.grad_accum_steps, 1)
-    return per_epoch * cfg.train.epochs
-
-
-def build_scheduler(optimizer, cfg: Config, total_steps: int):
-    t = cfg.train
-    warmup = min(t.warmup_steps, total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if t.lr_schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(total_steps - warmup, 1)
-        if t.lr_schedule == "linear":
-            shape = 1.0 - progress
-        else:
-            shape = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    per_step = cfg.train.grad_accum_steps * stream.world_size
+    return max(stream.batches_per_epoch // per_step, 1) * cfg.train.epochs
 
 
 def summary_rows(summary: dict, run_dir: Path) -> list[tuple[str, str]]:
@@ -301,8 +264,9 @@ def summary_rows(summary: dict, run_dir: Path) -> list[tuple[str, str]]:
     return [
         ("model", summary["model"]),
         ("method / precision", f"{summary['method']} / {summary['precision']}"),
+        ("parallelism", f"{summary['parallelism']} x {summary['world_size']} process(es)"),
         ("trainable params", f"{summary['trainable_params']:,} of {summary['total_params']:,}"),
-        ("steps", str(summary["steps"])),
+        ("steps x global batch", f"{summary['steps']} x {summary['global_batch_size']}"),
         ("final train loss", num(summary["final_loss"])),
         ("eval loss", num(summary["eval_loss"])),
         ("exact match before", pct(summary["exact_match_before"])),

@@ -79,7 +79,8 @@ def test_accumulated_gradient_equals_the_gradient_of_the_whole_batch():
     from dtune.data.batching import collate
     from dtune.data.builtin import generate
     from dtune.data.formatting import tokenize
-    from dtune.precision import setup_precision
+    from dtune.distributed import Ranks
+    from dtune.engine import build_engine
     from dtune.train import accumulate_gradients
 
     cfg = compose(*TINY, "+method=full")
@@ -88,11 +89,11 @@ def test_accumulated_gradient_equals_the_gradient_of_the_whole_batch():
     examples = [tokenize(r, "chat", tokenizer, 256, False) for r in records]
     assert len({len(e.input_ids) for e in examples}) > 1  # unequal lengths make this a real test
 
-    fp32 = setup_precision(cfg.precision, model)
+    engine = build_engine(cfg, model, Ranks(), total_steps=1)
 
     def grads(window):
         model.zero_grad()
-        loss, _ = accumulate_gradients(model, window, fp32)
+        loss, _ = accumulate_gradients(engine, window)
         return loss, [p.grad.clone() for p in model.parameters()]
 
     pad = tokenizer.pad_token_id

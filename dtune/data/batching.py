@@ -30,13 +30,19 @@ def loss_token_count(batch: dict[str, torch.Tensor]) -> int:
 class BatchStream:
     """Endless micro-batches: epoch by epoch, each epoch a fresh seeded permutation.
 
-    Its position (epoch, cursor) is all a checkpoint needs to continue with the same batches.
+    Every rank walks the same global order. A step's window is `accum x world_size`
+    consecutive micro-batches, and rank r takes the r-th block of `accum`: no example is seen
+    twice or skipped, and 2 ranks x 2 micro-batches see exactly what 1 rank x 4 sees.
+    The position (epoch, cursor) is all a checkpoint needs to continue with the same batches,
+    on any number of ranks.
     """
 
     examples: list[Example]
     micro_batch_size: int
     seed: int
     pad_id: int
+    rank: int = 0
+    world_size: int = 1
     epoch: int = 0
     cursor: int = 0
 
@@ -51,13 +57,22 @@ class BatchStream:
     def batches_per_epoch(self) -> int:
         return -(-len(self.examples) // self.micro_batch_size)
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def _next_indices(self) -> list[int]:
         if self.cursor >= len(self._order):
             self.epoch, self.cursor = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
         picked = self._order[self.cursor : self.cursor + self.micro_batch_size]
         self.cursor += len(picked)
-        return collate([self.examples[i] for i in picked], self.pad_id)
+        return picked
+
+    def next_window(self, accum: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's `accum` micro-batches of the next optimizer step."""
+        mine = []
+        for index in range(accum * self.world_size):
+            picked = self._next_indices()
+            if index // accum == self.rank:
+                mine.append(collate([self.examples[i] for i in picked], self.pad_id))
+        return mine
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
