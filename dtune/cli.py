@@ -1,4 +1,4 @@
-"""The `dtune` command: `train` (same as `python -m dtune`), `eval`, `generate`, `merge`."""
+"""The `dtune` command: `train` (same as `python -m dtune`), `eval`, `generate`, `merge`, `check`."""
 from __future__ import annotations
 
 import argparse
@@ -42,18 +42,39 @@ def main(argv: list[str] | None = None) -> None:
     p_merge.add_argument("run_dir", type=Path)
     p_merge.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/merged")
 
+    p_check = sub.add_parser("check", help="prove that parallel layouts train identically")
+    p_check.add_argument("--steps", type=int, default=20)
+    p_check.add_argument("--work-dir", type=Path, default=None,
+                         help="where the runs go (default: a temporary folder)")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "eval":
             run_eval(args)
         elif args.command == "generate":
             run_generate(args)
+        elif args.command == "check":
+            run_parity_check(args)
         elif args.command == "merge":
             from dtune.merge import merge_run
 
             print(f"Merged model written to {merge_run(args.run_dir, args.out)}")
     except DtuneError as error:
         exit_with(error)
+
+
+def run_parity_check(args) -> None:
+    import tempfile
+
+    from dtune.check import run_check, table
+
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="dtune-check-"))
+    print(f"Training the tiny model under each layout in {work_dir} ...", flush=True)
+    results = run_check(work_dir, steps=args.steps)
+    print(table(results, args.steps))
+    if not all(r.passed for r in results):
+        raise DtuneError("dtune check found layouts whose losses differ beyond tolerance "
+                         "(see the table above); this cluster's setup changes the training.")
 
 
 def run_eval(args) -> None:

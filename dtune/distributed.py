@@ -143,9 +143,15 @@ def _free_port() -> int:
 
 
 def init_process_group(cfg: ParallelismConfig, ranks: Ranks) -> None:
-    """NCCL on GPUs, gloo on CPU (or as configured), with the configured timeout."""
-    if dist.is_initialized() or not ranks.distributed:
+    """NCCL on GPUs, gloo on CPU (or as configured), with the configured timeout.
+
+    DeepSpeed needs a process group even for one process (without one it looks for MPI),
+    so a lone ZeRO process gets a group of one."""
+    if dist.is_initialized() or (not ranks.distributed and cfg.zero_stage is None):
         return
+    if not ranks.distributed:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")
     backend = cfg.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -3,6 +3,7 @@ a GGUF file shipped in a pip package (converted once and cached), or a small ran
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -141,7 +142,9 @@ def resolve_model(cfg: ModelConfig) -> tuple[str, str]:
         if spec is not None and spec.origin:
             gguf_path = Path(spec.origin).parent / cfg.gguf.file
             if gguf_path.exists():
-                convert_gguf(gguf_path, converted)
+                with _build_lock(converted):
+                    if not (converted / "config.json").exists():
+                        convert_gguf(gguf_path, converted)
                 return str(converted), f"GGUF file {gguf_path} (converted to {converted})"
             looked.append(f"GGUF file {gguf_path} (missing)")
         else:
@@ -203,12 +206,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 def build_random_model(name: str, arch: RandomInitConfig) -> Path:
     """Build (once) a small Llama with random weights and an offline tokenizer; return its folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     key = hashlib.sha256(json.dumps(asdict(arch), sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir() / "random-init" / f"{_safe_name(name)}-{key}"
-    if (folder / "config.json").exists():
-        return folder
+    with _build_lock(folder):
+        if not (folder / "config.json").exists():
+            _write_random_model(folder, arch)
+    return folder
+
+
+def _write_random_model(folder: Path, arch: RandomInitConfig) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     tokenizer = build_tiny_tokenizer(arch.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -229,7 +237,6 @@ def build_random_model(name: str, arch: RandomInitConfig) -> Path:
     with _atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return folder
 
 
 def build_tiny_tokenizer(vocab_size: int):
@@ -262,7 +269,9 @@ def build_tiny_tokenizer(vocab_size: int):
 
 
 class _atomic_dir:
-    """Write a folder under a temporary name and rename it into place when complete."""
+    """Write a folder under a temporary name and rename it into place when complete.
+
+    Callers hold `_build_lock` for the folder, so concurrent ranks build it once."""
 
     def __init__(self, final: Path):
         self.final = Path(final)
@@ -276,7 +285,19 @@ class _atomic_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        os.rename(self.tmp, self.final)
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """An exclusive lock on `folder`'s build: processes started together (ranks, nodes on
+    one machine) wait for the first to finish, then find the folder ready."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            os.rename(self.tmp, self.final)
-        except OSError:  # another process finished the same folder first
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
