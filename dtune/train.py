@@ -29,6 +29,7 @@ from dtune.metrics import MetricsLog, TrainingPeakMemory, peak_memory_bytes
 from dtune.models import load_model_and_tokenizer
 from dtune.precision import Precision, setup_precision
 from dtune.progress import Progress, summary_table
+from dtune.tracking import create_tracker
 
 log = logging.getLogger("dtune")
 GIB = 1024**3
@@ -90,6 +91,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
                      run_dir / "checkpoints")
     metrics = MetricsLog(run_dir / "metrics.jsonl",
                          resume_step=state["step"] if resumed_from else None)
+    tracker = create_tracker(cfg, run_dir, resumed=resumed_from is not None)
 
     def evaluate(step: int, with_generation: bool) -> dict:
         record = {"step": step, "split": "eval"}
@@ -105,6 +107,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
                 record.update({f"exact_match/{t}": v for t, v in em["by_task"].items()})
         if len(record) > 2:
             metrics.write(record)
+            tracker.log(record)
         return record
 
     if state["exact_match_before"] is None and state["step"] == 0:
@@ -151,6 +154,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
             last["loss_scale"] = precision.loss_scale
         if step % cfg.train.log_every == 0 or step == total_steps:
             metrics.write(last)
+            tracker.log(last)
         progress.update(step, loss_value, lr, last["tokens_per_s"], peak_memory_bytes() / GIB)
 
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
@@ -200,6 +204,8 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         "resumed_from": str(resumed_from) if resumed_from else None,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    tracker.summary(summary)
+    tracker.finish()
     print(summary_table(summary_rows(summary, run_dir), "dtune run summary"), flush=True)
     return RunResult(summary, model, tokenizer)
 
