@@ -9,7 +9,6 @@ import base64
 import html
 import json
 import math
-import os
 import shutil
 import subprocess
 import tempfile
@@ -64,15 +63,16 @@ def is_run_dir(path: Path) -> bool:
     return (path / ".hydra" / "config.yaml").is_file() or (path / "metrics.jsonl").is_file()
 
 
-def find_runs(paths: list[Path]) -> list[Path]:
-    """Each path is a run dir, or a sweep dir whose direct subfolders are run dirs."""
+def find_runs(paths: list[Path]) -> list[tuple[Path, str]]:
+    """(run dir, label) for each path: a run dir, or a sweep dir whose direct subfolders are
+    run dirs. Labels are relative to the folder holding each path: `sweep/0`, `my-run`."""
     found = []
     for path in map(Path, paths):
         if not path.is_dir():
             raise DtuneError(f"{path} does not exist or is not a folder; pass run directories "
                              "or sweep directories (a folder of run directories).")
         if is_run_dir(path):
-            found.append(path)
+            found.append((path, path.resolve().name))
             continue
         runs = sorted((p for p in path.iterdir() if p.is_dir() and is_run_dir(p)),
                       key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit()
@@ -83,22 +83,11 @@ def find_runs(paths: list[Path]) -> list[Path]:
                 "nor a sweep directory (no subfolder is a run directory); pass the folder a "
                 "training run or a `python -m dtune -m ...` sweep wrote."
             )
-        found.extend(runs)
+        found.extend((run, f"{path.resolve().name}/{run.name}") for run in runs)
+    labels = [label for _, label in found]
+    if len(set(labels)) < len(labels):  # same-named folders in different places: full paths
+        return [(run, str(run.resolve())) for run, _ in found]
     return found
-
-
-def run_labels(run_paths: list[Path], given: list[Path]) -> list[str]:
-    """Names relative to what the user passed: `sweep/0` for a sweep dir, `name` for a run."""
-    given = [Path(p).resolve() for p in given]
-    base = given[0].parent if len(given) == 1 else Path(os.path.commonpath(given))
-    labels = []
-    for path in run_paths:
-        path = path.resolve()
-        try:
-            labels.append(path.relative_to(base).as_posix() or path.name)
-        except ValueError:
-            labels.append(path.name)
-    return labels
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -115,7 +104,8 @@ def flatten(tree, prefix: str = "") -> dict:
 def load_run(path: Path, label: str) -> Run:
     from omegaconf import OmegaConf
 
-    config_file, overrides_file = path / ".hydra" / "config.yaml", path / ".hydra" / "overrides.yaml"
+    config_file = path / ".hydra" / "config.yaml"
+    overrides_file = path / ".hydra" / "overrides.yaml"  # written by CLI runs, not in-process
     config = flatten(OmegaConf.to_container(OmegaConf.load(config_file))) \
         if config_file.is_file() else {}
     overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(overrides_file))] \
@@ -257,7 +247,7 @@ def _fmt(value, kind: str = "") -> tuple[str, str]:
     if kind in ("int", "rate"):
         return f"{value:,.0f}", repr(value)
     if kind == "s":
-        return f"{value:,.0f} s", repr(value)
+        return (f"{value:.1f} s" if value < 10 else f"{value:,.0f} s"), repr(value)
     if isinstance(value, float):
         return f"{value:.4g}", repr(value)
     return str(value), ""
@@ -376,6 +366,11 @@ document.querySelectorAll("table.sortable th").forEach((th, col) => {
     rows.forEach(row => body.appendChild(row));
   });
 });
+// report.html#sort=eval%20loss opens sorted by that column (a link to a sorted view).
+const wanted = decodeURIComponent(location.hash.replace(/^#sort=/, ""));
+document.querySelectorAll("table.sortable th").forEach(th => {
+  if (location.hash.startsWith("#sort=") && th.textContent === wanted) th.click();
+});
 // Lets a headless browser check that every plot decoded: see data-plots-loaded.
 window.addEventListener("load", () => {
   const images = Array.from(document.images);
@@ -420,7 +415,8 @@ this page.</p>
 {_img(out_dir, plots["tokens_per_s"], "tokens per second per run")}</section>
 </div>
 <h2>Runs</h2>
-<p class="meta">Click a column header to sort.</p>
+<p class="meta">Click a column header to sort (again to reverse);
+<code>report.html#sort=eval%20loss</code> opens sorted.</p>
 {run_table(runs)}
 <script>{SCRIPT}</script>
 </body></html>
@@ -432,8 +428,7 @@ def write_report(paths: list[Path], out_dir: Path, metric: str | None = None) ->
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
-    run_paths = find_runs(paths)
-    runs = [load_run(p, label) for p, label in zip(run_paths, run_labels(run_paths, paths))]
+    runs = [load_run(path, label) for path, label in find_runs(paths)]
     swept = mark_swept(runs)
     if metric is None:
         metric = "eval_loss" if any(r.final("eval_loss") is not None for r in runs) \
