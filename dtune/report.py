@@ -455,8 +455,9 @@ def find_chromium() -> str | None:
     return None
 
 
-def screenshot(page: Path, png: Path, width: int = 1400, height: int = 2000) -> Path:
-    """Render `page` in headless Chromium and save what it shows as `png`."""
+def screenshot(page: Path, png: Path, width: int = 1400, height: int = 3000) -> Path:
+    """Render `page` in headless Chromium and save what it shows as `png`, with the blank
+    space below the content trimmed (Chromium captures the whole window)."""
     browser = find_chromium()
     if browser is None:
         raise DtuneError("--screenshot needs Chromium, and none is on PATH; install it "
@@ -473,4 +474,18 @@ def screenshot(page: Path, png: Path, width: int = 1400, height: int = 2000) -> 
     if result.returncode != 0 or not png.is_file():
         raise DtuneError(f"Chromium ({browser}) could not screenshot {page}: "
                          f"{result.stderr.strip()[-500:]}")
+    trim_bottom(png)
     return png
+
+
+def trim_bottom(png: Path, margin: int = 24) -> None:
+    from PIL import Image, ImageChops
+
+    with Image.open(png) as image:
+        rgb = image.convert("RGB")
+    content = ImageChops.difference(rgb, Image.new("RGB", rgb.size, "white")).getbbox()
+    if content is not None:
+        rgb = rgb.crop((0, 0, rgb.width, min(rgb.height, content[3] + margin)))
+    # A page is flat colours and anti-aliased text: 256 colours look the same at a third of
+    # the size, which matters for screenshots kept in a repository.
+    rgb.quantize(colors=256).save(png, optimize=True)
