@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     p_merge.add_argument("run_dir", type=Path)
     p_merge.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/merged")
 
-    p_report = sub.add_parser("report", help="an HTML dashboard (with PNG plots) of runs and sweeps")
+    p_report = sub.add_parser("report", help="an HTML dashboard (PNG plots) of runs and sweeps")
     p_report.add_argument("paths", type=Path, nargs="+", metavar="RUN_OR_SWEEP_DIR")
     p_report.add_argument("--out", type=Path, default=None,
                           help="folder for report.html and the plots (default: DIR/report for "

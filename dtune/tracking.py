@@ -144,7 +144,7 @@ def wandb_metrics(record: dict) -> dict:
 def init_args(cfg: Config, run_dir: Path, run_id: str, env) -> dict:
     """`wandb.init` arguments, with dtune's defaults where the config leaves a field unset."""
     t = cfg.tracker
-    sweep_dir, job_num = hydra_sweep_job()
+    sweep_dir = hydra_sweep_dir()
     group = t.group
     if group is None and sweep_dir is not None:
         group = sweep_dir[-128:]  # W&B's limit on group names
@@ -166,28 +166,30 @@ def init_args(cfg: Config, run_dir: Path, run_id: str, env) -> dict:
 
 
 def default_run_name(run_dir: Path) -> str:
-    """The run dir relative to the working directory (less a leading `runs/`), else its name."""
+    """The run dir relative to the working directory (less a leading `runs/`), else its name,
+    with the sweep's folder name before a bare job number: `lr-sweep/3`."""
+    run_dir = Path(run_dir).resolve()
     try:
-        relative = Path(run_dir).resolve().relative_to(Path.cwd().resolve())
+        relative = run_dir.relative_to(Path.cwd().resolve())
     except ValueError:
-        return Path(run_dir).name
+        return f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.isdigit() \
+            else run_dir.name
     parts = relative.parts[1:] if relative.parts[:1] == ("runs",) and len(relative.parts) > 1 \
         else relative.parts
-    return "/".join(parts) or Path(run_dir).name
+    return "/".join(parts) or run_dir.name
 
 
-def hydra_sweep_job() -> tuple[str | None, int | None]:
-    """(sweep dir, job number) when this process runs one job of a Hydra multirun."""
+def hydra_sweep_dir() -> str | None:
+    """The sweep dir when this process runs one job of a Hydra multirun."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            hc = HydraConfig.get()
-            return str(hc.sweep.dir), hc.job.num
+            return str(HydraConfig.get().sweep.dir)
     except Exception:  # no Hydra context (an in-process run): no sweep
         pass
-    return None, None
+    return None
 
 
 def stable_run_id(run_dir: Path, resumed: bool) -> str:

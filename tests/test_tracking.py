@@ -114,6 +114,28 @@ def test_defaults_group_by_slurm_array_and_tag_method_model_parallelism(tmp_path
         ("p", "team", "r", "g", ["a", "b"])
 
 
+def test_in_a_hydra_multirun_the_group_is_the_sweep_and_the_name_its_job(tmp_path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from conftest import CONF
+
+    sweep = tmp_path / "lr-sweep"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        composed = hydra_compose("config", overrides=["tracker=wandb", f"hydra.sweep.dir={sweep}",
+                                                      "hydra.mode=MULTIRUN"],
+                                 return_hydra_config=True)
+    HydraConfig.instance().set_config(composed)
+    try:
+        args = init_args(compose("tracker=wandb"), sweep / "3", "abc",
+                         {"SLURM_ARRAY_JOB_ID": "4242"})
+    finally:
+        HydraConfig.instance().cfg = None
+    assert args["group"] == str(sweep)
+    assert args["name"] == "lr-sweep/3"
+
+
 def test_run_id_is_kept_for_a_resumed_run_and_new_for_a_fresh_one(tmp_path):
     first = stable_run_id(tmp_path, resumed=False)
     assert (tmp_path / RUN_ID_FILE).read_text().strip() == first
