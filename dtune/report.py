@@ -155,6 +155,11 @@ def _short(value) -> str:
     return text if len(text) <= 24 else text[:21] + "..."
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a run killed before its first step has no line
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
 def _save(fig, out_dir: Path, name: str) -> str:
     fig.tight_layout()
     fig.savefig(out_dir / name, dpi=100)
@@ -178,7 +183,7 @@ def plot_loss(runs: list[Run], out_dir: Path) -> str:
                     linestyle="--", marker="o", markersize=4, label=f"{run.label} eval")
     ax.set(xlabel="step", ylabel="loss", title="Training (solid) and eval (dashed) loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _legend(ax)
     return _save(fig, out_dir, "loss.png")
 
 
@@ -193,7 +198,7 @@ def plot_step_metric(runs: list[Run], out_dir: Path, key: str, title: str,
             ax.plot(*zip(*points), color=color, linewidth=1.2, label=_legend_name(run))
     ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _legend(ax)
     return _save(fig, out_dir, f"{key}.png")
 
 

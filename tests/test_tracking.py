@@ -246,7 +246,7 @@ def test_a_bad_key_and_an_unreachable_server_do_not_stop_training_or_leak(tmp_pa
     # Port 1 on loopback refuses connections at once; init_timeout bounds wandb's retries.
     env = {k: v for k, v in wandb_env.items() if k != "WANDB_MODE"}
     env.update(WANDB_API_KEY=FAKE_KEY, HF_TOKEN=FAKE_HF_TOKEN,
-               WANDB_BASE_URL="http://127.0.0.1:1", WANDB_INIT_TIMEOUT="10")
+               WANDB_BASE_URL="http://127.0.0.1:1", WANDB_INIT_TIMEOUT="5")
     run_dir = tmp_path / "run"
     result = run_cli(env, *TINY, "train.max_steps=3", "tracker=wandb",
                      f"hydra.run.dir={run_dir}")
