@@ -64,9 +64,11 @@ class WandbTracker(Tracker):
 
     def _start(self, args: dict, mode: str | None, reason: str):
         wandb = self.wandb
-        # silent: dtune prints the few lines that matter (where the run is, how to sync).
-        settings = wandb.Settings(silent=True, git_root=git_root())
         try:
+            # silent: dtune prints the few lines that matter (where the run is, how to sync).
+            # W&B looks for git in its dir, the run dir; point it at the launch repository.
+            repo = git_root()
+            settings = wandb.Settings(silent=True, git_root=repo, disable_git=repo is None)
             run = wandb.init(**args, mode=mode, settings=settings)
         except Exception as exc:  # a bad key, no network, a server error: keep training
             if mode == "offline":
@@ -75,7 +77,10 @@ class WandbTracker(Tracker):
                 return None
             log.warning("W&B could not start online (%s); logging offline instead.",
                         _first_line(exc))
-            wandb.teardown()  # the failed service still holds the run id
+            try:
+                wandb.teardown()  # the failed service still holds the run id
+            except Exception:
+                pass
             return self._start(args, "offline", "W&B could not be reached")
         if run.offline:
             log.warning("W&B is offline for this run (%s). Upload it later with: "
@@ -103,15 +108,18 @@ class WandbTracker(Tracker):
             return
         final = self.run_dir / "final"
         if self.cfg.tracker.log_artifact and final.is_dir():
-            # Named by run id, so a resumed run adds versions to its own artifact.
-            kind = "adapter" if (final / "adapter_config.json").is_file() else "model"
-            artifact = self.wandb.Artifact(f"dtune-{kind}-{self.run_id}", type="model",
-                                           metadata={"method": self.cfg.method.name,
-                                                     "model": self.cfg.model.name_or_path})
-            self._call(artifact.add_dir, str(final))
-            self._call(self.run.log_artifact, artifact)
+            self._call(self._log_artifact, final)
         self._call(self.run.finish)
         self.run = None
+
+    def _log_artifact(self, final: Path) -> None:
+        # Named by run id, so a resumed run adds versions to its own artifact.
+        kind = "adapter" if (final / "adapter_config.json").is_file() else "model"
+        artifact = self.wandb.Artifact(f"dtune-{kind}-{self.run_id}", type="model",
+                                       metadata={"method": self.cfg.method.name,
+                                                 "model": self.cfg.model.name_or_path})
+        artifact.add_dir(str(final))
+        self.run.log_artifact(artifact)
 
     def _call(self, fn, *args, **kwargs) -> None:
         """Run a W&B call; the first failure turns tracking off instead of ending training."""
@@ -253,7 +261,9 @@ def git_root() -> str | None:
                              text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return out.stdout.strip()
 
 
 def _first_line(exc: Exception) -> str:

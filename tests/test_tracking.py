@@ -14,8 +14,8 @@ import pytest
 from conftest import TINY, compose, one_line, run_dtune
 from dtune.errors import DtuneError
 from dtune.metrics import read_metrics
-from dtune.tracking import (RUN_ID_FILE, Tracker, choose_mode, create_tracker, has_credentials,
-                            init_args, redact, stable_run_id, wandb_metrics)
+from dtune.tracking import (RUN_ID_FILE, Tracker, WandbTracker, choose_mode, create_tracker,
+                            has_credentials, init_args, redact, stable_run_id, wandb_metrics)
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef0dtune42"  # 40 characters, like a real key
 FAKE_HF_TOKEN = "hf_dtuneFakeTokenThatMustNotLeak1234"
@@ -148,6 +148,27 @@ def test_only_the_main_process_and_tracker_wandb_talk_to_wandb(tmp_path):
                                is_main_process=False)) is Tracker
     assert type(create_tracker(compose(*TINY), tmp_path, False)) is Tracker
     assert not (tmp_path / RUN_ID_FILE).exists()
+
+
+def test_a_wandb_failure_mid_run_turns_tracking_off_instead_of_stopping_training(caplog):
+    class RunThatLosesItsConnection:  # stands in for a wandb Run whose service died
+        step, exit_code = 0, None
+
+        def log(self, data, step):
+            raise ConnectionError("connection to wandb-core lost")
+
+        def finish(self, exit_code=0):
+            self.exit_code = exit_code
+
+    tracker = WandbTracker.__new__(WandbTracker)
+    run = RunThatLosesItsConnection()
+    tracker.run, tracker.first_step, tracker.secrets = run, 0, []
+    tracker.log({"step": 1, "loss": 2.0})
+    assert tracker.run is None and run.exit_code == 1
+    assert "tracking is off for the rest of this run" in caplog.text
+    tracker.log({"step": 2, "loss": 1.9})  # the rest is quiet, and training goes on
+    tracker.summary({"final_loss": 1.9})
+    tracker.finish()
 
 
 def test_secrets_are_redacted_from_what_is_sent():
