@@ -1,4 +1,5 @@
-"""The `dtune` command: `train` (same as `python -m dtune`), `eval`, `generate`, `merge`, `check`."""
+"""The `dtune` command: `train` (same as `python -m dtune`), `eval`, `generate`, `merge`,
+`check`, `report`."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     p_check.add_argument("--work-dir", type=Path, default=None,
                          help="where the runs go (default: a temporary folder)")
 
+    p_report = sub.add_parser("report", help="an HTML dashboard (PNG plots) of runs and sweeps")
+    p_report.add_argument("paths", type=Path, nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    p_report.add_argument("--out", type=Path, default=None,
+                          help="folder for report.html and the plots (default: DIR/report for "
+                               "one DIR, else ./dtune-report)")
+    p_report.add_argument("--metric", default=None,
+                          help="summary figure for the sweep view (default: eval_loss, else "
+                               "final_loss)")
+    p_report.add_argument("--screenshot", type=Path, default=None, metavar="PNG",
+                          help="also save a headless-Chromium screenshot of the page")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "eval":
@@ -59,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
             from dtune.merge import merge_run
 
             print(f"Merged model written to {merge_run(args.run_dir, args.out)}")
+        elif args.command == "report":
+            run_report(args)
     except DtuneError as error:
         exit_with(error)
 
@@ -96,6 +110,16 @@ def run_eval(args) -> None:
         result.update(exact_match=em["exact_match"], exact_match_by_task=em["by_task"], n=em["n"])
     (Path(args.run_dir) / "eval.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+
+
+def run_report(args) -> None:
+    from dtune.report import screenshot, write_report
+
+    out = args.out or (args.paths[0] / "report" if len(args.paths) == 1 else Path("dtune-report"))
+    page = write_report(args.paths, out, args.metric)
+    print(f"Report written to {page} (open it in a browser; the plots are PNGs beside it)")
+    if args.screenshot:
+        print(f"Screenshot written to {screenshot(page, args.screenshot)}")
 
 
 def run_generate(args) -> None:

@@ -20,7 +20,8 @@ METHODS = ("full", "lora", "dora", "qlora", "lora_int8", "ia3", "prompt_tuning",
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16_pure")
 PARALLELISMS = ("single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero2_offload": 2, "zero3_offload": 3}
-TRACKERS = ("none",)
+TRACKERS = ("none", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
 DATA_FORMATS = ("alpaca", "chat", "text")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
@@ -306,10 +307,40 @@ class ParallelismConfig:
 
 @dataclass
 class TrackerConfig:
+    """Where metrics go besides `metrics.jsonl`: nowhere else (`none`) or Weights & Biases."""
+
     name: str = "none"
+    project: str = "dtune"
+    entity: Optional[str] = None  # W&B's default: the logged-in user's entity
+    run_name: Optional[str] = None  # default: the sweep job's overrides, else the run dir's name
+    group: Optional[str] = None  # default: the Hydra sweep or the SLURM array job
+    tags: Optional[List[str]] = None  # default: [method, model, parallelism]
+    # online/offline/disabled; default: WANDB_MODE if set, else online when an API key or a
+    # `wandb login` is found, else offline
+    mode: Optional[str] = None
+    log_artifact: bool = False  # upload final/ (adapter or model) as a W&B artifact
 
     def __post_init__(self) -> None:
         check_choice("tracker.name", self.name, TRACKERS)
+        if self.mode is not None:
+            check_choice("tracker.mode", self.mode, WANDB_MODES)
+        if not self.project:
+            raise DtuneError("tracker.project is empty; name a W&B project, e.g. "
+                             "tracker.project=my-finetunes.")
+        for tag in self.tags or []:
+            if not 0 < len(str(tag)) <= 64:
+                raise DtuneError(f"tracker.tags holds {tag!r}; W&B tags must be 1 to 64 "
+                                 "characters long. Shorten it.")
+        if self.name == "none":
+            # Catches `tracker.project=x` typed without `tracker=wandb`: nothing would be logged.
+            defaults = TrackerConfig.__dataclass_fields__
+            for key in ("project", "entity", "run_name", "group", "tags", "mode",
+                        "log_artifact"):
+                if getattr(self, key) != defaults[key].default:
+                    raise DtuneError(
+                        f"tracker.{key}={getattr(self, key)!r} has no effect with tracker=none; "
+                        "add tracker=wandb to log to Weights & Biases, or remove it."
+                    )
 
 
 @dataclass

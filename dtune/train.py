@@ -31,6 +31,7 @@ from dtune.metrics import (MetricsLog, TrainingPeakMemory, peak_memory_bytes,
                            release_free_heap)
 from dtune.models import load_model_and_tokenizer
 from dtune.progress import Progress, summary_table
+from dtune.tracking import create_tracker
 
 log = logging.getLogger("dtune")
 GIB = 1024**3
@@ -93,6 +94,8 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     metrics = MetricsLog(run_dir / "metrics.jsonl",
                          resume_step=state["step"] if resumed_from else None) \
         if ranks.is_main else None
+    tracker = create_tracker(cfg, run_dir, resumed=resumed_from is not None,
+                             is_main_process=ranks.is_main)
 
     def evaluate(step: int, with_generation: bool) -> dict:
         """Held-out loss (and exact match): on rank 0, or on every rank under ZeRO-3, whose
@@ -104,6 +107,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         barrier()
         if metrics is not None and len(record) > 2:
             metrics.write(record)
+            tracker.log(record)
         return record
 
     if state["exact_match_before"] is None and state["step"] == 0:
@@ -144,6 +148,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
             last["loss_scale"] = engine.loss_scale
         if metrics is not None and (step % cfg.train.log_every == 0 or step == total_steps):
             metrics.write(last)
+            tracker.log(last)
         if progress is not None:
             progress.update(step, loss_value, lr, last["tokens_per_s"],
                             peak_memory_bytes() / GIB)
@@ -197,6 +202,8 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     if ranks.is_main:
         metrics.close()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        tracker.summary(summary)
+        tracker.finish()
         print(summary_table(summary_rows(summary, run_dir), "dtune run summary"), flush=True)
     return RunResult(summary, engine.module, tokenizer)
 
