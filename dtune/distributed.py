@@ -176,6 +176,15 @@ def all_reduce_sum(value: float) -> float:
     return float(tensor.item())
 
 
+def gather(value) -> list:
+    """Every rank's `value`, in rank order (just [value] when not distributed)."""
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -19,7 +19,7 @@ from dtune.checkpoint import load_checkpoint, save_checkpoint, valid_checkpoints
 from dtune.config import Config
 from dtune.data.batching import BatchStream, loss_token_count
 from dtune.data.prepare import prepare_data
-from dtune.distributed import (Ranks, all_reduce_sum, barrier, init_process_group,
+from dtune.distributed import (Ranks, all_reduce_sum, barrier, gather, init_process_group,
                                launched_ranks)
 from dtune.engine import build_engine
 from dtune.errors import DtuneError
@@ -197,6 +197,8 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         "loop_time_s": loop_seconds,
         "peak_memory_bytes": peak_memory_bytes(),
         "train_peak_memory_bytes": train_peak_memory,
+        "peak_memory_bytes_per_rank": gather(peak_memory_bytes()),
+        "train_peak_memory_bytes_per_rank": gather(train_peak_memory),
         "resumed_from": str(resumed_from) if resumed_from else None,
     }
     if ranks.is_main:
