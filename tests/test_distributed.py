@@ -163,3 +163,17 @@ def test_quantized_methods_are_refused_under_zero():
     result = run_dtune(*TINY, "+method=qlora", "parallelism=zero3")
     assert result.returncode != 0
     assert "use parallelism=ddp" in one_line(result.stderr)
+
+
+def test_zero3_checkpoint_resumes_with_the_same_losses(tmp_path):
+    common = [*TINY, "+method=full", "train.lr=1e-3", "train.max_steps=4", "train.save_every=2",
+              "eval.exact_match_samples=0", "parallelism=zero3", "parallelism.nproc_per_node=2"]
+    train_cli(tmp_path / "whole", *common)
+    cut = tmp_path / "cut"
+    subprocess.run(["cp", "-r", str(tmp_path / "whole"), str(cut)], check=True)
+    subprocess.run(["rm", "-rf", str(cut / "checkpoints" / "step-4"), str(cut / "final")],
+                   check=True)
+    train_cli(cut, *common, "train.resume=true")
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-2")
+    assert step_losses(cut) == pytest.approx(step_losses(tmp_path / "whole"), abs=1e-6)
