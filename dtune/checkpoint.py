@@ -112,13 +112,32 @@ def valid_checkpoints(run_dir: Path) -> list[Path]:
     return [folder for _, folder in sorted(found, reverse=True)]
 
 
-def load_checkpoint(folder: Path, engine) -> dict:
-    """Restore the engine's state and this rank's RNG; return the trainer state."""
-    state = json.loads((folder / "trainer_state.json").read_text())
-    engine.load_state(folder, state)
-    rng_file = folder / f"rng-rank{engine.ranks.rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+def load_checkpoint(folder: Path, engine, identity: dict) -> dict:
+    """Restore the engine's state and this rank's RNG; return the trainer state.
+
+    `identity` (model, method) must match what wrote the checkpoint."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        saved = state.get("identity", identity)
+        if saved != identity:
+            raise DtuneError(
+                f"the checkpoint {folder} was written by a run of {saved}, and this run is "
+                f"{identity}; resume with the settings that wrote it, or start a new run dir "
+                "(or set train.resume=false)."
+            )
+        engine.load_state(folder, state)
+        rng_file = folder / f"rng-rank{engine.ranks.rank}.pt"
+        rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+    except DtuneError:
+        raise
+    except Exception as exc:  # torch, safetensors and DeepSpeed raise many kinds
+        raise DtuneError(
+            f"the checkpoint {folder} is damaged and cannot be read ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}). Delete that folder to resume from the "
+            "previous checkpoint, or set train.resume=false to start over."
+        ) from None
+    if rng is not None:
+        set_rng_state(rng)
     else:  # resumed on more ranks than saved: the new ranks start from their seed
         log.warning("%s has no RNG state for rank %d; it continues from its seed.",
                     folder, engine.ranks.rank)

@@ -219,6 +219,8 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     resume: bool = False
+    # a step whose loss or gradient is NaN/inf: "skip" it (counted and logged) or "stop"
+    on_nonfinite: str = "skip"
 
     def __post_init__(self) -> None:
         if self.max_steps == 0 or self.max_steps < -1:
@@ -236,6 +238,7 @@ class TrainConfig:
             check_positive(f"train.{key}", getattr(self, key), allow_zero=True)
         check_positive("train.log_every", self.log_every)
         check_positive("train.keep_checkpoints", self.keep_checkpoints)
+        check_choice("train.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         for key in ("adam_beta1", "adam_beta2"):
             check_fraction(f"train.{key}", getattr(self, key))
 

@@ -107,13 +107,18 @@ class TorchEngine:
         # DDP averages gradients over ranks; the loss is this rank's share of a global sum.
         self.precision.backward(loss * self.ranks.world_size)
 
-    def step(self) -> tuple[float, bool]:
+    # A NaN/inf step is caught before the optimizer runs, so it can be skipped.
+    can_skip_nonfinite = True
+
+    def step(self, loss_finite: bool) -> tuple[float, str]:
+        """Apply the window's update; status as `Precision.step`."""
         params = [p for p in self.module.parameters() if p.requires_grad]
-        grad_norm, skipped = self.precision.step(self.optimizer, params, self.max_norm)
-        if not skipped:  # fp16 overflow: the weights did not move, so neither does the schedule
+        grad_norm, status = self.precision.step(self.optimizer, params, self.max_norm,
+                                                loss_finite)
+        if status == "ok":  # a skipped step moved no weight, so the schedule waits too
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, skipped
+        return grad_norm, status
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -204,12 +209,17 @@ class DeepSpeedEngine:
         self.model.backward(loss * self.ranks.world_size, scale_wrt_gas=False)
         self.model.step()  # only updates on the window's last micro-batch
 
-    def step(self) -> tuple[float, bool]:
+    # DeepSpeed applies the update inside `backward`: a NaN/inf step cannot be undone.
+    can_skip_nonfinite = False
+
+    def step(self, loss_finite: bool) -> tuple[float, str]:
         norm = self.model.get_global_grad_norm()
-        skipped = self.model.skipped_steps > self.skipped_before
+        overflow = self.model.skipped_steps > self.skipped_before
         self.skipped_before = self.model.skipped_steps
         norm = float(norm) if norm is not None else float("nan")
-        return norm, skipped
+        if overflow:
+            return norm, "overflow"
+        return norm, "ok" if loss_finite and math.isfinite(norm) else "nonfinite"
 
     def lr(self) -> float:
         return self.model.get_lr()[0]

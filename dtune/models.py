@@ -50,8 +50,16 @@ def load_model_and_tokenizer(cfg: ModelConfig, load_options: dict | None = None)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if folder != cfg.name_or_path:
         kwargs.pop("revision")
+    check_causal_lm(folder, cfg, kwargs)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise DtuneError(
+            f"the tokenizer of model.name_or_path={cfg.name_or_path!r} could not be loaded "
+            f"from {folder} ({' '.join(str(exc).split())[:200]}); the folder needs the "
+            "tokenizer files that tokenizer.save_pretrained writes."
+        ) from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs,
                                                      **load_options)
     except ValueError as exc:
@@ -100,6 +108,28 @@ def keep_4bit_layout_trainable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def check_causal_lm(folder: str, cfg: ModelConfig, kwargs: dict) -> None:
+    """Refuse an encoder or other non-causal model before loading any weight."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            return  # reported with its fix when the model loads
+        raise DtuneError(
+            f"model.name_or_path={cfg.name_or_path!r}: its config.json is not one transformers "
+            f"understands ({' '.join(str(exc).split())[:160]}); point it at a causal LM."
+        ) from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not cfg.trust_remote_code:
+        raise DtuneError(
+            f"model.name_or_path={cfg.name_or_path!r} is a {config.model_type!r} model, which is "
+            "not a causal language model (AutoModelForCausalLM cannot load it); pick a "
+            "decoder-only model such as Llama, Qwen or SmolLM."
+        )
 
 
 def resolve_model(cfg: ModelConfig) -> tuple[str, str]:

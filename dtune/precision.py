@@ -34,18 +34,23 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, optimizer, params, max_norm: float) -> tuple[float, bool]:
-        """Clip, then step unless the gradients overflowed; return (grad norm, skipped)."""
+    def step(self, optimizer, params, max_norm: float, loss_finite: bool) -> tuple[float, str]:
+        """Clip, then step unless something was not finite. Returns (grad norm, status):
+        "ok"; "overflow" (fp16: the scaler skipped the step and lowered the scale);
+        "nonfinite" (NaN/inf loss or gradient without a scaler: nothing was applied)."""
         if self.scaler is None:
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not (loss_finite and math.isfinite(norm)):
+                return norm, "nonfinite"
             optimizer.step()
-            return norm, False
+            return norm, "ok"
         self.scaler.unscale_(optimizer)
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         scale_before = self.scaler.get_scale()
         self.scaler.step(optimizer)  # does nothing when an inf/nan was found
         self.scaler.update()
-        return norm, self.scaler.get_scale() < scale_before or not math.isfinite(norm)
+        overflow = self.scaler.get_scale() < scale_before or not math.isfinite(norm)
+        return norm, "overflow" if overflow else "ok"
 
     @property
     def loss_scale(self) -> Optional[float]:

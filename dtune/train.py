@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from dtune.checkpoint import load_checkpoint, save_checkpoint, valid_checkpoints
 from dtune.config import Config
 from dtune.data.batching import BatchStream, loss_token_count
+from dtune.data.loading import load_splits
 from dtune.data.prepare import prepare_data
 from dtune.distributed import (Ranks, all_reduce_sum, barrier, gather, init_process_group,
                                launched_ranks)
@@ -57,11 +59,13 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
 
+    # Records first: a bad row is reported before minutes go into loading the model.
+    train_records, eval_records = load_splits(cfg.data)
     model, tokenizer, source = load_model_and_tokenizer(cfg.model, load_options(cfg.method))
     check_context_length(cfg, model)
     log.info("Model %s from %s", cfg.model.name_or_path, source)
-    train_records, eval_records, train_examples, eval_examples = \
-        prepare_data(cfg, tokenizer, ranks)
+    train_examples, eval_examples = prepare_data(cfg, tokenizer, ranks, train_records,
+                                                 eval_records)
 
     model = apply_method(model, cfg.method, tokenizer)
     trainable, total = count_parameters(model)
@@ -79,13 +83,15 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     )
 
     state = {"step": 0, "trained_tokens": 0, "loss_tokens": 0, "train_seconds": 0.0,
-             "skipped_steps": 0, "exact_match_before": None, "data": stream.state_dict()}
+             "skipped_steps": 0, "nonfinite_steps": 0, "exact_match_before": None,
+             "data": stream.state_dict(),
+             "identity": {"model": cfg.model.name_or_path, "method": cfg.method.name}}
     resumed_from = None
     if cfg.train.resume:
         checkpoints = valid_checkpoints(run_dir)
         if checkpoints:
             resumed_from = checkpoints[0]
-            state = load_checkpoint(resumed_from, engine)
+            state = load_checkpoint(resumed_from, engine, state["identity"])
             stream.load_state_dict(state["data"])
             log.info("Resumed from %s (step %d)", resumed_from, state["step"])
         else:
@@ -128,11 +134,14 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         window = stream.next_window(cfg.train.grad_accum_steps)
         lr = engine.lr()
         loss_value, window_loss_tokens = accumulate_gradients(engine, window)
-        grad_norm, skipped = engine.step()
-        state["skipped_steps"] += int(skipped)
+        grad_norm, status = engine.step(loss_finite=math.isfinite(loss_value))
+        state["skipped_steps"] += int(status == "overflow")
+        state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + int(status == "nonfinite")
 
         state["step"] += 1
         step = state["step"]
+        if status == "nonfinite":
+            handle_nonfinite(cfg, engine, run_dir, state, loss_value, grad_norm)
         step_seconds = time.perf_counter() - step_started
         real_tokens = int(all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in window)))
         state["trained_tokens"] += real_tokens
@@ -143,7 +152,8 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
                 "tokens_per_s": real_tokens / step_seconds,
                 "trained_tokens": state["trained_tokens"], "loss_tokens": state["loss_tokens"],
                 "epoch": stream.epoch, "step_time_s": step_seconds,
-                "skipped_steps": state["skipped_steps"]}
+                "skipped_steps": state["skipped_steps"],
+                "nonfinite_steps": state["nonfinite_steps"]}
         if engine.loss_scale is not None:
             last["loss_scale"] = engine.loss_scale
         if metrics is not None and (step % cfg.train.log_every == 0 or step == total_steps):
@@ -179,6 +189,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         "final_artifact": "peft_adapter" if is_adapter(engine.module) else "full_model",
         "loss_scale": engine.loss_scale,
         "skipped_steps": state["skipped_steps"],
+        "nonfinite_steps": state.get("nonfinite_steps", 0),
         "steps": state["step"],
         "global_batch_size": global_batch,
         "final_loss": last.get("loss"),
@@ -208,6 +219,29 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         tracker.finish()
         print(summary_table(summary_rows(summary, run_dir), "dtune run summary"), flush=True)
     return RunResult(summary, engine.module, tokenizer)
+
+
+def handle_nonfinite(cfg: Config, engine, run_dir: Path, state: dict, loss: float,
+                     grad_norm: float) -> None:
+    """A step whose loss or gradient is NaN/inf: skip it, or save and stop with the causes."""
+    step = state["step"]
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    causes = ("Likely causes: a learning rate too high for this model and method (train.lr="
+              f"{cfg.train.lr}); an fp16 overflow (try precision=bf16 or fp32); or a bad data "
+              "row in this step's batch.")
+    if engine.can_skip_nonfinite and cfg.train.on_nonfinite == "skip":
+        log.warning("Step %d: non-finite %s; the update was skipped (train.on_nonfinite=skip; "
+                    "%d such steps so far).", step, what, state["nonfinite_steps"])
+        return
+    if engine.can_skip_nonfinite:  # the weights are intact: keep them, past the bad batch
+        save_checkpoint(run_dir, step, engine, state, cfg.train.keep_checkpoints)
+        saved = (f"The weights before this step are saved in {run_dir}/checkpoints/step-{step}; "
+                 "resume with train.resume=true once the cause is fixed.")
+    else:
+        saved = ("DeepSpeed had already applied this update, so nothing was saved; resume "
+                 "from the last checkpoint with train.resume=true once the cause is fixed.")
+    raise DtuneError(f"training stopped at step {step}: non-finite {what} "
+                     f"(train.on_nonfinite={cfg.train.on_nonfinite}). {causes} {saved}")
 
 
 def run_eval(cfg: Config, engine, tokenizer, eval_records, eval_examples,

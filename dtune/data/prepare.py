@@ -17,7 +17,6 @@ import torch
 
 from dtune.config import Config
 from dtune.data.formatting import IGNORE, Example, tokenize
-from dtune.data.loading import load_splits
 from dtune.distributed import Ranks, barrier
 from dtune.errors import DtuneError
 
@@ -25,11 +24,11 @@ log = logging.getLogger("dtune")
 CACHE_VERSION = 1
 
 
-def prepare_data(cfg: Config, tokenizer, ranks: Ranks):
-    """Return (train records, eval records, train examples, eval examples)."""
+def prepare_data(cfg: Config, tokenizer, ranks: Ranks, train_records: list[dict],
+                 eval_records: list[dict]) -> tuple[list[Example], list[Example]]:
+    """Tokenized (train examples, eval examples) of the records `load_splits` returned."""
     from dtune.models import cache_dir
 
-    train_records, eval_records = load_splits(cfg.data)
     path = cache_dir() / "tokenized" / f"{_fingerprint(cfg, tokenizer)}.pt"
     if ranks.local_rank == 0 and not path.is_file():
         cached = {
@@ -43,8 +42,7 @@ def prepare_data(cfg: Config, tokenizer, ranks: Ranks):
         os.replace(tmp, path)
     barrier()
     cached = torch.load(path, weights_only=True)
-    return (train_records, eval_records,
-            [Example(ids, labels) for ids, labels in cached["train"]],
+    return ([Example(ids, labels) for ids, labels in cached["train"]],
             [Example(ids, labels) for ids, labels in cached["eval"]])
 
 

@@ -1,0 +1,133 @@
+"""Kill fuzz: SIGKILL a training run at random moments - during steps and during checkpoint
+writes - then resume it, and check that it continued from the last complete checkpoint (or
+started clean) and trained exactly as an uninterrupted run: no crash on a half-written folder,
+no silent jump.
+
+    python bench/kill_fuzz.py --trials 20 [--work-dir DIR] [--seed 0] [--record]
+
+Prints a table; writes WORK_DIR/kill_fuzz.json, and with --record bench/results/kill_fuzz.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dtune.check import step_losses  # noqa: E402
+from dtune.checkpoint import valid_checkpoints  # noqa: E402
+
+STEPS = 30
+OVERRIDES = ["model=tiny-llama", "+method=full", "train.lr=1e-3", "eval.exact_match_samples=0",
+             f"train.max_steps={STEPS}", "train.save_every=2", "train.keep_checkpoints=2",
+             "train.micro_batch_size=8", "data.builtin.train_size=512",
+             "data.builtin.eval_size=8", "train.warmup_steps=0"]
+
+
+def command(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dtune", *OVERRIDES, *extra, f"hydra.run.dir={run_dir}"]
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name.split("-", 1)[1])
+
+
+def trial(run_dir: Path, delay: float, reference: list[float]) -> dict:
+    process = subprocess.Popen(command(run_dir), cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    while process.poll() is None and not metrics.exists():  # training has started
+        time.sleep(0.005)
+    time.sleep(delay)
+    before = [step_of(c) for c in valid_checkpoints(run_dir)]
+    finished_first = process.poll() is not None
+    if not finished_first:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    during_save = any((run_dir / "checkpoints").glob(".tmp-step-*"))
+    after = [step_of(c) for c in valid_checkpoints(run_dir)]
+    lost = bool(before) and not any(step >= max(before) for step in after)
+
+    resumed = subprocess.run(command(run_dir, "train.resume=true"), cwd=ROOT,
+                             capture_output=True, text=True)
+    summary = json.loads((run_dir / "summary.json").read_text()) if resumed.returncode == 0 \
+        else {}
+    losses = step_losses(run_dir) if resumed.returncode == 0 else []
+    resumed_from = summary.get("resumed_from")
+    expected_from = f"step-{max(after)}" if after else None
+    from_right_place = (resumed_from or "").endswith(expected_from or "") if expected_from \
+        else resumed_from is None
+    return {
+        "delay_s": round(delay, 3),
+        "killed": not finished_first,
+        "kill_during_save": during_save,
+        "complete_before": before,
+        "complete_after": after,
+        "checkpoint_lost": lost,
+        "resume_exit": resumed.returncode,
+        "resumed_from": resumed_from,
+        "resume_ok": resumed.returncode == 0 and from_right_place,
+        "silent_jump": resumed.returncode == 0 and losses != reference,
+        "error": resumed.stderr[-800:] if resumed.returncode else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--record", action="store_true",
+                        help="also write bench/results/kill_fuzz.md")
+    args = parser.parse_args()
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dtune-kill-fuzz-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env_ok = subprocess.run(command(work / "reference"), cwd=ROOT, capture_output=True,
+                            text=True)
+    if env_ok.returncode != 0:
+        raise SystemExit(f"the reference run failed:\n{env_ok.stderr[-2000:]}")
+    reference = step_losses(work / "reference")
+    loop_s = json.loads((work / "reference" / "summary.json").read_text())["loop_time_s"]
+    rng = random.Random(args.seed)
+    rows = []
+    for index in range(args.trials):
+        # from the first step to just past the last checkpoint write
+        rows.append(trial(work / f"trial-{index:02d}", rng.uniform(0, loop_s * 1.1), reference))
+        print(json.dumps(rows[-1]), flush=True)
+    killed = [r for r in rows if r["killed"]]
+    result = {
+        "trials": len(rows),
+        "killed": len(killed),
+        "kills_during_save": sum(r["kill_during_save"] for r in rows),
+        "resumes_ok": sum(r["resume_ok"] for r in rows),
+        "checkpoints_lost": sum(r["checkpoint_lost"] for r in rows),
+        "silent_jumps": sum(r["silent_jump"] for r in rows),
+        "rows": rows,
+    }
+    (work / "kill_fuzz.json").write_text(json.dumps(result, indent=2))
+    table = "\n".join([
+        f"Command: `python bench/kill_fuzz.py --trials {args.trials} --seed {args.seed}`", "",
+        "| trials | killed mid-run | kills during save | resumes OK | checkpoints lost | "
+        "silent jumps |", "|---|---|---|---|---|---|",
+        f"| {result['trials']} | {result['killed']} | {result['kills_during_save']} | "
+        f"{result['resumes_ok']} | {result['checkpoints_lost']} | {result['silent_jumps']} |",
+    ])
+    print(table)
+    if args.record:
+        (ROOT / "bench" / "results" / "kill_fuzz.md").write_text(table + "\n")
+    ok = result["resumes_ok"] == len(rows) and not result["checkpoints_lost"] \
+        and not result["silent_jumps"]
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The catalogue of bad inputs: every case exits non-zero with one paragraph naming the field or
+file, the bad value and the fix, and no traceback. docs/errors.md lists each message."""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, one_line, run_dtune
+
+ALPACA_ROW = {"instruction": "say hi", "input": "", "output": "hi"}
+
+
+@dataclass
+class Case:
+    name: str
+    overrides: list[str]
+    expect: list[str]  # fragments the message must hold: the field or file, the value, the fix
+    files: dict[str, str] = field(default_factory=dict)  # name -> content, made in tmp_path
+    module: bool = True  # python -m dtune, else the dtune console tool
+
+
+def rows(*records) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+def data(name: str, fmt: str = "alpaca") -> list[str]:
+    return ["data=file", f"data.path={{tmp}}/{name}", f"data.format={fmt}"]
+
+
+CASES = [
+    # --- configuration -----------------------------------------------------------------
+    Case("unknown key", ["train.lrr=1"], ["train.lrr", "Did you mean train.lr"]),
+    Case("unknown section key", ["data.max_len=9"], ["data.max_len", "max_seq_len"]),
+    Case("wrong type", ["train.lr=abc"], ["train.lr", "abc", "Fix the override"]),
+    Case("wrong type bool", ["train.resume=maybe"], ["train.resume", "maybe"]),
+    Case("negative lr", ["train.lr=-1"], ["train.lr=-1.0", "must be > 0"]),
+    Case("zero lr", ["train.lr=0"], ["train.lr=0.0", "must be > 0"]),
+    Case("zero batch", ["train.micro_batch_size=0"], ["train.micro_batch_size=0", "> 0"]),
+    Case("zero steps", ["train.max_steps=0"], ["train.max_steps=0", "-1 to train for"]),
+    Case("negative accumulation", ["train.grad_accum_steps=-2"],
+         ["train.grad_accum_steps=-2", "> 0"]),
+    Case("unknown schedule", ["train.lr_schedule=step"],
+         ["train.lr_schedule='step'", "cosine, linear, constant"]),
+    Case("dropout out of range", ["+method=lora", "method.dropout=1.5"],
+         ["method.dropout=1.5", "[0, 1)"]),
+    Case("unknown method", ["+method=adapterx"], ["method/adapterx", "lora"]),
+    Case("method without plus", ["method=lora"], ["method", "+method=lora"]),
+    Case("unknown model", ["model=gpt-17"], ["model/gpt-17", "tiny-llama"]),
+    Case("unknown parallelism", ["parallelism=fsdp9"], ["parallelism/fsdp9", "zero2"]),
+    Case("unknown precision", ["precision=fp8"], ["precision/fp8", "bf16"]),
+    Case("unknown data format", ["data.format=xml"], ["data.format='xml'", "alpaca, chat, text"]),
+    Case("sequence beyond the model's context", ["data.max_seq_len=4096"],
+         ["data.max_seq_len=4096", "1024 positions", "data.max_seq_len<=1024"]),
+    Case("precision that the method cannot use", ["+method=lora", "precision=bf16_pure"],
+         ["precision=bf16_pure", "+method=lora", "fp32, fp16, bf16"]),
+    Case("QLoRA compute dtype against fp16", ["+method=qlora", "precision=fp16"],
+         ["precision=fp16", "method.compute_dtype=fp32", "method.compute_dtype=fp16"]),
+    Case("soft prompt longer than the sequence", ["+method=prompt_tuning",
+                                                   "data.max_seq_len=16"],
+         ["data.max_seq_len=16", "method.num_virtual_tokens=20"]),
+    Case("a method key the method ignores", ["+method=lora", "method.init_text=hello"],
+         ["method.init_text='hello'", "prompt_tuning", "Remove it"]),
+    Case("quantized base under ZeRO", ["+method=qlora", "parallelism=zero3"],
+         ["+method=qlora", "parallelism=zero3", "use parallelism=ddp"]),
+    Case("more processes than cores", ["parallelism=ddp", "parallelism.nproc_per_node=64"],
+         ["parallelism.nproc_per_node=64", "CPU cores", "parallelism.nproc_per_node<="]),
+    Case("several processes with parallelism=single", ["parallelism.nproc_per_node=2"],
+         ["parallelism.nproc_per_node=2", "parallelism=ddp"]),
+    Case("unknown tracker", ["tracker=mlflow"], ["tracker/mlflow", "wandb"]),
+    Case("unknown non-finite policy", ["train.on_nonfinite=ignore"],
+         ["train.on_nonfinite='ignore'", "skip, stop"]),
+    # --- data ----------------------------------------------------------------------------
+    Case("missing file", data("nope.jsonl"), ["data.path=", "nope.jsonl", "no such file"]),
+    Case("empty file", data("empty.jsonl"), ["empty.jsonl", "is empty"], {"empty.jsonl": ""}),
+    Case("malformed JSONL", data("bad.jsonl"), ["bad.jsonl, line 2", "malformed JSON"],
+         {"bad.jsonl": rows(ALPACA_ROW, '{"instruction": "x", "output": ')}),
+    Case("JSONL line that is not an object", data("list.jsonl"),
+         ["list.jsonl, line 1", "expected a JSON object"], {"list.jsonl": rows("[1, 2]")}),
+    Case("missing column", data("nocol.jsonl"),
+         ["nocol.jsonl, line 2", "'output' is missing", "columns present"],
+         {"nocol.jsonl": rows(ALPACA_ROW, {"instruction": "x", "input": ""})}),
+    Case("empty response", data("empty_out.jsonl"),
+         ["empty_out.jsonl, line 1", "'output' is empty"],
+         {"empty_out.jsonl": rows({"instruction": "x", "output": " "}, ALPACA_ROW)}),
+    Case("non-string field", data("num.jsonl", "text"),
+         ["num.jsonl, line 1", "'text' must be a string", "int 42"], {"num.jsonl": rows({"text": 42})}),
+    Case("unknown chat role", data("role.jsonl", "chat"),
+         ["role.jsonl, line 1", "role 'robot'", "system, user, assistant"],
+         {"role.jsonl": rows({"messages": [{"role": "user", "content": "hi"},
+                                           {"role": "robot", "content": "beep"}]})}),
+    Case("chat without an assistant turn", data("noasst.jsonl", "chat"),
+         ["noasst.jsonl, line 1", "no assistant message"],
+         {"noasst.jsonl": rows({"messages": [{"role": "user", "content": "hi"}]})}),
+    Case("unsupported file format", data("data.xlsx"), ["data.xlsx", "'.xlsx'", ".jsonl"],
+         {"data.xlsx": "not a spreadsheet"}),
+    Case("every response truncated away", [*data("long.jsonl"), "data.max_seq_len=8"],
+         ["data.max_seq_len=8", "raise data.max_seq_len"],
+         {"long.jsonl": rows(*[{"instruction": "word " * 30, "output": "yes"}] * 4)}),
+    Case("eval fraction that leaves no training rows",
+         [*data("one.jsonl"), "data.eval_fraction=0.5"],
+         ["data.eval_fraction=0.5", "leaves no training rows"],
+         {"one.jsonl": rows(ALPACA_ROW)}),
+    Case("built-in data with a non-chat format", ["data.format=alpaca"],
+         ["data.format='alpaca'", "data.path=builtin", "data.format=chat"]),
+    Case("unknown built-in task", ["data.builtin.tasks=[add,poetry]"],
+         ["data.builtin.tasks", "poetry", "reverse_words"]),
+    # --- model ---------------------------------------------------------------------------
+    Case("model not found offline", ["model.name_or_path=acme/no-such-model", "model.random_init=null"],
+         ["acme/no-such-model", "was not found", "Hugging Face cache", "model=tiny-llama"]),
+    Case("local folder that is not a model",
+         ["model.name_or_path={tmp}/empty_dir", "model.random_init=null"],
+         ["empty_dir", "holds no config.json", "save_pretrained"], {"empty_dir/.keep": ""}),
+    Case("not a causal LM", ["model.name_or_path={tmp}/t5", "model.random_init=null"],
+         ["'t5' model", "not a causal language model", "decoder-only"],
+         {"t5/config.json": json.dumps({"model_type": "t5", "vocab_size": 64, "d_model": 16,
+                                        "num_layers": 1, "num_heads": 2, "d_ff": 32})}),
+    # --- tools ---------------------------------------------------------------------------
+    Case("eval of a folder that is not a run", ["eval", "{tmp}"],
+         ["is not a dtune run directory", ".hydra/config.yaml"], module=False),
+    Case("merge of a folder that is not a run", ["merge", "{tmp}"],
+         ["is not a dtune run directory"], module=False),
+    Case("generate from a folder that is neither", ["generate", "{tmp}", "--prompt", "hi"],
+         ["neither a dtune run directory", "config.json"], module=False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gets_one_clear_paragraph(tmp_path, case):
+    for name, content in case.files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in case.overrides]
+    if case.module:
+        args = [*TINY, *args, f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run_dtune(*args, module=case.module)
+    message = one_line(result.stderr)
+    assert result.returncode != 0, result.stdout[-1500:]
+    for fragment in case.expect:
+        assert fragment.replace("{tmp}", str(tmp_path)) in message, result.stderr[-2500:]
+    assert "Traceback" not in result.stderr
+
+
+def test_the_catalogue_is_large_enough():
+    assert len(CASES) >= 40
+
+
+def test_disk_full_while_saving_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    """A write error injected at the filesystem layer (ENOSPC) mid-checkpoint."""
+    import errno
+
+    import torch
+
+    from conftest import train
+    from dtune.checkpoint import valid_checkpoints
+    from dtune.errors import DtuneError
+
+    overrides = [*TINY, "+method=full", "train.max_steps=4", "train.save_every=2",
+                 "eval.exact_match_samples=0"]
+    real_save, calls = torch.save, {"n": 0}
+
+    def failing_save(obj, path, *args, **kwargs):
+        if "step-4" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(DtuneError, match=r"could not write the checkpoint for step 4.*No space"):
+        train(tmp_path, *overrides)
+    assert [c.name for c in valid_checkpoints(tmp_path)] == ["step-2"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-step-*"))

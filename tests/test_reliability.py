@@ -1,0 +1,125 @@
+"""Losing nothing: NaN steps, damaged checkpoints, and exact resume after kill -9."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, TINY, compose, one_line, run_dtune, train
+from dtune.check import step_losses
+from dtune.checkpoint import valid_checkpoints
+from dtune.errors import DtuneError
+
+FULL = [*TINY, "+method=full", "train.lr=1e-3", "eval.exact_match_samples=0"]
+
+
+def poisoned_loss(monkeypatch, at_calls: set[int]):
+    """Make the loss NaN on chosen forward passes, as a bad batch would."""
+    import dtune.train as train_module
+
+    real, calls = train_module.summed_token_loss, {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        value = real(model, batch)
+        return value * float("nan") if calls["n"] in at_calls else value
+
+    monkeypatch.setattr(train_module, "summed_token_loss", loss)
+
+
+def test_nonfinite_step_is_skipped_counted_and_logged(tmp_path, monkeypatch):
+    poisoned_loss(monkeypatch, at_calls={3})
+    result = train(tmp_path, *FULL, "train.max_steps=6", "train.on_nonfinite=skip")
+    records = [m for m in (json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text()
+                           .splitlines()) if "nonfinite_steps" in m]
+    assert [m["nonfinite_steps"] for m in records] == [0, 0, 1, 1, 1, 1]
+    assert records[2]["loss"] is None and records[3]["loss"] is not None
+    assert result.summary["nonfinite_steps"] == 1 and result.summary["steps"] == 6
+    assert all(p.isfinite().all() for p in result.model.parameters())  # nothing was applied
+
+
+def test_nonfinite_step_stops_with_the_step_causes_and_a_checkpoint(tmp_path, monkeypatch):
+    poisoned_loss(monkeypatch, at_calls={4})
+    with pytest.raises(DtuneError) as caught:
+        train(tmp_path, *FULL, "train.max_steps=6", "train.on_nonfinite=stop")
+    message = str(caught.value)
+    assert "training stopped at step 4" in message and "train.lr=0.001" in message
+    assert "fp16 overflow" in message and "bad data row" in message
+    assert [p.name for p in valid_checkpoints(tmp_path)] == ["step-4"]
+
+
+def test_a_huge_learning_rate_stops_the_cli_run_with_a_clear_message(tmp_path):
+    result = run_dtune(*FULL, "train.lr=1e30", "train.max_steps=6", "train.on_nonfinite=stop",
+                       f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    message = one_line(result.stderr)
+    assert "non-finite" in message and "train.lr=1e+30" in message
+    assert "Traceback" not in result.stderr
+
+
+def test_a_damaged_checkpoint_is_reported_not_loaded(tmp_path):
+    train(tmp_path, *FULL, "train.max_steps=2", "train.save_every=1")
+    newest = tmp_path / "checkpoints" / "step-2" / "optimizer.pt"
+    newest.write_bytes(b"\0" * newest.stat().st_size)  # same size: the manifest still matches
+    with pytest.raises(DtuneError, match=r"step-2 is damaged.*Delete that folder"):
+        train(tmp_path, *FULL, "train.max_steps=3", "train.resume=true")
+
+
+def test_a_checkpoint_from_another_method_is_refused(tmp_path):
+    train(tmp_path, *FULL, "train.max_steps=2", "train.save_every=1")
+    with pytest.raises(DtuneError, match=r"written by a run of .*'full'.*this run is .*'lora'"):
+        train(tmp_path, *TINY, "+method=lora", "train.max_steps=3", "train.resume=true",
+              "eval.exact_match_samples=0")
+
+
+def _kill_after_checkpoint(run_dir, overrides, step, env=None):
+    """Start a CLI run, SIGKILL its whole process group once checkpoint `step` is complete."""
+    process = subprocess.Popen([sys.executable, "-m", "dtune", *overrides,
+                                f"hydra.run.dir={run_dir}"], cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, **(env or {})})
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if latest.is_file() and latest.read_text() == f"step-{step}":
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read()[-2000:]
+
+
+@pytest.mark.parametrize("layout", [[], ["parallelism=ddp", "parallelism.nproc_per_node=2"]],
+                         ids=["single", "ddp2"])
+def test_kill_9_after_a_checkpoint_resumes_bitwise(tmp_path, layout):
+    overrides = [*FULL, "train.max_steps=40", "train.save_every=20", "train.micro_batch_size=16",
+                 "data.builtin.train_size=512", *layout]
+    whole = run_dtune(*overrides, f"hydra.run.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    for attempt in range(3):
+        cut = tmp_path / f"cut{attempt}"
+        _kill_after_checkpoint(cut, overrides, step=20)
+        if [c.name for c in valid_checkpoints(cut)][0] == "step-20":
+            break  # else the run raced to its step-40 checkpoint before the kill: try again
+    resumed = run_dtune(*overrides, "train.resume=true", f"hydra.run.dir={cut}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-20")
+    whole_losses, resumed_losses = step_losses(tmp_path / "whole"), step_losses(cut)
+    assert len(resumed_losses) == 40
+    assert resumed_losses == whole_losses  # steps 21-40 bitwise, and 1-20 kept as logged
+
+
+def test_kill_fuzz_three_trials(tmp_path):
+    fuzz = subprocess.run([sys.executable, str(ROOT / "bench" / "kill_fuzz.py"), "--trials", "3",
+                           "--work-dir", str(tmp_path), "--seed", "7"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert fuzz.returncode == 0, fuzz.stdout[-2000:] + fuzz.stderr[-2000:]
+    result = json.loads((tmp_path / "kill_fuzz.json").read_text())
+    assert result["trials"] == 3 and result["resumes_ok"] == 3
+    assert result["checkpoints_lost"] == 0 and result["silent_jumps"] == 0
+    assert "trials" in fuzz.stdout and "checkpoints lost" in fuzz.stdout
