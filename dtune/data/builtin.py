@@ -118,22 +118,22 @@ def generate(tasks: list[str], train_size: int, eval_size: int, seed: int) -> tu
             f"data.builtin.tasks={tasks!r} names unknown tasks {unknown}; choose from "
             f"{', '.join(TASKS)}."
         )
-    held_out: list[dict] = []
     seen: set[str] = set()
-    for task, prompt, answer in _stream(tasks, random.Random(f"held-out-{seed}")):
-        if len(held_out) == eval_size:
-            break
-        if prompt not in seen:
-            seen.add(prompt)
-            held_out.append(_record(task, prompt, answer))
-    train: list[dict] = []
-    for task, prompt, answer in _stream(tasks, random.Random(f"train-{seed}")):
-        if len(train) == train_size:
-            break
-        if prompt not in seen:
-            seen.add(prompt)
-            train.append(_record(task, prompt, answer))
+    held_out = _take(tasks, random.Random(f"held-out-{seed}"), eval_size, seen)
+    train = _take(tasks, random.Random(f"train-{seed}"), train_size, seen)
     return train, held_out
+
+
+def _take(tasks: list[str], rng: random.Random, count: int, seen: set[str]) -> list[dict]:
+    """`count` records whose prompts are not in `seen` (which grows with them)."""
+    records: list[dict] = []
+    for task, prompt, answer in _stream(tasks, rng):
+        if len(records) == count:
+            break
+        if prompt not in seen:
+            seen.add(prompt)
+            records.append(_record(task, prompt, answer))
+    return records
 
 
 def corpus_for_tokenizer() -> Iterator[str]:
