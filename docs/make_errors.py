@@ -25,7 +25,7 @@ def message(case, tmp: Path) -> str:
     if case.module:
         args = [*TINY, *args, f"hydra.run.dir={tmp / 'run'}"]
     result = run_dtune(*args, module=case.module, env={"HF_HUB_OFFLINE": "1"})
-    text = " ".join(result.stderr.replace(str(tmp), "DIR").split())
+    text = " ".join(result.stderr.replace(str(tmp), "DIR").replace(str(ROOT), "REPO").split())
     text = text.replace(" (set HYDRA_FULL_ERROR=1 to see the traceback)", "")
     command = f"python -m dtune {shown}" if case.module else f"dtune {shown}"
     return f"### {case.name}\n\n`{command}`\n\n> {text}\n"
