@@ -66,8 +66,9 @@ def _read_eval_loss(run_dir: Path) -> float | None:
 
 def main() -> None:
     register_schema()
-    if os.environ.get("RANK", "0") != "0":
-        # Worker ranks share rank 0's run dir: only rank 0 writes Hydra's files and log.
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
+        # Worker ranks (and srun's tasks on other nodes) share rank 0's run dir: only rank 0
+        # writes Hydra's files and log.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled",
                      "hydra/hydra_logging=disabled"]
     try:

@@ -44,7 +44,7 @@ def submit(config: Config, run_dir: Path, overrides: list[str]) -> float | None:
     (run_dir / "slurm_job_id").write_text(f"{job.job_id}\n")
     if not launcher.wait:
         return None
-    return job.result()
+    return job.results()[0]  # one result per task; rank 0's is the run's
 
 
 def sbatch_parameters(launcher: LauncherConfig) -> dict:
