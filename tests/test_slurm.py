@@ -107,7 +107,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(tmp_path):
 
 
 def test_multirun_on_slurm_is_an_array_job_with_a_results_table(tmp_path):
-    result = run_dtune("-m", *LORA, "train.max_steps=1", "train.lr=1e-4,3e-4",
+    base = [o for o in LORA if not o.startswith("train.lr=")]
+    result = run_dtune("-m", *base, "train.max_steps=1", "train.lr=1e-4,3e-4",
                        "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
                        "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}", env=ENV)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -120,7 +121,8 @@ def test_multirun_on_slurm_is_an_array_job_with_a_results_table(tmp_path):
 
 
 def test_optuna_sweep_of_4_trials_on_slurm_writes_results(tmp_path):
-    result = run_dtune("-m", *LORA, "train.max_steps=1", "hydra/sweeper=optuna",
+    base = [o for o in LORA if not o.startswith("train.lr=")]
+    result = run_dtune("-m", *base, "train.max_steps=1", "hydra/sweeper=optuna",
                        "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
                        "hydra.sweeper.sampler.seed=0", "train.lr=interval(1e-4,1e-2)",
                        "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
