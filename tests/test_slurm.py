@@ -112,7 +112,8 @@ def test_multirun_on_slurm_is_an_array_job_with_a_results_table(tmp_path):
                        "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
                        "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}", env=ENV)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    job_folders = [p.name for p in (tmp_path / ".submitit").iterdir() if "_" in p.name]
+    job_folders = [p.name for p in (tmp_path / ".submitit").iterdir()
+                   if "_" in p.name and not p.name.startswith(".")]
     array = {name.split("_")[0] for name in job_folders}
     assert len(array) == 1 and {n.split("_")[1] for n in job_folders} == {"0", "1"}
     table = (tmp_path / "results.md").read_text()
