@@ -25,21 +25,32 @@ def train_app(cfg: DictConfig) -> float | None:
     run_dir = hydra_cfg.runtime.output_dir
     try:
         config = to_config(cfg)  # range checks run here, before the heavy imports below
+        if config.launcher.name == "slurm":
+            from launchers.slurm import submit
+
+            return submit(config, Path(run_dir), list(hydra_cfg.overrides.task))
+        return run_training(config, run_dir, list(hydra_cfg.overrides.task))
+    except DtuneError as error:
+        exit_with(error)
+
+
+def run_training(config, run_dir: str, overrides: list[str]) -> float | None:
+    """Train here: in this process, or in workers started for the processes asked for. Also
+    what a SLURM job runs (launchers/slurm.py). Returns the final eval loss."""
+    try:
         from dtune import distributed
 
         parallel = config.parallelism
         if distributed.launched_ranks(parallel) is None and parallel.name != "single" \
                 and distributed.wanted_processes(parallel) > 1:
             distributed.check_process_count(parallel)
-            code = distributed.launch_workers(parallel, run_dir, list(hydra_cfg.overrides.task))
+            code = distributed.launch_workers(parallel, run_dir, overrides)
             if code:
                 sys.exit(code)
             return _read_eval_loss(Path(run_dir))
         from dtune import train
 
         result = train.run(config, Path(run_dir))
-    except DtuneError as error:
-        exit_with(error)
     finally:
         if "dtune.distributed" in sys.modules:
             sys.modules["dtune.distributed"].shutdown()
@@ -55,8 +66,9 @@ def _read_eval_loss(run_dir: Path) -> float | None:
 
 def main() -> None:
     register_schema()
-    if os.environ.get("RANK", "0") != "0":
-        # Worker ranks share rank 0's run dir: only rank 0 writes Hydra's files and log.
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
+        # Worker ranks (and srun's tasks on other nodes) share rank 0's run dir: only rank 0
+        # writes Hydra's files and log.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled",
                      "hydra/hydra_logging=disabled"]
     try:

@@ -24,6 +24,7 @@ TRACKERS = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
 DATA_FORMATS = ("alpaca", "chat", "text")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+LAUNCHERS = ("local", "slurm")
 
 
 def check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -347,6 +348,39 @@ class TrackerConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """Where the run executes: here (`local`), or as a SLURM job submitted through submitit
+    (`slurm`, one task per node; dtune's SLURM detection wires the ranks)."""
+
+    name: str = "local"
+    partition: Optional[str] = None  # None: the cluster's default partition
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None  # e.g. "64G"; None: the partition's default
+    time: int = 60  # minutes
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    # any other sbatch flags, as {flag: value} without the dashes, e.g. {exclusive: true}
+    sbatch_extra: Dict[str, Any] = field(default_factory=dict)
+    job_name: str = "dtune"
+    folder: Optional[str] = None  # submitit's logs; None: RUN_DIR/slurm
+    # submitit sends SIGUSR2 this many seconds before the time limit: checkpoint, requeue
+    signal_delay_s: int = 120
+    wait: bool = False  # block until the job ends and return its eval loss
+
+    def __post_init__(self) -> None:
+        check_choice("launcher.name", self.name, LAUNCHERS)
+        check_positive("launcher.nodes", self.nodes)
+        check_positive("launcher.gpus_per_node", self.gpus_per_node, allow_zero=True)
+        check_positive("launcher.time", self.time)
+        check_positive("launcher.signal_delay_s", self.signal_delay_s, allow_zero=True)
+        if self.cpus_per_task is not None:
+            check_positive("launcher.cpus_per_task", self.cpus_per_task)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -356,6 +390,7 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     def __post_init__(self) -> None:
         check_combination(self)
@@ -406,6 +441,12 @@ def check_combination(cfg: "Config") -> None:
         raise DtuneError(
             f"precision=bf16_pure with parallelism={parallel.name}: DeepSpeed keeps fp32 master "
             "weights in its bf16 mode; use precision=bf16."
+        )
+    if cfg.launcher.nodes > 1 and parallel.name == "single":
+        raise DtuneError(
+            f"launcher.nodes={cfg.launcher.nodes} runs one task per node, but "
+            "parallelism=single trains in one process; choose parallelism=ddp or a ZeRO "
+            "stage such as parallelism=zero2."
         )
     if method.name in ("prompt_tuning", "prefix_tuning") \
             and cfg.data.max_seq_len <= method.num_virtual_tokens:

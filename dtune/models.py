@@ -265,7 +265,14 @@ def _write_random_model(folder: Path, arch: RandomInitConfig) -> None:
         torch.manual_seed(arch.init_seed)
         model = LlamaForCausalLM(config)
     with _atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
+        # Not model.save_pretrained: under torch.distributed it writes weights on rank 0 only,
+        # and whichever rank takes the build lock first (any rank, on SLURM) fills this cache.
+        from safetensors.torch import save_file
+
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
 
 

@@ -33,6 +33,7 @@ from dtune.metrics import (MetricsLog, TrainingPeakMemory, peak_memory_bytes,
                            release_free_heap)
 from dtune.models import load_model_and_tokenizer
 from dtune.progress import Progress, summary_table
+from dtune.signals import StopFlag, slurm_restarted, stop_after_checkpoint
 from dtune.tracking import create_tracker
 
 log = logging.getLogger("dtune")
@@ -87,7 +88,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
              "data": stream.state_dict(),
              "identity": {"model": cfg.model.name_or_path, "method": cfg.method.name}}
     resumed_from = None
-    if cfg.train.resume:
+    if cfg.train.resume or slurm_restarted():  # a requeued SLURM job always resumes
         checkpoints = valid_checkpoints(run_dir)
         if checkpoints:
             resumed_from = checkpoints[0]
@@ -129,6 +130,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     loop_started = time.perf_counter()
     training_memory = TrainingPeakMemory().start()
     last = {}
+    stop = StopFlag().install()
     while state["step"] < total_steps:
         step_started = time.perf_counter()
         window = stream.next_window(cfg.train.grad_accum_steps)
@@ -169,6 +171,16 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
                 progress.write(f"step {step}: eval_loss {result['eval_loss']:.4f}")
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
             save_checkpoint(run_dir, step, engine, state, cfg.train.keep_checkpoints)
+        if stop.requested() and step < total_steps:  # a signal: checkpoint, then requeue/exit
+            if progress is not None:
+                progress.close()
+            if not (cfg.train.save_every and step % cfg.train.save_every == 0):
+                save_checkpoint(run_dir, step, engine, state, cfg.train.keep_checkpoints)
+            if metrics is not None:
+                metrics.close()
+            tracker.finish()
+            stop_after_checkpoint(stop, run_dir, step, ranks.is_main)
+    stop.restore()
     if progress is not None:
         progress.close()
     loop_seconds = time.perf_counter() - loop_started

@@ -1,0 +1,106 @@
+"""`launcher=slurm`: submit the run as a SLURM job through submitit.
+
+The job runs the same validated Config in the run dir Hydra already made here, one task per
+node; dtune's SLURM detection (dtune/distributed.py) turns the tasks into ranks. A requeued job
+(preemption, time limit, `scontrol requeue`) resumes from its newest checkpoint because
+SLURM_RESTART_COUNT > 0 turns on train.resume (dtune/signals.py).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+from dtune.config import Config, LauncherConfig
+from dtune.errors import DtuneError
+
+
+def submit(config: Config, run_dir: Path, overrides: list[str]) -> float | None:
+    """Submit; print the job id, log paths and how to follow them. With launcher.wait=true,
+    wait for the job and return its final eval loss (what Hydra sweepers minimise)."""
+    import submitit
+
+    launcher = config.launcher
+    check_cluster(launcher)
+    folder = Path(launcher.folder) if launcher.folder else run_dir / "slurm"
+    executor = submitit.SlurmExecutor(folder=folder)
+    executor.update_parameters(**sbatch_parameters(launcher))
+    # Workers started inside the job must train, not submit again.
+    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("launcher")]
+    try:
+        job = executor.submit(run_job, config, str(run_dir), job_overrides + ["launcher=local"])
+    except subprocess.CalledProcessError as error:  # sbatch refused the job
+        raise DtuneError(f"sbatch refused the job: {_text(error.stderr or error.output)}. "
+                         "Check the launcher.* settings (partition, account, qos, "
+                         "constraint, sbatch_extra).") from None
+    except submitit.core.utils.FailedJobError as error:
+        raise DtuneError(f"sbatch refused the job: {error}. Check the launcher.* settings "
+                         "(partition, account, qos, constraint, sbatch_extra).") from None
+    print(f"Submitted SLURM job {job.job_id} ({launcher.nodes} node(s)); run dir {run_dir}\n"
+          f"  log:    {job.paths.stdout}\n  errors: {job.paths.stderr}\n"
+          f"  follow: tail -f {job.paths.stdout}\n"
+          f"  status: squeue -j {job.job_id}   cancel: scancel {job.job_id}", flush=True)
+    (run_dir / "slurm_job_id").write_text(f"{job.job_id}\n")
+    if not launcher.wait:
+        return None
+    return job.results()[0]  # one result per task; rank 0's is the run's
+
+
+def sbatch_parameters(launcher: LauncherConfig) -> dict:
+    """submitit's SlurmExecutor parameters for the launcher config (None: SLURM's default)."""
+    params = {
+        "job_name": launcher.job_name, "partition": launcher.partition,
+        "nodes": launcher.nodes, "ntasks_per_node": 1, "time": launcher.time,
+        "cpus_per_task": launcher.cpus_per_task, "mem": launcher.mem,
+        "account": launcher.account, "qos": launcher.qos, "constraint": launcher.constraint,
+        "signal_delay_s": launcher.signal_delay_s,
+        "additional_parameters": {"requeue": True, **launcher.sbatch_extra},
+    }
+    if launcher.gpus_per_node:
+        params["gpus_per_node"] = launcher.gpus_per_node
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def check_cluster(launcher: LauncherConfig) -> None:
+    """Refuse early, in words, what sbatch would refuse later in its own."""
+    if shutil.which("sbatch") is None:
+        raise DtuneError(
+            "launcher=slurm submits with `sbatch`, which is not on PATH. Run dtune on a SLURM "
+            "login node (or load SLURM, e.g. `module load slurm`), start the local test "
+            "cluster with slurm/local-cluster/start.sh, or train here with launcher=local."
+        )
+    if launcher.partition is None:
+        return
+    try:
+        listed = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True,
+                                timeout=60, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return  # sinfo unusable: let sbatch judge
+    if listed and launcher.partition not in listed:
+        raise DtuneError(
+            f"launcher.partition={launcher.partition!r} is not a partition of this cluster; "
+            f"it has {', '.join(sorted(set(listed)))}. Set launcher.partition to one of them "
+            "(or leave it unset for the default partition)."
+        )
+
+
+def run_job(config: Config, run_dir: str, overrides: list[str]) -> float | None:
+    """The function submitit runs on every task of the job."""
+    import os
+
+    from dtune.__main__ import run_training
+
+    rank0 = os.environ.get("SLURM_PROCID", "0") == "0"
+    handlers = [logging.StreamHandler()]
+    if rank0:
+        handlers.append(logging.FileHandler(Path(run_dir) / "dtune.log"))
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, handlers=handlers,
+                        format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
+    return run_training(config, run_dir, overrides)
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return " ".join(str(value or "").split())

@@ -1,0 +1,49 @@
+"""A stop signal checkpoints at a step boundary and the resumed run equals an unbroken one."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, TINY, one_line, run_dtune
+from dtune.check import step_losses
+from dtune.checkpoint import valid_checkpoints
+
+COMMON = [*TINY, "+method=lora", "method.dropout=0", "train.max_steps=8", "train.lr=1e-2",
+          "eval.exact_match_samples=0"]
+
+
+def wait_for_step(run_dir, step: int, process, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and process.poll() is None:
+        if metrics.is_file() and any(json.loads(line).get("step", 0) >= step and
+                                     "loss" in line for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"run never reached step {step}")
+
+
+def test_sigterm_checkpoints_explains_and_resumes_to_the_same_losses(tmp_path):
+    run_dir = tmp_path / "cut"
+    process = subprocess.Popen([sys.executable, "-m", "dtune", *COMMON,
+                                f"hydra.run.dir={run_dir}"], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(run_dir, 2, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    message = one_line(stderr)
+    assert "stopped by SIGTERM after step" in message and "Traceback" not in stderr
+    assert f"hydra.run.dir={run_dir} train.resume=true" in message
+    checkpoints = valid_checkpoints(run_dir)
+    assert checkpoints, "no complete checkpoint after SIGTERM"
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= stopped_at < 8 and not (run_dir / "final").exists()
+
+    resumed = run_dtune(*COMMON, f"hydra.run.dir={run_dir}", "train.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    unbroken = run_dtune(*COMMON, f"hydra.run.dir={tmp_path / 'unbroken'}")
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    assert step_losses(run_dir) == step_losses(tmp_path / "unbroken")  # bitwise, CPU fp32
+    assert len(step_losses(run_dir)) == 8

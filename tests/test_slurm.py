@@ -1,0 +1,166 @@
+"""dtune on a real SLURM cluster (slurm/local-cluster: two nodes on this host), never a mock.
+
+The session starts the cluster if `sinfo` does not answer. Every test submits tiny jobs with a
+fresh submitit folder under tmp_path, so no test can be handed another's result.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, TINY, one_line, run_dtune
+from dtune.check import step_losses
+
+pytestmark = pytest.mark.slurm
+LORA = [*TINY, "+method=lora", "method.dropout=0", "train.lr=1e-2", "eval.exact_match_samples=0",
+        "data.builtin.train_size=64", "data.builtin.eval_size=8"]
+ENV = {"GLOO_SOCKET_IFNAME": "lo"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cluster():
+    if subprocess.run(["sinfo"], capture_output=True).returncode if shutil.which("sinfo") \
+            else True:
+        started = subprocess.run(["bash", str(ROOT / "slurm/local-cluster/start.sh")],
+                                 capture_output=True, text=True, timeout=600)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    os.environ.update(ENV)
+
+
+def submit(run_dir, *overrides, wait=True):
+    result = run_dtune(*overrides, "launcher=slurm", "launcher.partition=debug",
+                       f"launcher.wait={str(wait).lower()}", f"hydra.run.dir={run_dir}",
+                       env=ENV)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def final_state(job: str, timeout: float = 60) -> str:
+    """The job's state in accounting once it has left the queue (sacct lags a few seconds)."""
+    deadline = time.time() + timeout
+    while True:
+        state = subprocess.run(["sacct", "-n", "-X", "-j", job, "-o", "State"], text=True,
+                               capture_output=True).stdout.strip()
+        if state and state not in ("RUNNING", "PENDING", "REQUEUED") or time.time() > deadline:
+            return state
+        time.sleep(1)
+
+
+def job_id(output: str) -> str:
+    return re.search(r"Submitted SLURM job (\d+)", output).group(1)
+
+
+def test_single_node_job_prints_where_to_look_and_finishes(tmp_path):
+    result = submit(tmp_path, *LORA, "train.max_steps=2")
+    job = job_id(result.stdout)
+    assert f"tail -f {tmp_path}/slurm/{job}_0_log.out" in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["world_size"] == 1
+    assert final_state(job) == "COMPLETED"
+
+
+@pytest.mark.parametrize("layout", ["ddp", "zero2"])
+def test_two_nodes_match_the_same_run_launched_locally(tmp_path, layout):
+    common = [*LORA, "train.max_steps=3", f"parallelism={layout}"]
+    submit(tmp_path / "slurm", *common, "launcher.nodes=2")
+    local = run_dtune(*common, "parallelism.nproc_per_node=2",
+                      f"hydra.run.dir={tmp_path / 'local'}", env=ENV)
+    assert local.returncode == 0, local.stderr[-3000:]
+    summary = json.loads((tmp_path / "slurm" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert step_losses(tmp_path / "slurm") == pytest.approx(step_losses(tmp_path / "local"),
+                                                            abs=1e-6)
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(tmp_path):
+    common = [*LORA, "train.max_steps=8"]
+    run_dir = tmp_path / "requeued"
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "dtune", *common, "launcher=slurm", "launcher.wait=true",
+         f"hydra.run.dir={run_dir}"], cwd=ROOT, env={**os.environ, **ENV}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline, job = time.time() + 240, None
+    while time.time() < deadline and waiting.poll() is None:
+        slurm_id = run_dir / "slurm_job_id"
+        if job is None and slurm_id.is_file():
+            job = slurm_id.read_text().strip()
+        if job and len(step_losses(run_dir) if (run_dir / "metrics.jsonl").is_file() else []) >= 2:
+            break
+        time.sleep(0.2)
+    assert job, "the job never started training"
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    output = waiting.communicate(timeout=400)[0]
+    assert waiting.returncode == 0, output[-3000:]
+    log = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
+    assert "Received SIGUSR1" in log and "requeued" in log, log[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] and summary["steps"] == 8  # came back and finished
+    assert final_state(job) == "COMPLETED"
+    unbroken = run_dtune(*common, f"hydra.run.dir={tmp_path / 'unbroken'}")
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    assert step_losses(run_dir) == step_losses(tmp_path / "unbroken")  # CPU fp32: bitwise
+
+
+def test_multirun_on_slurm_is_an_array_job_with_a_results_table(tmp_path):
+    base = [o for o in LORA if not o.startswith("train.lr=")]
+    result = run_dtune("-m", *base, "train.max_steps=1", "train.lr=1e-4,3e-4",
+                       "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
+                       "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}", env=ENV)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    job_folders = [p.name for p in (tmp_path / ".submitit").iterdir()
+                   if "_" in p.name and not p.name.startswith(".")]
+    array = {name.split("_")[0] for name in job_folders}
+    assert len(array) == 1 and {n.split("_")[1] for n in job_folders} == {"0", "1"}
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("| completed |") == 2 and "train.lr=0.0003" in table
+    assert (tmp_path / "results.csv").read_text().count("completed") == 2
+
+
+def test_optuna_sweep_of_4_trials_on_slurm_writes_results(tmp_path):
+    base = [o for o in LORA if not o.startswith("train.lr=")]
+    result = run_dtune("-m", *base, "train.max_steps=1", "hydra/sweeper=optuna",
+                       "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+                       "hydra.sweeper.sampler.seed=0", "train.lr=interval(1e-4,1e-2)",
+                       "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
+                       "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}", env=ENV)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    best = (tmp_path / "optimization_results.yaml").read_text()
+    assert "best_value" in best and "train.lr" in best
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and all(",completed," in row for row in rows[1:])
+
+
+def test_sbatch_template_runs_a_tiny_fine_tune(tmp_path):
+    # The CPU test cluster has no GPUs: the command line overrides the template's GPU line.
+    result = subprocess.run(
+        ["sbatch", "--wait", "--gpus-per-node=0", f"--output={tmp_path}/job-%j.out",
+         str(ROOT / "slurm/dtune.sbatch"), *LORA, "train.max_steps=2"],
+        cwd=tmp_path, text=True, capture_output=True, timeout=300, env={**os.environ, **ENV})
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = re.search(r"Submitted batch job (\d+)", result.stdout).group(1)
+    summary = json.loads((tmp_path / "runs" / "slurm" / job / "summary.json").read_text())
+    assert summary["steps"] == 2
+
+
+def test_unknown_partition_is_named_with_the_fix(tmp_path):
+    result = run_dtune(*LORA, "launcher=slurm", "launcher.partition=nosuch",
+                       f"hydra.run.dir={tmp_path}")
+    message = one_line(result.stderr)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "launcher.partition='nosuch' is not a partition of this cluster" in message
+    assert "debug" in message
+
+
+def test_missing_sbatch_is_explained(tmp_path):
+    bare_path = os.pathsep.join([os.path.dirname(sys.executable), "/usr/bin/nonexistent"])
+    result = run_dtune(*LORA, "launcher=slurm", f"hydra.run.dir={tmp_path}",
+                       env={"PATH": bare_path})
+    message = one_line(result.stderr)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "submits with `sbatch`, which is not on PATH" in message
+    assert "start.sh" in message and "launcher=local" in message
