@@ -230,8 +230,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.hf_quantizer = None
     model.is_quantized = False
     with _atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write_model_folder(model, tokenizer, tmp)
 
 
 def build_random_model(name: str, arch: RandomInitConfig) -> Path:
@@ -265,15 +264,19 @@ def _write_random_model(folder: Path, arch: RandomInitConfig) -> None:
         torch.manual_seed(arch.init_seed)
         model = LlamaForCausalLM(config)
     with _atomic_dir(folder) as tmp:
-        # Not model.save_pretrained: under torch.distributed it writes weights on rank 0 only,
-        # and whichever rank takes the build lock first (any rank, on SLURM) fills this cache.
-        from safetensors.torch import save_file
+        write_model_folder(model, tokenizer, tmp)
 
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  tmp / "model.safetensors", metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
+
+def write_model_folder(model, tokenizer, folder: Path) -> None:
+    """What save_pretrained writes, from any rank. Not model.save_pretrained: under
+    torch.distributed it writes the weights on rank 0 only, and whichever rank takes the
+    build lock first (any rank, on SLURM) fills dtune's cache."""
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
 
 
 def build_tiny_tokenizer(vocab_size: int):
