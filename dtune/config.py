@@ -188,6 +188,9 @@ class DataConfig:
     eval_fraction: float = 0.05
     train_on_inputs: bool = False
     system_prompt: Optional[str] = None
+    # pack several examples into each row of max_seq_len tokens (no padding, no attention
+    # across examples; see dtune/data/batching.py)
+    packing: bool = False
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 
     def __post_init__(self) -> None:
@@ -219,6 +222,10 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     resume: bool = False
+    # recompute activations in backward instead of keeping them: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = False
+    # > 0: LM head + cross-entropy this many tokens at a time, without all logits at once
+    loss_chunk_size: int = 0
 
     def __post_init__(self) -> None:
         if self.max_steps == 0 or self.max_steps < -1:
@@ -236,6 +243,7 @@ class TrainConfig:
             check_positive(f"train.{key}", getattr(self, key), allow_zero=True)
         check_positive("train.log_every", self.log_every)
         check_positive("train.keep_checkpoints", self.keep_checkpoints)
+        check_positive("train.loss_chunk_size", self.loss_chunk_size, allow_zero=True)
         for key in ("adam_beta1", "adam_beta2"):
             check_fraction(f"train.{key}", getattr(self, key))
 
@@ -403,6 +411,18 @@ def check_combination(cfg: "Config") -> None:
         raise DtuneError(
             f"precision=bf16_pure with parallelism={parallel.name}: DeepSpeed keeps fp32 master "
             "weights in its bf16 mode; use precision=bf16."
+        )
+    if method.name in ("prompt_tuning", "prefix_tuning") and cfg.data.packing:
+        raise DtuneError(
+            f"data.packing=true does not work with +method={method.name}: its virtual tokens "
+            "would sit in front of a whole packed row and be shared by every example in it. "
+            "Set data.packing=false."
+        )
+    if parallel.zero_stage == 3 and cfg.train.loss_chunk_size:
+        raise DtuneError(
+            f"train.loss_chunk_size={cfg.train.loss_chunk_size} with parallelism="
+            f"{parallel.name}: ZeRO-3 shards the LM head, which the chunked loss reads outside "
+            "the model's forward pass. Set train.loss_chunk_size=0."
         )
     if method.name in ("prompt_tuning", "prefix_tuning") \
             and cfg.data.max_seq_len <= method.num_virtual_tokens:
