@@ -27,6 +27,10 @@ def train_app(cfg: DictConfig) -> float | None:
         config = to_config(cfg)  # range checks run here, before the heavy imports below
         from dtune import distributed
 
+        if config.parallelism.name == "auto":
+            from dtune.plan import resolve_auto
+
+            resolve_auto(config)
         parallel = config.parallelism
         if distributed.launched_ranks(parallel) is None and parallel.name != "single" \
                 and distributed.wanted_processes(parallel) > 1:

@@ -18,7 +18,8 @@ from dtune.errors import DtuneError
 
 METHODS = ("full", "lora", "dora", "qlora", "lora_int8", "ia3", "prompt_tuning", "prefix_tuning")
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16_pure")
-PARALLELISMS = ("single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+PARALLELISMS = ("single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload",
+                "auto")  # auto: the memory planner picks one of the others (dtune/plan.py)
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero2_offload": 2, "zero3_offload": 3}
 TRACKERS = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
