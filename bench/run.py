@@ -144,7 +144,14 @@ def run_dtune(spec: dict, peak: float) -> dict:
                       "real_tokens": r["trained_tokens"] - previous["trained_tokens"],
                       "loss_tokens": r["loss_tokens"] - previous["loss_tokens"]})
         previous = r
-    return summarise(steps, result.model, 6 if method == "full" else 4, peak)
+    summary = summarise(steps, result.model, 6 if method == "full" else 4, peak)
+    from dtune.plan import plan
+
+    estimate = plan(cfg, 1, on_gpu=torch.cuda.is_available())[0]
+    summary["plan_gib"] = estimate.total / 1024**3
+    summary["plan_error"] = estimate.total / 1024**3 / summary["peak_memory_gib"] - 1
+    summary["train_loop_peak_gib"] = result.summary["train_peak_memory_bytes"] / 1024**3
+    return summary
 
 
 def training_records(path: str) -> list[dict]:
@@ -289,22 +296,25 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`",
         "",
         "| method | run | step time | real tok/s | loss tok/s | MFU | peak mem | final loss "
-        "| vs best alternative (real tok/s) | load (1 min) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| vs best alternative (real tok/s) | `dtune plan` estimate (error) | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         if "error" in r:
             lines.append(f"| {r['spec']['method']} | {r['spec']['label']} | failed: "
-                         f"{r['error'][:80]} |||||||||")
+                         f"{r['error'][:80]} ||||||||||")
             continue
         ratio = f"{r['ratio_to_best_alternative']:.2f}x" if r.get(
             "ratio_to_best_alternative") else "-"
         loss = "n/a" if r["final_loss"] is None else f"{r['final_loss']:.3f}"
+        planned = f"{r['plan_gib']:.2f} GiB ({100 * r['plan_error']:+.0f}%)" \
+            if "plan_gib" in r else "-"
         lines.append(
             f"| {r['spec']['method']} | {r['spec']['label']} | {r['median_step_time_s']:.2f} s "
             f"| {r['real_tokens_per_s']:.0f} | {r['loss_tokens_per_s']:.0f} | "
             f"{100 * r['mfu']:.0f}% ({r['flops_per_token']}) | {r['peak_memory_gib']:.2f} GiB "
-            f"| {loss} | {ratio} | {r['load_1min_before']:.1f} / {r['load_1min_after']:.1f} |")
+            f"| {loss} | {ratio} | {planned} | {r['load_1min_before']:.1f} / "
+            f"{r['load_1min_after']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -347,6 +357,11 @@ def main() -> None:
         print(f"[bench]   {r['median_step_time_s']:.2f} s/step, {r['real_tokens_per_s']:.0f} "
               f"real tok/s, MFU {100 * r['mfu']:.0f}%, {r['peak_memory_gib']:.2f} GiB "
               f"(load {r['load_1min_before']:.1f})", flush=True)
+        write_report(args, results, peak, device)  # partial results survive an interruption
+    print(write_report(args, results, peak, device))
+
+
+def write_report(args, results: list[dict], peak: float, device: str) -> str:
     for method in args.methods:
         alternatives = [r for r in results if "error" not in r and r["spec"]["tool"] != "dtune"
                         and r["spec"]["method"] == method]
@@ -370,7 +385,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2))
     (RESULTS / f"{args.out}.md").write_text(markdown(report))
-    print(markdown(report))
+    return markdown(report)
 
 
 if __name__ == "__main__":
