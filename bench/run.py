@@ -97,6 +97,7 @@ def summarise(meter_steps: list[dict], model, k: int, peak: float) -> dict:
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
     losses = [s["loss"] for s in meter_steps if s.get("loss") is not None]
     return {
+        "steps": meter_steps,
         "median_step_time_s": statistics.median(s["time_s"] for s in timed),
         "real_tokens_per_s": real,
         "loss_tokens_per_s": sum(s["loss_tokens"] for s in timed) / seconds,
@@ -275,15 +276,30 @@ def plan(methods: list[str], quick: bool) -> list[dict]:
     for method in methods:
         runs.append({"tool": "dtune", "label": "dtune packed", "method": method,
                      "packing": True, "loss_chunk_size": 1024})
-        if method == "lora" and not quick:
+        if method == "lora":
             runs.append({"tool": "dtune", "label": "dtune padded", "method": method})
         if method in ("lora", "full"):
             runs.append({"tool": "hf_trainer", "label": "transformers Trainer", "method": method})
             runs.append({"tool": "trl", "label": "TRL SFTTrainer", "method": method})
-            if not quick:
+            if method == "lora" or not quick:
                 runs.append({"tool": "trl", "label": "TRL SFTTrainer packing", "method": method,
                              "packing": True})
     return runs
+
+
+def robust_rates(r: dict) -> None:
+    """Tokens/s as the median of per-step rates: one step slowed by a neighbour's load spike
+    (a shared machine) then moves the figure far less than a plain mean does."""
+    timed = r.get("steps", [])[1:]
+    if timed:
+        r["real_tokens_per_s"] = statistics.median(s["real_tokens"] / s["time_s"] for s in timed)
+        r["loss_tokens_per_s"] = statistics.median(s["loss_tokens"] / s["time_s"] for s in timed)
+    else:  # older results: mean tokens per step over the median step time
+        r["loss_tokens_per_s"] *= r["real_tokens_per_step"] / r["median_step_time_s"] \
+            / r["real_tokens_per_s"]
+        r["real_tokens_per_s"] = r["real_tokens_per_step"] / r["median_step_time_s"]
+    r["mfu"] = r["real_tokens_per_s"] * int(r["flops_per_token"][0]) * r["params"] \
+        / r["spec"]["peak_flops"]
 
 
 def markdown(report: dict) -> str:
@@ -327,12 +343,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--examples", type=int, default=400)
     parser.add_argument("--methods", nargs="+", default=["lora", "full", "qlora", "lora_int8"])
-    parser.add_argument("--quick", action="store_true", help="fewer alternatives per method")
+    parser.add_argument("--quick", action="store_true",
+                        help="no padded dtune run, TRL packing for LoRA only")
     parser.add_argument("--out", default="run", help="file stem under bench/results/")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite the .md (and ratios) from bench/results/OUT.json")
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.render:
+        report = json.loads((RESULTS / f"{args.out}.json").read_text())
+        args.steps, args.seq_len = report["steps"], report["seq_len"]
+        args.micro_batch = report["micro_batch"]
+        args.methods = list(dict.fromkeys(r["spec"]["method"] for r in report["runs"]))
+        sys.argv = ["bench/run.py"] + report["command"].split()[2:]
+        print(write_report(args, report["runs"], report["peak_flops"],
+                           "cuda" if report["peak_dtype"] == "bf16" else "cpu"))
+        return None
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = matmul_peak(device)
@@ -362,6 +390,10 @@ def main() -> None:
 
 
 def write_report(args, results: list[dict], peak: float, device: str) -> str:
+    for r in results:
+        if "error" not in r and not r.get("robust"):
+            robust_rates(r)
+            r["robust"] = True
     for method in args.methods:
         alternatives = [r for r in results if "error" not in r and r["spec"]["tool"] != "dtune"
                         and r["spec"]["method"] == method]
