@@ -40,6 +40,10 @@ def run_training(config, run_dir: str, overrides: list[str]) -> float | None:
     try:
         from dtune import distributed
 
+        if config.parallelism.name == "auto":
+            from dtune.plan import resolve_auto
+
+            resolve_auto(config)
         parallel = config.parallelism
         if distributed.launched_ranks(parallel) is None and parallel.name != "single" \
                 and distributed.wanted_processes(parallel) > 1:

@@ -1,5 +1,5 @@
 """The `dtune` command: `train` (same as `python -m dtune`), `eval`, `generate`, `merge`,
-`check`, `report`."""
+`check`, `report`, `plan`."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,19 @@ def main(argv: list[str] | None = None) -> None:
     p_report.add_argument("--screenshot", type=Path, default=None, metavar="PNG",
                           help="also save a headless-Chromium screenshot of the page")
 
+    p_plan = sub.add_parser("plan", help="estimate per-device memory for each parallelism "
+                            "(reads the model's config only, no weights)")
+    p_plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="the training overrides, e.g. model.name_or_path=Qwen/Qwen2.5-7B "
+                             "+method=qlora precision=bf16 train.micro_batch_size=4")
+    p_plan.add_argument("--world-size", type=int, default=None,
+                        help="devices in all (default: what parallelism.* would start)")
+    p_plan.add_argument("--device-gib", type=float, default=None,
+                        help="memory of one device in GiB (default: this machine's GPU, "
+                             "else its RAM)")
+    p_plan.add_argument("--device", choices=("gpu", "cpu"), default=None,
+                        help="plan for GPU (allocator figures) or CPU (process RSS)")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "eval":
@@ -73,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"Merged model written to {merge_run(args.run_dir, args.out)}")
         elif args.command == "report":
             run_report(args)
+        elif args.command == "plan":
+            run_plan(args)
     except DtuneError as error:
         exit_with(error)
 
@@ -89,6 +104,36 @@ def run_parity_check(args) -> None:
     if not all(r.passed for r in results):
         raise DtuneError("dtune check found layouts whose losses differ beyond tolerance "
                          "(see the table above); this cluster's setup changes the training.")
+
+
+def run_plan(args) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from dtune.__main__ import _config_dir
+    from dtune.config import check_overrides, register_schema, to_config
+    from dtune.distributed import wanted_processes
+    from dtune.plan import GIB, choose, device_memory_bytes, plan, table
+
+    check_overrides(args.overrides)
+    register_schema()
+    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+        cfg = to_config(compose("config", overrides=args.overrides))
+    local_bytes, local_gpu = device_memory_bytes()
+    on_gpu = local_gpu if args.device is None else args.device == "gpu"
+    device_bytes = int(args.device_gib * GIB) if args.device_gib else local_bytes
+    if cfg.parallelism.name in ("single", "auto") and args.world_size is None:
+        cfg.parallelism.name = "ddp"
+    world = args.world_size or wanted_processes(cfg.parallelism)
+    estimates = plan(cfg, world, on_gpu)
+    print(f"{cfg.model.name_or_path}, +method={cfg.method.name}, precision={cfg.precision.name}, "
+          f"{world} device(s), micro-batch {cfg.train.micro_batch_size} x "
+          f"{cfg.data.max_seq_len} tokens, {device_bytes / GIB:.1f} GiB per device "
+          f"({'GPU' if on_gpu else 'CPU'}):")
+    print(table(estimates, device_bytes))
+    try:
+        print("parallelism=auto would choose " + choose(estimates, device_bytes)[1] + ".")
+    except DtuneError as error:
+        print(str(error))
 
 
 def run_eval(args) -> None:

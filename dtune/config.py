@@ -18,7 +18,8 @@ from dtune.errors import DtuneError
 
 METHODS = ("full", "lora", "dora", "qlora", "lora_int8", "ia3", "prompt_tuning", "prefix_tuning")
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16_pure")
-PARALLELISMS = ("single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+PARALLELISMS = ("single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload",
+                "auto")  # auto: the memory planner picks one of the others (dtune/plan.py)
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero2_offload": 2, "zero3_offload": 3}
 TRACKERS = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -189,6 +190,9 @@ class DataConfig:
     eval_fraction: float = 0.05
     train_on_inputs: bool = False
     system_prompt: Optional[str] = None
+    # pack several examples into each row of max_seq_len tokens (no padding, no attention
+    # across examples; see dtune/data/batching.py)
+    packing: bool = False
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 
     def __post_init__(self) -> None:
@@ -222,6 +226,10 @@ class TrainConfig:
     resume: bool = False
     # a step whose loss or gradient is NaN/inf: "skip" it (counted and logged) or "stop"
     on_nonfinite: str = "skip"
+    # recompute activations in backward instead of keeping them: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = False
+    # > 0: LM head + cross-entropy this many tokens at a time, without all logits at once
+    loss_chunk_size: int = 0
 
     def __post_init__(self) -> None:
         if self.max_steps == 0 or self.max_steps < -1:
@@ -240,6 +248,7 @@ class TrainConfig:
         check_positive("train.log_every", self.log_every)
         check_positive("train.keep_checkpoints", self.keep_checkpoints)
         check_choice("train.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+        check_positive("train.loss_chunk_size", self.loss_chunk_size, allow_zero=True)
         for key in ("adam_beta1", "adam_beta2"):
             check_fraction(f"train.{key}", getattr(self, key))
 
@@ -447,6 +456,18 @@ def check_combination(cfg: "Config") -> None:
             f"launcher.nodes={cfg.launcher.nodes} runs one task per node, but "
             "parallelism=single trains in one process; choose parallelism=ddp or a ZeRO "
             "stage such as parallelism=zero2."
+        )
+    if method.name in ("prompt_tuning", "prefix_tuning") and cfg.data.packing:
+        raise DtuneError(
+            f"data.packing=true does not work with +method={method.name}: its virtual tokens "
+            "would sit in front of a whole packed row and be shared by every example in it. "
+            "Set data.packing=false."
+        )
+    if parallel.zero_stage == 3 and cfg.train.loss_chunk_size:
+        raise DtuneError(
+            f"train.loss_chunk_size={cfg.train.loss_chunk_size} with parallelism="
+            f"{parallel.name}: ZeRO-3 shards the LM head, which the chunked loss reads outside "
+            "the model's forward pass. Set train.loss_chunk_size=0."
         )
     if method.name in ("prompt_tuning", "prefix_tuning") \
             and cfg.data.max_seq_len <= method.num_virtual_tokens:

@@ -5,19 +5,99 @@ import torch
 import torch.nn.functional as F
 
 from dtune.data.formatting import IGNORE
+from dtune.errors import DtuneError
 
 
-def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> torch.Tensor:
     """Sum of next-token losses over the tokens that carry a label.
 
     Summing (not averaging) per micro-batch lets gradient accumulation divide once by the
     token count of the whole window, so 1 x 8 and 8 x 1 give the same update.
+
+    A packed batch (one with `position_ids`) goes in without a 2-D attention mask, so the
+    model builds a block-diagonal mask from the restarting positions. `use_cache=False` is
+    required for that: with a cache, transformers skips the packed-sequence detection and
+    attention silently crosses example boundaries.
+
+    With `chunk_size` > 0 the model returns its final hidden states and the LM head plus
+    cross-entropy run `chunk_size` tokens at a time (`chunked_lm_loss`): the full
+    [tokens x vocabulary] fp32 logits never exist at once.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
     labels = batch["labels"][:, 1:]
+    length = batch["labels"].size(1)
+    if chunk_size > 0:
+        # logits_to_keep=1: the model computes a single position's logits, not all of them.
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, -length:-1]
+        head = _output_layer(model)
+        return chunked_lm_loss(hidden.reshape(-1, hidden.size(-1)), head.weight,
+                               labels.reshape(-1), chunk_size)
+    logits = model(**inputs).logits
     # Prompt tuning prepends virtual tokens to the output; score only the real positions.
-    logits = logits[:, -batch["labels"].size(1) : -1].float()
+    logits = logits[:, -length:-1].float()
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
         ignore_index=IGNORE, reduction="sum",
     )
+
+
+def _output_layer(model) -> torch.nn.Linear:
+    module = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+    head = module.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        raise DtuneError(
+            f"train.loss_chunk_size needs a plain bias-free linear LM head, but this model's is "
+            f"{type(head).__name__} (an adapter on lm_head, or modules_to_save?); set "
+            "train.loss_chunk_size=0."
+        )
+    return head
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    chunk_size: int) -> torch.Tensor:
+    """sum(cross_entropy(hidden @ weight.T, labels)), computed `chunk_size` rows at a time."""
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """LM head + cross-entropy whose gradients are computed during the forward pass, chunk by
+    chunk, so that only one chunk of fp32 logits is alive at a time and nothing is recomputed
+    in backward (the idea of Liger's fused linear cross-entropy)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        keep = labels != IGNORE
+        rows = keep.nonzero().squeeze(1)  # only tokens that carry loss need logits at all
+        grad_hidden = torch.zeros_like(hidden)
+        need_weight_grad = weight.requires_grad
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if need_weight_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows.numel(), chunk_size):
+            index = rows[start : start + chunk_size]
+            h = hidden.index_select(0, index)
+            target = labels.index_select(0, index)
+            logits = (h @ weight.t()).float()
+            log_z = torch.logsumexp(logits, dim=-1)
+            total += (log_z - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            # d(sum CE)/d logits = softmax - one_hot
+            grad_logits = torch.exp(logits - log_z[:, None])
+            grad_logits[torch.arange(index.numel(), device=index.device), target] -= 1
+            grad_logits = grad_logits.to(weight.dtype)
+            grad_hidden.index_copy_(0, index, (grad_logits @ weight).to(hidden.dtype))
+            if need_weight_grad:
+                grad_weight += (grad_logits.t() @ h).float()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_w = None if grad_weight is None else (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_w, None, None

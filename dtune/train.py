@@ -68,10 +68,13 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     train_examples, eval_examples = prepare_data(cfg, tokenizer, ranks, train_records,
                                                  eval_records)
 
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model = apply_method(model, cfg.method, tokenizer)
     trainable, total = count_parameters(model)
     stream = BatchStream(train_examples, cfg.train.micro_batch_size, cfg.train.seed,
-                         tokenizer.pad_token_id, ranks.rank, ranks.world_size)
+                         tokenizer.pad_token_id, ranks.rank, ranks.world_size,
+                         pack_len=cfg.data.max_seq_len if cfg.data.packing else 0)
     total_steps = planned_steps(cfg, stream)
     engine = build_engine(cfg, model, ranks, total_steps)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ranks.world_size
@@ -135,7 +138,8 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         step_started = time.perf_counter()
         window = stream.next_window(cfg.train.grad_accum_steps)
         lr = engine.lr()
-        loss_value, window_loss_tokens = accumulate_gradients(engine, window)
+        loss_value, window_loss_tokens = accumulate_gradients(engine, window,
+                                                              cfg.train.loss_chunk_size)
         grad_norm, status = engine.step(loss_finite=math.isfinite(loss_value))
         state["skipped_steps"] += int(status == "overflow")
         state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + int(status == "nonfinite")
@@ -274,17 +278,27 @@ def run_eval(cfg: Config, engine, tokenizer, eval_records, eval_examples,
     return result
 
 
-def accumulate_gradients(engine, window: list[dict]) -> tuple[float, int]:
+def accumulate_gradients(engine, window: list[dict], chunk_size: int = 0) -> tuple[float, int]:
     """Backpropagate a window of micro-batches, on every rank, as one batch: the loss is the
     mean over every loss-carrying token in the global window, not a mean of means."""
     window_tokens = int(all_reduce_sum(sum(loss_token_count(b) for b in window)))
     total = 0.0
     for index, batch in enumerate(window):
         with engine.forward_context(last_in_window=index == len(window) - 1):
-            loss = summed_token_loss(engine.model, batch) / max(window_tokens, 1)
+            loss = summed_token_loss(engine.model, batch, chunk_size) / max(window_tokens, 1)
         engine.backward(loss)
         total += loss.item()
     return all_reduce_sum(total), window_tokens
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Keep only each layer's input in forward and recompute the rest in backward.
+
+    Non-reentrant checkpointing needs no input that requires grad, so it works under frozen
+    bases (LoRA, QLoRA) without `enable_input_require_grads`.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def seed_everything(seed: int) -> None:

@@ -23,9 +23,9 @@ def poisoned_loss(monkeypatch, at_calls: set[int]):
 
     real, calls = train_module.summed_token_loss, {"n": 0}
 
-    def loss(model, batch):
+    def loss(model, batch, *args):
         calls["n"] += 1
-        value = real(model, batch)
+        value = real(model, batch, *args)
         return value * float("nan") if calls["n"] in at_calls else value
 
     monkeypatch.setattr(train_module, "summed_token_loss", loss)

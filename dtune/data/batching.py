@@ -1,4 +1,4 @@
-"""Micro-batches in a seeded, resumable order, padded on the right."""
+"""Micro-batches in a seeded, resumable order: padded on the right, or packed without padding."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,6 +21,53 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of several examples laid end to end, with position ids restarting per example.
+
+    The model sees no 2-D attention mask, only `position_ids`: transformers then builds a
+    block-diagonal causal mask (SDPA, eager) or runs flash-attention varlen, so no token
+    attends across an example boundary. Each example's first label is masked: it would
+    otherwise be "predicted" from the previous example's last token. The right padding of a
+    short row is its own sequence (positions from 0) with no labels. `attention_mask` marks
+    real tokens, for counting only.
+    """
+    longest = max(sum(len(e.input_ids) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for example in row:
+            n = len(example.input_ids)
+            input_ids[r, start : start + n] = torch.tensor(example.input_ids)
+            labels[r, start + 1 : start + n] = torch.tensor(example.labels[1:])
+            position_ids[r, start : start + n] = torch.arange(n)
+            attention_mask[r, start : start + n] = 1
+            start += n
+        position_ids[r, start:] = torch.arange(longest - start)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "position_ids": position_ids}
+
+
+def pack_rows(lengths: list[int], rows: int, row_len: int) -> tuple[list[list[int]], int]:
+    """First-fit of consecutive examples into `rows` rows of `row_len` tokens.
+
+    Returns (for each row, the positions in `lengths` it holds; how many were taken): takes
+    examples in order and stops at the first that fits no row, so the order stays the global
+    seeded order and the cursor stays a plain count.
+    """
+    filled, members, taken = [0] * rows, [[] for _ in range(rows)], 0
+    for length in lengths:
+        row = next((r for r in range(rows) if filled[r] + length <= row_len), None)
+        if row is None:
+            break
+        filled[row] += length
+        members[row].append(taken)
+        taken += 1
+    return [m for m in members if m], taken
+
+
 def loss_token_count(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that carry loss once labels are shifted for next-token prediction."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -33,6 +80,8 @@ class BatchStream:
     Every rank walks the same global order. A step's window is `accum x world_size`
     consecutive micro-batches, and rank r takes the r-th block of `accum`: no example is seen
     twice or skipped, and 2 ranks x 2 micro-batches see exactly what 1 rank x 4 sees.
+    With `pack_len` > 0 a micro-batch is `micro_batch_size` rows of up to `pack_len` tokens,
+    filled with the next examples of the same global order (see `pack_rows`).
     The position (epoch, cursor) is all a checkpoint needs to continue with the same batches,
     on any number of ranks.
     """
@@ -43,6 +92,7 @@ class BatchStream:
     pad_id: int
     rank: int = 0
     world_size: int = 1
+    pack_len: int = 0  # 0: one example per row, padded; > 0: pack rows of this many tokens
     epoch: int = 0
     cursor: int = 0
 
@@ -55,23 +105,47 @@ class BatchStream:
 
     @property
     def batches_per_epoch(self) -> int:
-        return -(-len(self.examples) // self.micro_batch_size)
+        if not self.pack_len:
+            return -(-len(self.examples) // self.micro_batch_size)
+        # Packed: count the micro-batches of epoch 0's order (later epochs differ by a few).
+        lengths = [len(self.examples[i].input_ids) for i in self._permutation(0)]
+        cursor, batches = 0, 0
+        while cursor < len(lengths):
+            cursor += max(pack_rows(lengths[cursor:cursor + self.micro_batch_size * self.pack_len],
+                                    self.micro_batch_size, self.pack_len)[1], 1)
+            batches += 1
+        return batches
 
-    def _next_indices(self) -> list[int]:
+    def _next_rows(self) -> list[list[int]]:
+        """The example indices of the next micro-batch, row by row."""
         if self.cursor >= len(self._order):
             self.epoch, self.cursor = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
-        picked = self._order[self.cursor : self.cursor + self.micro_batch_size]
-        self.cursor += len(picked)
-        return picked
+        if not self.pack_len:
+            picked = self._order[self.cursor : self.cursor + self.micro_batch_size]
+            self.cursor += len(picked)
+            return [[i] for i in picked]
+        # Each example holds at least one token, so this many candidates always suffice.
+        candidates = self._order[self.cursor : self.cursor + self.micro_batch_size * self.pack_len]
+        rows, taken = pack_rows([len(self.examples[i].input_ids) for i in candidates],
+                                self.micro_batch_size, self.pack_len)
+        if not taken:  # longer than a row (cannot happen after truncation): a row of its own
+            rows, taken = [[0]], 1
+        self.cursor += taken
+        return [[candidates[j] for j in row] for row in rows]
 
     def next_window(self, accum: int) -> list[dict[str, torch.Tensor]]:
         """This rank's `accum` micro-batches of the next optimizer step."""
         mine = []
         for index in range(accum * self.world_size):
-            picked = self._next_indices()
-            if index // accum == self.rank:
-                mine.append(collate([self.examples[i] for i in picked], self.pad_id))
+            rows = self._next_rows()
+            if index // accum != self.rank:
+                continue
+            if self.pack_len:
+                mine.append(collate_packed([[self.examples[i] for i in row] for row in rows],
+                                           self.pad_id))
+            else:
+                mine.append(collate([self.examples[row[0]] for row in rows], self.pad_id))
         return mine
 
     def state_dict(self) -> dict:

@@ -1,0 +1,230 @@
+"""Memory planner: per-device memory of a fine-tune under each parallelism, from the model's
+config alone (no weights are loaded or downloaded), and the choice behind parallelism=auto.
+
+The estimate adds up, per device:
+- weights: 4 bytes per parameter (dtune loads fp32), 2 under bf16_pure and in DeepSpeed's
+  16-bit modes; quantised linear layers 0.5 (4-bit, + ~1.6% quantisation constants) or 1
+  byte (8-bit); sharded across ranks by ZeRO-3;
+- gradients: one per trainable parameter in the training dtype; sharded by ZeRO-2/3;
+- optimizer: AdamW's two fp32 moments per trainable parameter (+ fp32 master weights in
+  DeepSpeed's 16-bit modes); sharded by ZeRO-1/2/3, moved to the host by the offload options;
+- activations: what backward keeps per token and layer (LLaMA-style block: ~7 hidden-size
+  and 4 intermediate-size vectors; the layer input alone under gradient checkpointing), plus
+  the fp32 logits and their gradient (one chunk of them with train.loss_chunk_size);
+- runtime: on CPU the process's own footprint (Python, torch, tokenizer, data: ~0.6 GiB
+  measured); the CUDA context is outside torch's allocator figures and left out on GPU.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from dtune.config import PARALLELISMS, Config, ZERO_STAGES
+from dtune.errors import DtuneError
+
+log = logging.getLogger("dtune")
+GIB = 1024**3
+CPU_RUNTIME_BYTES = int(0.6 * GIB)
+OPTIONS = tuple(p for p in PARALLELISMS if p != "auto")
+# cheapest first: less communication and fewer moving parts win when several fit
+COST_ORDER = ("single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+
+
+@dataclass
+class ModelShape:
+    params: int  # every parameter, tied weights counted once
+    linear_params: int  # weights of the decoder's linear layers (what LoRA/quantisation touch)
+    lora_params_per_rank: int  # sum of (in + out) over those layers: LoRA adds r x this
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    kv_hidden: int
+
+
+@dataclass
+class Estimate:
+    parallelism: str
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    runtime: int
+    offloaded: int  # bytes moved to host memory (not in the total)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+
+
+def model_shape(cfg: Config) -> ModelShape:
+    """Count parameters on the meta device: the architecture without any weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = _hf_config(cfg.model, AutoConfig)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    head = model.get_output_embeddings()
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", heads) or heads
+    return ModelShape(
+        params=sum(p.numel() for p in model.parameters()),
+        linear_params=sum(m.weight.numel() for m in linear),
+        lora_params_per_rank=sum(m.in_features + m.out_features for m in linear),
+        hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        layers=text.num_hidden_layers, vocab=text.vocab_size,
+        kv_hidden=text.hidden_size // heads * kv,
+    )
+
+
+def _hf_config(model_cfg, auto_config):
+    """The model's config: built for random-init models, else config.json from a local
+    folder, an earlier GGUF conversion, or the hub (which sends that one small file)."""
+    from pathlib import Path
+
+    from transformers import LlamaConfig
+
+    from dtune.models import _safe_name, cache_dir
+
+    arch = model_cfg.random_init
+    if arch is not None:
+        return LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
+                           intermediate_size=arch.intermediate_size,
+                           num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+                           num_key_value_heads=arch.num_kv_heads, tie_word_embeddings=False)
+    source = model_cfg.name_or_path
+    converted = cache_dir() / "converted" / _safe_name(model_cfg.name_or_path)
+    if not Path(source).expanduser().exists() and (converted / "config.json").exists():
+        source = str(converted)
+    try:
+        return auto_config.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise DtuneError(f"dtune plan could not read the config of model.name_or_path="
+                         f"{model_cfg.name_or_path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def estimate(cfg: Config, shape: ModelShape, parallelism: str, world_size: int,
+             on_gpu: bool) -> Estimate:
+    method, precision = cfg.method.name, cfg.precision.name
+    zero = ZERO_STAGES.get(parallelism, 0)
+    offload = parallelism.endswith("_offload")
+    w = world_size if parallelism != "single" else 1
+    deepspeed_16bit = zero and precision in ("bf16", "fp16")
+    weight_bytes = 2 if precision == "bf16_pure" or deepspeed_16bit else 4
+
+    other = shape.params - shape.linear_params
+    if method == "qlora":
+        weights = other * 4 + shape.linear_params * 0.516
+    elif method == "lora_int8":
+        weights = other * 4 + shape.linear_params * 1.02
+    else:
+        weights = shape.params * weight_bytes
+    if method == "full":
+        trainable = shape.params
+    elif method in ("lora", "dora", "qlora", "lora_int8"):
+        trainable = cfg.method.r * shape.lora_params_per_rank
+        weights += trainable * 4
+    else:  # ia3, soft prompts: small
+        trainable = shape.hidden * shape.layers * 3
+        weights += trainable * 4
+    if zero == 3 and method == "full":
+        weights /= w
+
+    grad_bytes = 2 if precision == "bf16_pure" or deepspeed_16bit else 4
+    gradients = trainable * grad_bytes / (w if zero >= 2 else 1)
+    state_bytes = 4 if precision != "bf16_pure" else 2
+    optimizer = trainable * (2 * state_bytes + (4 if deepspeed_16bit else 0)) \
+        / (w if zero >= 1 else 1)
+    offloaded = 0
+    if offload:
+        offloaded, optimizer = optimizer, 0
+        if zero == 3:  # parameters live on the host too; about two layers are gathered at once
+            on_device = min(weights, 2 * weights * w / shape.layers)
+            offloaded, weights = offloaded + weights - on_device, on_device
+
+    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+    act_bytes = 2 if precision in ("bf16", "fp16", "bf16_pure") else 4
+    per_token_layer = 7 * shape.hidden + 4 * shape.intermediate + 2 * shape.kv_hidden
+    if cfg.train.gradient_checkpointing:
+        layers = shape.layers * shape.hidden + per_token_layer  # inputs + one layer rebuilt
+    else:
+        layers = shape.layers * per_token_layer
+    logit_rows = min(cfg.train.loss_chunk_size, tokens) if cfg.train.loss_chunk_size else tokens
+    # fp32 logits, their softmax/gradient, and the model-dtype logits the head returns
+    logits = logit_rows * shape.vocab * (8 + act_bytes)
+    activations = tokens * layers * act_bytes + logits
+    runtime = 0 if on_gpu else CPU_RUNTIME_BYTES
+    return Estimate(parallelism, int(weights), int(gradients), int(optimizer), int(activations),
+                    runtime, int(offloaded))
+
+
+def plan(cfg: Config, world_size: int, on_gpu: bool, shape: ModelShape | None = None
+         ) -> list[Estimate]:
+    shape = shape or model_shape(cfg)
+    options = ["single"] if world_size == 1 else [p for p in OPTIONS if p != "single"]
+    if world_size == 1:
+        options += ["zero2_offload", "zero3_offload"]  # offload helps one device too
+    if cfg.method.name in ("qlora", "lora_int8"):
+        options = [p for p in options if p not in ZERO_STAGES]  # refused by the config check
+    return [estimate(cfg, shape, p, world_size, on_gpu) for p in options]
+
+
+def choose(estimates: list[Estimate], device_bytes: int) -> tuple[Estimate, str]:
+    """The cheapest option that fits, and a sentence saying why."""
+    fitting = [e for e in estimates if e.total <= device_bytes]
+    if not fitting:
+        smallest = min(estimates, key=lambda e: e.total)
+        raise DtuneError(
+            f"parallelism=auto: no option fits in {device_bytes / GIB:.1f} GiB per device; the "
+            f"smallest, {smallest.parallelism}, needs about {smallest.total / GIB:.1f} GiB. "
+            "Lower train.micro_batch_size or data.max_seq_len, set "
+            "train.gradient_checkpointing=true, or use +method=qlora."
+        )
+    best = min(fitting, key=lambda e: COST_ORDER.index(e.parallelism))
+    skipped = [e for e in estimates if COST_ORDER.index(e.parallelism)
+               < COST_ORDER.index(best.parallelism)]
+    why = f"{best.parallelism} is the cheapest option that fits " \
+          f"({best.total / GIB:.2f} of {device_bytes / GIB:.1f} GiB per device)"
+    if skipped:
+        why += "; " + ", ".join(f"{e.parallelism} needs {e.total / GIB:.2f} GiB"
+                                for e in skipped)
+    return best, why
+
+
+def device_memory_bytes() -> tuple[int, bool]:
+    """(memory of one device, whether it is a GPU): GPU 0's total, else the host's RAM."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, True
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), False
+
+
+def table(estimates: list[Estimate], device_bytes: int | None) -> str:
+    header = "| parallelism | weights | gradients | optimizer | activations | runtime | " \
+             "total per device | offloaded to host | fits |"
+    lines = [header, "|" + "---|" * 9]
+    for e in estimates:
+        fits = "-" if device_bytes is None else ("yes" if e.total <= device_bytes else "no")
+        lines.append("| " + " | ".join([e.parallelism] + [
+            f"{v / GIB:.2f} GiB" for v in (e.weights, e.gradients, e.optimizer, e.activations,
+                                           e.runtime, e.total, e.offloaded)] + [fits]) + " |")
+    return "\n".join(lines)
+
+
+def resolve_auto(cfg: Config) -> str:
+    """Replace parallelism=auto in `cfg` by the planned choice; returns the reason."""
+    from dtune.distributed import wanted_processes
+
+    device_bytes, on_gpu = device_memory_bytes()
+    cfg.parallelism.name = "ddp"  # to count processes as a multi-process option would
+    world = wanted_processes(cfg.parallelism)
+    best, why = choose(plan(cfg, world, on_gpu), device_bytes)
+    cfg.parallelism.name = best.parallelism
+    log.info("parallelism=auto chose %s with %d process(es): %s", best.parallelism, world, why)
+    return why

@@ -1,0 +1,77 @@
+"""The memory planner: counts from the config alone, orders the options as ZeRO promises,
+and parallelism=auto picks the cheapest option that fits."""
+import pytest
+
+from dtune.errors import DtuneError
+from dtune.models import load_model_and_tokenizer
+from dtune.plan import GIB, choose, model_shape, plan
+from tests.conftest import TINY, compose, one_line, run_dtune
+
+
+def test_parameter_count_comes_from_the_config_and_matches_the_model():
+    cfg = compose(*TINY)
+    shape = model_shape(cfg)
+    model, _, _ = load_model_and_tokenizer(cfg.model)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert shape.layers == 2 and shape.hidden == 64
+
+
+def by_name(estimates):
+    return {e.parallelism: e for e in estimates}
+
+
+def test_zero_stages_shard_what_they_promise():
+    cfg = compose(*TINY, "+method=full")
+    one = by_name(plan(cfg, 1, on_gpu=True))["single"]
+    four = by_name(plan(cfg, 4, on_gpu=True))
+    assert four["ddp"].total == one.total  # DDP replicates everything
+    assert four["zero1"].optimizer == pytest.approx(one.optimizer / 4, rel=1e-6)
+    assert four["zero2"].gradients == pytest.approx(one.gradients / 4, rel=1e-6)
+    assert four["zero3"].weights == pytest.approx(one.weights / 4, rel=1e-6)
+    totals = [four[p].total for p in ("ddp", "zero1", "zero2", "zero3")]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+    assert four["zero2_offload"].optimizer == 0 and four["zero2_offload"].offloaded > 0
+
+
+def test_quantised_bases_and_memory_savers_lower_the_estimate():
+    base = (*TINY, "data.max_seq_len=256")
+    single = lambda *o: by_name(plan(compose(*base, *o), 1, on_gpu=True))["single"]  # noqa: E731
+    lora, qlora = single("+method=lora"), single("+method=qlora")
+    linear = model_shape(compose(*base, "+method=lora")).linear_params
+    # 4-bit linear weights: about half a byte instead of four
+    assert lora.weights - qlora.weights == pytest.approx(linear * (4 - 0.516), rel=1e-3)
+    assert single("+method=lora", "train.gradient_checkpointing=true").activations \
+        < lora.activations
+    assert single("+method=lora", "train.loss_chunk_size=64").activations < lora.activations
+    shape = model_shape(compose(*base))
+    assert lora.optimizer == 8 * 16 * shape.lora_params_per_rank  # two fp32 moments, r=16
+    assert single("+method=full").optimizer == 8 * shape.params
+
+
+def test_choose_takes_the_cheapest_option_that_fits_and_says_why():
+    estimates = plan(compose(*TINY, "+method=full"), 4, on_gpu=True)
+    sizes = by_name(estimates)
+    best, why = choose(estimates, 100 * GIB)
+    assert best.parallelism == "ddp" and "cheapest option that fits" in why
+    between = (sizes["zero2"].total + sizes["zero1"].total) / 2
+    best, why = choose(estimates, int(between))
+    assert best.parallelism == "zero2" and "ddp needs" in why and "zero1 needs" in why
+    with pytest.raises(DtuneError, match="no option fits"):
+        choose(estimates, 1000)
+
+
+def test_plan_command_prints_the_table_and_the_choice():
+    result = run_dtune("plan", *TINY, "+method=full", "--world-size", "2", "--device-gib", "80",
+                       "--device", "gpu", module=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for option in ("ddp", "zero1", "zero2", "zero3", "zero3_offload"):
+        assert f"| {option} |" in result.stdout
+    assert "parallelism=auto would choose ddp" in one_line(result.stdout)
+
+
+def test_parallelism_auto_trains_with_the_planned_choice(tmp_path):
+    result = run_dtune(*TINY, "parallelism=auto", "train.max_steps=2",
+                       "eval.exact_match_samples=0", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "parallelism=auto chose single" in one_line(result.stdout + result.stderr)
+    assert (tmp_path / "summary.json").is_file()
