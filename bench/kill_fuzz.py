@@ -30,7 +30,7 @@ STEPS = 30
 OVERRIDES = ["model=tiny-llama", "+method=full", "train.lr=1e-3", "eval.exact_match_samples=0",
              f"train.max_steps={STEPS}", "train.save_every=2", "train.keep_checkpoints=2",
              "train.micro_batch_size=8", "data.builtin.train_size=512",
-             "data.builtin.eval_size=8", "train.warmup_steps=0"]
+             "data.builtin.eval_size=8", "train.warmup_steps=0", "train.log_every=1"]
 
 
 def command(run_dir: Path, *extra: str) -> list[str]:
@@ -41,12 +41,21 @@ def step_of(folder: Path) -> int:
     return int(folder.name.split("-", 1)[1])
 
 
-def trial(run_dir: Path, delay: float, reference: list[float]) -> dict:
+def logged_steps(metrics: Path) -> int:
+    try:
+        return metrics.read_text().count('"loss"')
+    except OSError:
+        return 0
+
+
+def trial(run_dir: Path, target_step: int, delay: float, reference: list[float]) -> dict:
+    """Kill `delay` seconds after step `target_step` was logged: mid-step or mid-save,
+    whatever the machine's speed."""
     process = subprocess.Popen(command(run_dir), cwd=ROOT, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = run_dir / "metrics.jsonl"
-    while process.poll() is None and not metrics.exists():  # training has started
-        time.sleep(0.005)
+    while process.poll() is None and logged_steps(metrics) < target_step:
+        time.sleep(0.002)
     time.sleep(delay)
     before = [step_of(c) for c in valid_checkpoints(run_dir)]
     finished_first = process.poll() is not None
@@ -67,6 +76,7 @@ def trial(run_dir: Path, delay: float, reference: list[float]) -> dict:
     from_right_place = (resumed_from or "").endswith(expected_from or "") if expected_from \
         else resumed_from is None
     return {
+        "target_step": target_step,
         "delay_s": round(delay, 3),
         "killed": not finished_first,
         "kill_during_save": during_save,
@@ -96,12 +106,13 @@ def main() -> None:
     if env_ok.returncode != 0:
         raise SystemExit(f"the reference run failed:\n{env_ok.stderr[-2000:]}")
     reference = step_losses(work / "reference")
-    loop_s = json.loads((work / "reference" / "summary.json").read_text())["loop_time_s"]
+    step_s = json.loads((work / "reference" / "summary.json").read_text())["loop_time_s"] / STEPS
     rng = random.Random(args.seed)
     rows = []
     for index in range(args.trials):
-        # from the first step to just past the last checkpoint write
-        rows.append(trial(work / f"trial-{index:02d}", rng.uniform(0, loop_s * 1.1), reference))
+        # a random step, then a random moment within the next step and its checkpoint write
+        rows.append(trial(work / f"trial-{index:02d}", rng.randint(1, STEPS - 1),
+                          rng.uniform(0, 2 * step_s), reference))
         print(json.dumps(rows[-1]), flush=True)
     killed = [r for r in rows if r["killed"]]
     result = {
