@@ -127,13 +127,25 @@ def launch_workers(cfg: ParallelismConfig, run_dir: str, overrides: list[str]) -
         master_addr = slurm_master_addr() if "SLURM_JOB_NODELIST" in os.environ else "127.0.0.1"
     port = cfg.master_port or (_free_port() if nnodes == 1 else 29500)
     kept = [o for o in overrides if not o.startswith("hydra.run.dir=")]
+    env = {**os.environ, "DTUNE_DIE_WITH_PARENT": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc-per-node={processes_per_node(cfg)}", f"--nnodes={nnodes}",
         f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={port}",
         "-m", "dtune", *kept, f"hydra.run.dir={run_dir}",
     ]
-    return subprocess.call(command)
+    # If this process is killed (kill -9, OOM), the launcher goes too, and it stops the workers.
+    return subprocess.call(command, env=env, preexec_fn=lambda: die_with_parent(15))
+
+
+def die_with_parent(signal_number: int = 9) -> None:
+    """Ask Linux to send this process `signal_number` when its parent dies. torch's launcher
+    starts each worker in a session of its own, so without this a killed run leaves its
+    workers training on as orphans."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal_number)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:

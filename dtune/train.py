@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ from dtune.config import Config
 from dtune.data.batching import BatchStream, loss_token_count
 from dtune.data.loading import load_splits
 from dtune.data.prepare import prepare_data
-from dtune.distributed import (Ranks, all_reduce_sum, barrier, gather, init_process_group,
-                               launched_ranks)
+from dtune.distributed import (Ranks, all_reduce_sum, barrier, die_with_parent, gather,
+                               init_process_group, launched_ranks)
 from dtune.engine import build_engine
 from dtune.errors import DtuneError
 from dtune.evaluate import eval_loss, exact_match
@@ -52,6 +53,8 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     started = time.perf_counter()
     quiet_libraries()
     ranks = launched_ranks(cfg.parallelism) or Ranks()
+    if os.environ.get("DTUNE_DIE_WITH_PARENT") == "1":  # a worker of dtune's own launch
+        die_with_parent()
     init_process_group(cfg.parallelism, ranks)
     if not ranks.is_main:
         log.setLevel(logging.WARNING)  # rank 0 alone reports
