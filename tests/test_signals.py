@@ -47,3 +47,29 @@ def test_sigterm_checkpoints_explains_and_resumes_to_the_same_losses(tmp_path):
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
     assert step_losses(run_dir) == step_losses(tmp_path / "unbroken")  # bitwise, CPU fp32
     assert len(step_losses(run_dir)) == 8
+
+
+def test_sigterm_under_ddp_checkpoints_every_rank_and_resumes_to_the_same_losses(tmp_path):
+    """SIGTERM to `python -m dtune`: its launcher passes the stop to both workers, which agree
+    on it, checkpoint at the same step boundary and exit; the resumed run equals an unbroken
+    one."""
+    ddp = [*COMMON, "parallelism=ddp", "parallelism.nproc_per_node=2"]
+    run_dir = tmp_path / "cut"
+    process = subprocess.Popen([sys.executable, "-m", "dtune", *ddp, f"hydra.run.dir={run_dir}"],
+                               cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    wait_for_step(run_dir, 2, process)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=180)
+    assert process.returncode != 0
+    checkpoints = valid_checkpoints(run_dir)
+    assert checkpoints, "no complete checkpoint after SIGTERM"
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= stopped_at < 8 and not (run_dir / "final").exists()
+    assert {p.name for p in checkpoints[0].glob("rng-rank*.pt")} == {"rng-rank0.pt",
+                                                                      "rng-rank1.pt"}
+    resumed = run_dtune(*ddp, f"hydra.run.dir={run_dir}", "train.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    unbroken = run_dtune(*ddp, f"hydra.run.dir={tmp_path / 'unbroken'}")
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    assert step_losses(run_dir) == step_losses(tmp_path / "unbroken")  # bitwise, CPU fp32
