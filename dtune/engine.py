@@ -159,10 +159,6 @@ class TorchEngine:
         if self.ranks.is_main:
             save_final(self.module, tokenizer, out_dir)
 
-    @contextlib.contextmanager
-    def full_weights(self):
-        yield self.module
-
 
 @dataclass
 class DeepSpeedEngine:
