@@ -55,6 +55,13 @@ def run_training(config, run_dir: str, overrides: list[str]) -> float | None:
         from dtune import train
 
         result = train.run(config, Path(run_dir))
+        if os.environ.get("DTUNE_DIE_WITH_PARENT") == "1" and result.summary["world_size"] > 1:
+            # A finished worker of dtune's own launch: every file is written and every rank is
+            # past the last collective. Skip process-group and interpreter teardown, where gloo
+            # and DeepSpeed threads can abort (SIGABRT, seen under load) and fail a good run.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     finally:
         if "dtune.distributed" in sys.modules:
             sys.modules["dtune.distributed"].shutdown()
