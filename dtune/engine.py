@@ -176,9 +176,12 @@ class DeepSpeedEngine:
     def create(cls, cfg: Config, model, ranks: Ranks, total_steps: int) -> "DeepSpeedEngine":
         import deepspeed
 
+        from dtune.deepspeed_ops import load_deepspeed_ops
+
         ds_config = deepspeed_config(cfg, ranks.world_size)
         groups = param_groups(model, cfg.train.weight_decay)
         offload = "offload_optimizer" in ds_config["zero_optimization"]
+        load_deepspeed_ops(offload)
         if offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

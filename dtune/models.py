@@ -32,7 +32,8 @@ CHATML_TEMPLATE = (
 
 
 def cache_dir() -> Path:
-    """Where dtune keeps converted and generated models (DTUNE_CACHE_DIR overrides)."""
+    """Where dtune keeps converted and generated models and compiled DeepSpeed kernels
+    (DTUNE_CACHE_DIR overrides)."""
     return Path(os.environ.get("DTUNE_CACHE_DIR", Path.home() / ".cache" / "dtune"))
 
 
@@ -172,7 +173,7 @@ def resolve_model(cfg: ModelConfig) -> tuple[str, str]:
         if spec is not None and spec.origin:
             gguf_path = Path(spec.origin).parent / cfg.gguf.file
             if gguf_path.exists():
-                with _build_lock(converted):
+                with build_lock(converted):
                     if not (converted / "config.json").exists():
                         convert_gguf(gguf_path, converted)
                 return str(converted), f"GGUF file {gguf_path} (converted to {converted})"
@@ -237,7 +238,7 @@ def build_random_model(name: str, arch: RandomInitConfig) -> Path:
     """Build (once) a small Llama with random weights and an offline tokenizer; return its folder."""
     key = hashlib.sha256(json.dumps(asdict(arch), sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir() / "random-init" / f"{_safe_name(name)}-{key}"
-    with _build_lock(folder):
+    with build_lock(folder):
         if not (folder / "config.json").exists():
             _write_random_model(folder, arch)
     return folder
@@ -311,7 +312,7 @@ def build_tiny_tokenizer(vocab_size: int):
 class _atomic_dir:
     """Write a folder under a temporary name and rename it into place when complete.
 
-    Callers hold `_build_lock` for the folder, so concurrent ranks build it once."""
+    Callers hold `build_lock` for the folder, so concurrent ranks build it once."""
 
     def __init__(self, final: Path):
         self.final = Path(final)
@@ -329,7 +330,7 @@ class _atomic_dir:
 
 
 @contextlib.contextmanager
-def _build_lock(folder: Path):
+def build_lock(folder: Path):
     """An exclusive lock on `folder`'s build: processes started together (ranks, nodes on
     one machine) wait for the first to finish, then find the folder ready."""
     import fcntl

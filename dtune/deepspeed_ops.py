@@ -1,0 +1,105 @@
+"""DeepSpeed's C++ kernels on CPU: built once per environment, never held up by a dead build.
+
+DeepSpeed compiles its CPU kernels (shared-memory all-reduce for every ZeRO run, CPU Adam for
+offload) on first use, through torch's JIT loader. That loader guards a build with a bare
+`lock` file: a process killed while holding it (Ctrl-C, a preempted job, an OOM kill) leaves the
+file behind, and every later run waits on it forever without a word. Its build folder is also
+shared by every Python environment of the user, so two virtualenvs rebuild over each other.
+
+dtune therefore keeps the kernels in its own cache, one folder per environment, and loads them
+under an flock of its own, which the kernel releases when its holder dies. Holding that flock,
+any `lock` file torch left in dtune's folder is known to be stale and is removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from dtune.errors import DtuneError
+from dtune.models import build_lock, cache_dir
+
+log = logging.getLogger("dtune")
+
+# How long to wait on a torch build lock in a folder the user chose (TORCH_EXTENSIONS_DIR),
+# where dtune cannot tell a live build from a dead one.
+FOREIGN_LOCK_WAIT_S = 600
+
+
+def load_deepspeed_ops(offload: bool) -> None:
+    """Build (first time) and load the CPU kernels a ZeRO run is about to ask DeepSpeed for.
+
+    DeepSpeed keeps loaded kernels in a process-wide table, so its own later calls find them.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return  # GPU runs use prebuilt or CUDA kernels; their builds are not ours to manage
+    folder, owned = extensions_folder()
+    with build_lock(folder / "kernels"):
+        for builder in _builders(offload):
+            lock = folder / builder.name / "lock"
+            if lock.exists():
+                if owned:
+                    lock.unlink(missing_ok=True)  # we hold the flock: its writer is dead
+                else:
+                    _wait_for_foreign_lock(lock)
+            if not (folder / builder.name / f"{builder.name}.so").exists():
+                log.info(f"Compiling DeepSpeed's {builder.name} kernel for this environment "
+                         f"(once; 1-2 minutes on 2 cores) in {folder}")
+            try:
+                builder.load(verbose=False)
+            except (RuntimeError, OSError, ImportError) as error:
+                raise DtuneError(
+                    f"DeepSpeed could not compile or load its {builder.name} kernel in "
+                    f"{folder / builder.name}: {str(error).strip()[-500:]}. It needs a C++ "
+                    f"compiler (g++) and ninja: install them (Debian: apt install g++; ninja "
+                    f"comes with deepspeed), or choose a parallelism without DeepSpeed, such as "
+                    f"parallelism=ddp.") from error
+
+
+def extensions_folder() -> tuple[Path, bool]:
+    """Torch's JIT build folder, and whether dtune owns it (it does unless the user set it)."""
+    chosen = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if chosen:
+        return Path(chosen), chosen == os.environ.get("DTUNE_OWNS_TORCH_EXTENSIONS_DIR")
+    import deepspeed
+    import torch
+
+    # Build files name the headers of this environment's torch: one folder per environment.
+    environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]
+    tag = (f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+           f"-deepspeed{deepspeed.__version__}-{environment}")
+    folder = cache_dir() / "torch-extensions" / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)  # workers and DeepSpeed's own loads
+    os.environ["DTUNE_OWNS_TORCH_EXTENSIONS_DIR"] = str(folder)
+    return folder, True
+
+
+def _builders(offload: bool) -> list:
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    names = ["ShareMemCommBuilder"] + (["CPUAdamBuilder"] if offload else [])
+    builders = [get_accelerator().create_op_builder(name) for name in names]
+    return [b for b in builders
+            if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False)]
+
+
+def _wait_for_foreign_lock(lock: Path) -> None:
+    log.warning(f"Waiting for {lock} to go: another process is building a DeepSpeed kernel "
+                f"there, or a dead one left the file behind.")
+    deadline = time.monotonic() + FOREIGN_LOCK_WAIT_S
+    while lock.exists():
+        if time.monotonic() > deadline:
+            raise DtuneError(
+                f"The build lock {lock} has stayed for {FOREIGN_LOCK_WAIT_S} s, so DeepSpeed "
+                f"cannot build or load its {lock.parent.name} kernel. It is usually left by a "
+                f"build that was killed. If no other process is compiling there, delete the "
+                f"file and run again; or unset TORCH_EXTENSIONS_DIR to let dtune keep the "
+                f"kernels in its own cache, where it clears such files itself.")
+        time.sleep(1)
