@@ -26,6 +26,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.finishing = False  # past the last step: the final eval and save run to the end
         self._previous: dict = {}
 
     def install(self) -> "StopFlag":
@@ -45,8 +46,14 @@ class StopFlag:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now, without a checkpoint
         self.signum = signum
-        log.warning("Received %s: saving a checkpoint at the end of this step, then stopping",
-                    signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self.finishing:
+            # Training is done: dying here would lose the final save for nothing to resume.
+            log.warning("Received %s after the last step: finishing the final evaluation and "
+                        "save first", name)
+        else:
+            log.warning("Received %s: saving a checkpoint at the end of this step, then "
+                        "stopping", name)
 
     def requested(self) -> bool:
         """Whether any rank received a stop signal; all ranks must agree, or the ones that

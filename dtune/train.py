@@ -187,7 +187,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
                 metrics.close()
             tracker.finish()
             stop_after_checkpoint(stop, run_dir, step, ranks.is_main)
-    stop.restore()
+    stop.finishing = True  # handlers stay until the end of run(): see StopFlag._handle
     if progress is not None:
         progress.close()
     loop_seconds = time.perf_counter() - loop_started
@@ -237,6 +237,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         tracker.summary(summary)
         tracker.finish()
         print(summary_table(summary_rows(summary, run_dir), "dtune run summary"), flush=True)
+    stop.restore()
     return RunResult(summary, engine.module, tokenizer)
 
 

@@ -73,3 +73,29 @@ def test_sigterm_under_ddp_checkpoints_every_rank_and_resumes_to_the_same_losses
     unbroken = run_dtune(*ddp, f"hydra.run.dir={tmp_path / 'unbroken'}")
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
     assert step_losses(run_dir) == step_losses(tmp_path / "unbroken")  # bitwise, CPU fp32
+
+
+def test_a_signal_after_the_last_step_lets_the_final_eval_and_save_finish(tmp_path, monkeypatch,
+                                                                         caplog):
+    """SLURM's warning signal can land while the final eval runs; the default action for
+    SIGUSR1 would kill the process and lose the final model for nothing left to resume."""
+    from conftest import train
+    import dtune.train
+
+    real_eval = dtune.train.run_eval
+    full_evals = []  # before training, and the final one after step 8
+
+    def eval_then_signal(cfg, engine, tokenizer, eval_records, eval_examples, with_generation):
+        result = real_eval(cfg, engine, tokenizer, eval_records, eval_examples, with_generation)
+        full_evals.extend([with_generation] if with_generation else [])
+        if len(full_evals) == 2:
+            signal.raise_signal(signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(dtune.train, "run_eval", eval_then_signal)
+    before = signal.getsignal(signal.SIGUSR1)
+    result = train(tmp_path, *COMMON)
+    assert result.summary["steps"] == 8
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    assert "Received SIGUSR1 after the last step" in caplog.text
+    assert signal.getsignal(signal.SIGUSR1) is before  # handlers restored once run() is done

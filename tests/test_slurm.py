@@ -78,7 +78,8 @@ def test_two_nodes_match_the_same_run_launched_locally(tmp_path, layout):
 
 
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(tmp_path):
-    common = [*LORA, "train.max_steps=8"]
+    # Enough steps that the signal lands mid-run: 8 tiny steps can all finish before it does.
+    common = [*LORA, "train.max_steps=40"]
     run_dir = tmp_path / "requeued"
     waiting = subprocess.Popen(
         [sys.executable, "-m", "dtune", *common, "launcher=slurm", "launcher.wait=true",
@@ -94,12 +95,13 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(tmp_path):
         time.sleep(0.2)
     assert job, "the job never started training"
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    assert not (run_dir / "summary.json").exists(), "the run ended before the signal was sent"
     output = waiting.communicate(timeout=400)[0]
     assert waiting.returncode == 0, output[-3000:]
     log = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
     assert "Received SIGUSR1" in log and "requeued" in log, log[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["resumed_from"] and summary["steps"] == 8  # came back and finished
+    assert summary["resumed_from"] and summary["steps"] == 40  # came back and finished
     assert final_state(job) == "COMPLETED"
     unbroken = run_dtune(*common, f"hydra.run.dir={tmp_path / 'unbroken'}")
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
