@@ -5,7 +5,7 @@
 Same model (SmolLM2-135M-Instruct), data file, max sequence length, micro-batch, lr, LoRA
 settings (r=8, alpha=16, dropout 0, all linear layers), step count and seed for every run:
 
-- dtune, padded batches and `data.packing=true` (+ `train.loss_chunk_size`);
+- dtune at its defaults (chunked loss), with `data.packing=true` and with padded batches;
 - TRL's SFTTrainer with peft, without and with its packing;
 - the plain transformers Trainer with peft (padding collator).
 
@@ -126,9 +126,10 @@ def run_dtune(spec: dict, peak: float) -> dict:
         f"train.lr={spec['lr']}", f"train.seed={spec['seed']}", "train.warmup_steps=0",
         "train.lr_schedule=constant", "train.save_every=0", "train.log_every=1", "eval.exact_match_samples=0",
         f"data.packing={str(spec.get('packing', False)).lower()}",
-        f"train.loss_chunk_size={spec.get('loss_chunk_size', 0)}",
         f"train.gradient_checkpointing={str(spec.get('gradient_checkpointing', False)).lower()}",
     ]
+    if "loss_chunk_size" in spec:  # else dtune's default
+        overrides.append(f"train.loss_chunk_size={spec['loss_chunk_size']}")
     if method != "full":
         overrides += [f"method.r={LORA['r']}", f"method.alpha={LORA['alpha']}",
                       f"method.dropout={LORA['dropout']}", "method.target_modules=all-linear"]
@@ -275,7 +276,7 @@ def plan(methods: list[str], quick: bool) -> list[dict]:
     runs = []
     for method in methods:
         runs.append({"tool": "dtune", "label": "dtune packed", "method": method,
-                     "packing": True, "loss_chunk_size": 1024})
+                     "packing": True})
         if method == "lora":
             runs.append({"tool": "dtune", "label": "dtune padded", "method": method})
         if method in ("lora", "full"):

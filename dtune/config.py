@@ -102,7 +102,9 @@ class MethodConfig:
     # LoRA family (lora, dora, qlora, lora_int8) and ia3
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    # 0 by default (as in torchtune): on CPU, drawing dropout masks for every adapted layer's
+    # input took 13% of a LoRA step (bench/results/profile-lora-dropout.md)
+    dropout: float = 0.0
     # "all-linear", "attention" (q/k/v/o projections), "default" (peft's choice for the
     # architecture), or a list of module names such as [q_proj, v_proj]
     target_modules: Any = "all-linear"
@@ -228,8 +230,10 @@ class TrainConfig:
     on_nonfinite: str = "skip"
     # recompute activations in backward instead of keeping them: less memory, ~1/3 more compute
     gradient_checkpointing: bool = False
-    # > 0: LM head + cross-entropy this many tokens at a time, without all logits at once
-    loss_chunk_size: int = 0
+    # > 0: LM head + cross-entropy on the loss-carrying tokens only, this many at a time, never
+    # all logits at once; 0: the plain full-logits loss; null: 1024 wherever it works
+    # (see loss_chunk_size below)
+    loss_chunk_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.max_steps == 0 or self.max_steps < -1:
@@ -248,7 +252,8 @@ class TrainConfig:
         check_positive("train.log_every", self.log_every)
         check_positive("train.keep_checkpoints", self.keep_checkpoints)
         check_choice("train.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
-        check_positive("train.loss_chunk_size", self.loss_chunk_size, allow_zero=True)
+        if self.loss_chunk_size is not None:
+            check_positive("train.loss_chunk_size", self.loss_chunk_size, allow_zero=True)
         for key in ("adam_beta1", "adam_beta2"):
             check_fraction(f"train.{key}", getattr(self, key))
 
@@ -418,6 +423,7 @@ SUPPORTED_PRECISIONS = {
     "prefix_tuning": ("fp32", "fp16", "bf16"),
 }
 _AUTOCAST_DTYPE = {"fp16": "fp16", "bf16": "bf16"}
+DEFAULT_LOSS_CHUNK_SIZE = 1024
 
 
 def check_combination(cfg: "Config") -> None:
@@ -476,6 +482,18 @@ def check_combination(cfg: "Config") -> None:
             f"method.num_virtual_tokens={method.num_virtual_tokens} virtual tokens; raise "
             "data.max_seq_len or lower method.num_virtual_tokens."
         )
+
+
+def loss_chunk_size(train: TrainConfig, zero_stage: Optional[int]) -> int:
+    """The loss chunk size a run uses: train.loss_chunk_size when set, else 1024, except under
+    ZeRO-3, which shards the LM head that the chunked loss reads outside the forward pass.
+
+    Chunked is the default because it is faster as well as smaller: prompt tokens, which carry
+    no loss, get no logits at all (with a 49k vocabulary the LM head is a fifth of the model).
+    """
+    if train.loss_chunk_size is not None:
+        return train.loss_chunk_size
+    return 0 if zero_stage == 3 else DEFAULT_LOSS_CHUNK_SIZE
 
 
 def register_schema() -> None:

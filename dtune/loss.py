@@ -46,6 +46,15 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0
     )
 
 
+def has_plain_lm_head(model) -> bool:
+    """Whether the chunked loss can read the LM head directly (see `_output_layer`)."""
+    try:
+        _output_layer(model)
+        return True
+    except DtuneError:
+        return False
+
+
 def _output_layer(model) -> torch.nn.Linear:
     module = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
     head = module.get_output_embeddings()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from dtune.config import PARALLELISMS, Config, ZERO_STAGES
+from dtune.config import PARALLELISMS, Config, ZERO_STAGES, loss_chunk_size
 from dtune.errors import DtuneError
 
 log = logging.getLogger("dtune")
@@ -152,7 +152,8 @@ def estimate(cfg: Config, shape: ModelShape, parallelism: str, world_size: int,
         layers = shape.layers * shape.hidden + per_token_layer  # inputs + one layer rebuilt
     else:
         layers = shape.layers * per_token_layer
-    logit_rows = min(cfg.train.loss_chunk_size, tokens) if cfg.train.loss_chunk_size else tokens
+    chunk = loss_chunk_size(cfg.train, zero)
+    logit_rows = min(chunk, tokens) if chunk else tokens
     # fp32 logits, their softmax/gradient, and the model-dtype logits the head returns
     logits = logit_rows * shape.vocab * (8 + act_bytes)
     activations = tokens * layers * act_bytes + logits

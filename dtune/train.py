@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dtune.checkpoint import load_checkpoint, save_checkpoint, valid_checkpoints
-from dtune.config import Config
+from dtune.config import Config, loss_chunk_size
 from dtune.data.batching import BatchStream, loss_token_count
 from dtune.data.loading import load_splits
 from dtune.data.prepare import prepare_data
@@ -28,7 +28,7 @@ from dtune.engine import build_engine
 from dtune.errors import DtuneError
 from dtune.evaluate import eval_loss, exact_match
 from dtune.logs import quiet_libraries
-from dtune.loss import summed_token_loss
+from dtune.loss import has_plain_lm_head, summed_token_loss
 from dtune.methods import apply_method, count_parameters, is_adapter, load_options
 from dtune.metrics import (MetricsLog, TrainingPeakMemory, peak_memory_bytes,
                            release_free_heap)
@@ -80,6 +80,9 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
                          pack_len=cfg.data.max_seq_len if cfg.data.packing else 0)
     total_steps = planned_steps(cfg, stream)
     engine = build_engine(cfg, model, ranks, total_steps)
+    chunk_size = loss_chunk_size(cfg.train, cfg.parallelism.zero_stage)
+    if cfg.train.loss_chunk_size is None and not has_plain_lm_head(engine.model):
+        chunk_size = 0  # the default falls back quietly; an explicit size is an error there
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ranks.world_size
     log.info(
         "Method %s, %s on %d process(es): %s trainable of %s parameters (%.2f%%); %d training "
@@ -141,8 +144,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         step_started = time.perf_counter()
         window = stream.next_window(cfg.train.grad_accum_steps)
         lr = engine.lr()
-        loss_value, window_loss_tokens = accumulate_gradients(engine, window,
-                                                              cfg.train.loss_chunk_size)
+        loss_value, window_loss_tokens = accumulate_gradients(engine, window, chunk_size)
         grad_norm, status = engine.step(loss_finite=math.isfinite(loss_value))
         state["skipped_steps"] += int(status == "overflow")
         state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + int(status == "nonfinite")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dtune.data.batching import BatchStream, collate, collate_packed, loss_token_count, pack_rows
 from dtune.data.formatting import IGNORE, Example, tokenize
+from dtune.config import loss_chunk_size
 from dtune.errors import DtuneError
 from dtune.loss import chunked_lm_loss, summed_token_loss
 from dtune.models import load_model_and_tokenizer
@@ -211,11 +212,28 @@ def test_chunked_loss_through_the_model_matches_the_plain_path(tiny, examples, p
 def test_chunked_loss_trains_lora_to_the_same_losses(tmp_path):
     common = (*TINY, "+method=lora", "train.max_steps=3", "train.lr=1e-3",
               "eval.exact_match_samples=0")
-    a = run(compose(*common), tmp_path / "a").summary
+    a = run(compose(*common, "train.loss_chunk_size=0"), tmp_path / "a").summary
     b = run(compose(*common, "train.loss_chunk_size=64"), tmp_path / "b").summary
     assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-5)
+
+
+def test_the_chunked_loss_is_the_default_except_under_zero3():
+    assert loss_chunk_size(compose(*TINY).train, None) == 1024
+    assert loss_chunk_size(compose(*TINY, "train.loss_chunk_size=0").train, None) == 0
+    zero3 = compose(*TINY, "parallelism=zero3")  # the default is not refused, it steps aside
+    assert loss_chunk_size(zero3.train, zero3.parallelism.zero_stage) == 0
+    assert loss_chunk_size(zero3.train, 2) == 1024
 
 
 def test_chunked_loss_is_refused_under_zero3():
     with pytest.raises(DtuneError, match="ZeRO-3 shards the LM head"):
         compose(*TINY, "parallelism=zero3", "train.loss_chunk_size=1024")
+
+
+def test_a_head_the_chunked_loss_cannot_read_falls_back_by_default_and_errs_when_asked(tmp_path):
+    """A trained copy of the LM head (modules_to_save) is a wrapper, not a plain Linear."""
+    common = (*TINY, "+method=lora", "method.modules_to_save=[lm_head]", "train.max_steps=2",
+              "eval.exact_match_samples=0")
+    assert run(compose(*common), tmp_path / "a").summary["steps"] == 2
+    with pytest.raises(DtuneError, match="train.loss_chunk_size needs a plain bias-free linear"):
+        run(compose(*common, "train.loss_chunk_size=256"), tmp_path / "b")

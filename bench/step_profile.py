@@ -1,6 +1,6 @@
 """Where a training step's time goes: torch.profiler over dtune's own step on SmolLM2-135M.
 
-    python bench/profile.py [--method lora] [--steps 3] [-- extra dtune overrides]
+    python bench/step_profile.py [--method lora] [--steps 3] [-- extra dtune overrides]
 
 Builds the run exactly as `python -m dtune` does (same config, model, method, batches, engine)
 and profiles `accumulate_gradients` + `engine.step`, the two calls the training loop makes per
@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dtune.config import register_schema, to_config  # noqa: E402
+from dtune.config import loss_chunk_size, register_schema, to_config  # noqa: E402
 from dtune.data.batching import BatchStream  # noqa: E402
 from dtune.data.loading import load_splits  # noqa: E402
 from dtune.data.prepare import prepare_data  # noqa: E402
@@ -57,7 +57,7 @@ def build(cfg):
                          pack_len=cfg.data.max_seq_len if cfg.data.packing else 0)
     engine = build_engine(cfg, model, ranks, cfg.train.max_steps)
     engine.model.train()
-    return engine, stream
+    return engine, stream, loss_chunk_size(cfg.train, cfg.parallelism.zero_stage)
 
 
 def label_phases(model) -> None:
@@ -89,7 +89,7 @@ def main() -> None:
                  "train.micro_batch_size=4", "data.packing=true",
                  f"train.max_steps={args.steps + 1}", *args.overrides]
     cfg = compose(overrides)
-    engine, stream = build(cfg)
+    engine, stream, chunk_size = build(cfg)
     label_phases(engine.module)
 
     backward = engine.backward
@@ -103,7 +103,7 @@ def main() -> None:
     def step():
         window = stream.next_window(cfg.train.grad_accum_steps)
         with record_function("forward+loss+backward"):
-            accumulate_gradients(engine, window, cfg.train.loss_chunk_size)
+            accumulate_gradients(engine, window, chunk_size)
         with record_function("optimizer"):
             engine.step(loss_finite=True)
         return sum(int(b["attention_mask"].sum()) for b in window)
@@ -131,7 +131,7 @@ def main() -> None:
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"overrides: `{' '.join(overrides)}`.",
-        f"Command: `python bench/profile.py --method {args.method} --steps {args.steps}"
+        f"Command: `python bench/step_profile.py --method {args.method} --steps {args.steps}"
         f"{' ' + ' '.join(args.overrides) if args.overrides else ''}`",
         "",
         f"{args.steps} profiled steps, {seconds / args.steps:.2f} s per step (profiler on), "
