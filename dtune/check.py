@@ -17,7 +17,10 @@ from dtune.errors import DtuneError
 
 BASE = ["model=tiny-llama", "+method=full", "train.lr=1e-3", "train.warmup_steps=0",
         "train.save_every=0", "train.log_every=1", "eval.exact_match_samples=0",
-        "data.builtin.train_size=512", "data.builtin.eval_size=8", "train.max_grad_norm=1.0"]
+        "data.builtin.train_size=512", "data.builtin.eval_size=8", "train.max_grad_norm=1.0",
+        # one loss path for every layout (ZeRO-3 cannot take the chunked one), so that the
+        # comparison isolates the parallelism
+        "train.loss_chunk_size=0"]
 
 
 @dataclass
