@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -90,11 +91,21 @@ class StepMeter:
                            "real_tokens": self._real, "loss_tokens": self._loss, "loss": loss})
 
 
+def logical_params(model) -> int:
+    """Parameters as the model computes with them, tied weights counted once: a 4-bit
+    bitsandbytes weight is stored packed two to a byte, but multiplies as its full shape."""
+    total = 0
+    for p in model.parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        total += math.prod(shape) if shape is not None else p.numel()
+    return total
+
+
 def summarise(meter_steps: list[dict], model, k: int, peak: float) -> dict:
     timed = meter_steps[1:] or meter_steps  # the first step warms caches and allocators
     seconds = sum(s["time_s"] for s in timed)
     real = sum(s["real_tokens"] for s in timed) / seconds
-    params = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    params = logical_params(model)
     losses = [s["loss"] for s in meter_steps if s.get("loss") is not None]
     return {
         "steps": meter_steps,
@@ -356,7 +367,7 @@ def main() -> None:
     if args.render:
         report = json.loads((RESULTS / f"{args.out}.json").read_text())
         args.steps, args.seq_len = report["steps"], report["seq_len"]
-        args.micro_batch = report["micro_batch"]
+        args.micro_batch, args.date = report["micro_batch"], report["date"]
         args.methods = list(dict.fromkeys(r["spec"]["method"] for r in report["runs"]))
         sys.argv = ["bench/run.py"] + report["command"].split()[2:]
         print(write_report(args, report["runs"], report["peak_flops"],
@@ -406,7 +417,7 @@ def write_report(args, results: list[dict], peak: float, device: str) -> str:
             if "error" not in r and r["spec"]["method"] == method and best:
                 r["ratio_to_best_alternative"] = r["real_tokens_per_s"] / best
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "date": getattr(args, "date", None) or time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"
                    + (f", {torch.cuda.get_device_name()}" if device == "cuda" else ""),
         "torch": torch.__version__, "model": "SmolLM2-135M-Instruct", "steps": args.steps,
