@@ -47,7 +47,7 @@ def run_method(method: str, variant: str, steps: int, micro_batch: int, seq_len:
     command = [
         sys.executable, "-m", "dtune", f"+method={method}", "model=smollm2-135m",
         f"train.max_steps={steps}", f"train.micro_batch_size={micro_batch}",
-        f"data.max_seq_len={seq_len}", f"train.lr={LR.get(method, '1e-3')}",
+        f"data.max_seq_len={seq_len}", f"train.lr={LR.get(method, '1e-3')}", "data.packing=true",
         "train.save_every=0", "train.warmup_steps=0", "eval.exact_match_samples=0",
         "eval.batch_size=4", "eval.max_loss_samples=8", f"hydra.run.dir={run_dir}",
         *VARIANTS[variant],
@@ -85,7 +85,8 @@ def main() -> None:
         for method in args.methods:
             rows.append(run_method(method, variant, args.steps, args.micro_batch, args.seq_len))
             print(json.dumps(rows[-1]), flush=True)
-    setting = (f"SmolLM2-135M-Instruct, built-in dataset, micro-batch {args.micro_batch}, "
+    setting = (f"SmolLM2-135M-Instruct, built-in dataset packed (data.packing=true), "
+               f"micro-batch {args.micro_batch}, "
                f"max_seq_len {args.seq_len}, {args.steps} steps, fp32, torch {torch.__version__}, "
                f"{platform.machine()} with {torch.get_num_threads()} threads")
     lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M')}; 1-minute load before: "

@@ -1,6 +1,6 @@
 """Where a training step's time goes: torch.profiler over dtune's own step on SmolLM2-135M.
 
-    python bench/step_profile.py [--method lora] [--steps 3] [-- extra dtune overrides]
+    python bench/step_profile.py [--method lora] [--steps 3] [--out NAME] [dtune overrides...]
 
 Builds the run exactly as `python -m dtune` does (same config, model, method, batches, engine)
 and profiles `accumulate_gradients` + `engine.step`, the two calls the training loop makes per
@@ -83,6 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", default="lora")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", help="file stem under bench/results/ (profile-METHOD)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also rank operators by the memory they allocate")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     overrides = [f"+method={args.method}", "model=smollm2-135m", "data.max_seq_len=256",
@@ -111,7 +114,7 @@ def main() -> None:
     step()  # warm-up: allocator, kernels, lazy optimizer state
     started = time.perf_counter()
     tokens = 0
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=args.memory) as prof:
         for _ in range(args.steps):
             tokens += step()
     seconds = time.perf_counter() - started
@@ -131,8 +134,7 @@ def main() -> None:
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"overrides: `{' '.join(overrides)}`.",
-        f"Command: `python bench/step_profile.py --method {args.method} --steps {args.steps}"
-        f"{' ' + ' '.join(args.overrides) if args.overrides else ''}`",
+        f"Command: `python {' '.join(sys.argv)}`",
         "",
         f"{args.steps} profiled steps, {seconds / args.steps:.2f} s per step (profiler on), "
         f"{tokens / seconds:.0f} real tokens/s.",
@@ -145,8 +147,12 @@ def main() -> None:
                      f"{100 * micros / (seconds * 1e6):.0f}% |")
     lines += ["", "Top operators by self CPU time:", "",
               "```", events.table(sort_by="self_cpu_time_total", row_limit=20), "```", ""]
+    if args.memory:
+        lines += ["Top operators by memory allocated (self, summed over the profiled steps):", "",
+                  "```", events.table(sort_by="self_cpu_memory_usage", row_limit=15), "```",
+                  ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"profile-{args.method}.md"
+    out = RESULTS / f"{args.out or 'profile-' + args.method}.md"
     out.write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {out}")

@@ -103,7 +103,7 @@ class MethodConfig:
     r: int = 16
     alpha: int = 32
     # 0 by default (as in torchtune): on CPU, drawing dropout masks for every adapted layer's
-    # input took 13% of a LoRA step (bench/results/profile-lora-dropout.md)
+    # input took 13% of a LoRA step (bench/results/profile-lora-old-defaults.md)
     dropout: float = 0.0
     # "all-linear", "attention" (q/k/v/o projections), "default" (peft's choice for the
     # architecture), or a list of module names such as [q_proj, v_proj]
