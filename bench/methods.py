@@ -49,6 +49,7 @@ def run_method(method: str, variant: str, steps: int, micro_batch: int, seq_len:
         f"train.max_steps={steps}", f"train.micro_batch_size={micro_batch}",
         f"data.max_seq_len={seq_len}", f"train.lr={LR.get(method, '1e-3')}", "data.packing=true",
         "train.save_every=0", "train.warmup_steps=0", "eval.exact_match_samples=0",
+        "train.log_every=1",
         "eval.batch_size=4", "eval.max_loss_samples=8", f"hydra.run.dir={run_dir}",
         *VARIANTS[variant],
     ]
