@@ -124,9 +124,7 @@ def summarise(meter_steps: list[dict], model, k: int, peak: float) -> dict:
 # --- the runs --------------------------------------------------------------------------------
 
 def run_dtune(spec: dict, peak: float) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from dtune.config import register_schema, to_config
+    from dtune.config import compose_config
     from dtune.train import run
 
     method = spec["method"]
@@ -144,9 +142,7 @@ def run_dtune(spec: dict, peak: float) -> dict:
     if method != "full":
         overrides += [f"method.r={LORA['r']}", f"method.alpha={LORA['alpha']}",
                       f"method.dropout={LORA['dropout']}", "method.target_modules=all-linear"]
-    register_schema()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=overrides))
+    cfg = compose_config(overrides)
     run_dir = Path(tempfile.mkdtemp(prefix="bench-dtune-"))
     result = run(cfg, run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

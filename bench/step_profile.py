@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dtune.config import loss_chunk_size, register_schema, to_config  # noqa: E402
+from dtune.config import compose_config, loss_chunk_size  # noqa: E402
 from dtune.data.batching import BatchStream  # noqa: E402
 from dtune.data.loading import load_splits  # noqa: E402
 from dtune.data.prepare import prepare_data  # noqa: E402
@@ -32,14 +32,6 @@ from dtune.models import load_model_and_tokenizer  # noqa: E402
 from dtune.train import accumulate_gradients, enable_gradient_checkpointing  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return to_config(hydra_compose("config", overrides=overrides))
 
 
 def build(cfg):
@@ -91,7 +83,7 @@ def main() -> None:
     overrides = [f"+method={args.method}", "model=smollm2-135m", "data.max_seq_len=256",
                  "train.micro_batch_size=4", "data.packing=true",
                  f"train.max_steps={args.steps + 1}", *args.overrides]
-    cfg = compose(overrides)
+    cfg = compose_config(overrides)
     engine, stream, chunk_size = build(cfg)
     label_phases(engine.module)
 

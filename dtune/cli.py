@@ -107,17 +107,12 @@ def run_parity_check(args) -> None:
 
 
 def run_plan(args) -> None:
-    from hydra import compose, initialize_config_dir
-
-    from dtune.__main__ import _config_dir
-    from dtune.config import check_overrides, register_schema, to_config
+    from dtune.config import check_overrides, compose_config
     from dtune.distributed import wanted_processes
     from dtune.plan import GIB, choose, device_memory_bytes, plan, table
 
     check_overrides(args.overrides)
-    register_schema()
-    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=args.overrides))
+    cfg = compose_config(args.overrides)
     local_bytes, local_gpu = device_memory_bytes()
     on_gpu = local_gpu if args.device is None else args.device == "gpu"
     device_bytes = int(args.device_gib * GIB) if args.device_gib else local_bytes

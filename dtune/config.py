@@ -501,6 +501,22 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="dtune_schema", node=Config)
 
 
+def compose_config(overrides: list[str]) -> Config:
+    """The validated Config that `python -m dtune <overrides>` would run, composed in-process
+    (for `dtune plan`, benchmarks and tests): from the source tree's conf/, else the installed
+    dtune.conf package."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir, initialize_config_module
+
+    register_schema()
+    source_tree = Path(__file__).resolve().parent.parent / "conf"
+    context = initialize_config_dir(config_dir=str(source_tree), version_base="1.3") \
+        if source_tree.is_dir() else initialize_config_module("dtune.conf", version_base="1.3")
+    with context:
+        return to_config(compose("config", overrides=list(overrides)))
+
+
 def to_config(cfg: DictConfig) -> Config:
     """Turn a composed DictConfig into validated dataclasses (runs every range check)."""
     return OmegaConf.to_object(cfg)

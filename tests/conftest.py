@@ -37,14 +37,9 @@ def _isolated_cache(tmp_path_factory):
 
 def compose(*overrides: str):
     """The validated Config that `python -m dtune <overrides>` would run."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from dtune.config import compose_config
 
-    from dtune.config import register_schema, to_config
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_config(hydra_compose("config", overrides=list(overrides)))
+    return compose_config(list(overrides))
 
 
 def run_dtune(*args: str, module: bool = True, env: dict | None = None,
