@@ -124,7 +124,7 @@ def summarise(meter_steps: list[dict], model, k: int, peak: float) -> dict:
 # --- the runs --------------------------------------------------------------------------------
 
 def run_dtune(spec: dict, peak: float) -> dict:
-    from dtune.config import compose_config
+    from dtune.compose import compose_config
     from dtune.train import run
 
     method = spec["method"]
@@ -170,7 +170,7 @@ def training_records(path: str) -> list[dict]:
 def load_hf(method: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dtune.models import cache_dir
+    from dtune.cache import cache_dir
 
     folder = cache_dir() / "converted" / "HuggingFaceTB--SmolLM2-135M-Instruct"
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -21,12 +21,13 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dtune.config import compose_config, loss_chunk_size  # noqa: E402
+from dtune.compose import compose_config  # noqa: E402
+from dtune.config import loss_chunk_size  # noqa: E402
 from dtune.data.batching import BatchStream  # noqa: E402
 from dtune.data.loading import load_splits  # noqa: E402
 from dtune.data.prepare import prepare_data  # noqa: E402
 from dtune.distributed import Ranks, init_process_group  # noqa: E402
-from dtune.engine import build_engine  # noqa: E402
+from dtune.engines import build_engine  # noqa: E402
 from dtune.methods import apply_method, load_options  # noqa: E402
 from dtune.models import load_model_and_tokenizer  # noqa: E402
 from dtune.train import accumulate_gradients, enable_gradient_checkpointing  # noqa: E402
@@ -36,7 +37,8 @@ RESULTS = ROOT / "bench" / "results"
 
 def build(cfg):
     ranks = Ranks()
-    init_process_group(cfg.parallelism, ranks)
+    if cfg.parallelism.zero_stage is not None:  # DeepSpeed wants a group even for one process
+        init_process_group(cfg.parallelism, ranks)
     torch.manual_seed(cfg.train.seed)
     train_records, eval_records = load_splits(cfg.data)
     model, tokenizer, _ = load_model_and_tokenizer(cfg.model, load_options(cfg.method))

@@ -6,7 +6,6 @@ accumulation traded for ranks. A new cluster is validated in minutes.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dtune.errors import DtuneError
+from dtune.run_dir import RunDir
 
 BASE = ["model=tiny-llama", "+method=full", "train.lr=1e-3", "train.warmup_steps=0",
         "train.save_every=0", "train.log_every=1", "eval.exact_match_samples=0",
@@ -84,8 +84,7 @@ def train_layout(layout: Layout, work_dir: Path, steps: int) -> list[float]:
 
 
 def step_losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+    return [record["loss"] for record in RunDir(run_dir).step_records()]
 
 
 def run_check(work_dir: Path, steps: int = 20, micro_batch: int = 4,

@@ -1,4 +1,4 @@
-"""Checkpoints that are never half-written, and the run's final Hugging Face artifact.
+"""Checkpoints that are never half-written, what they hold, and the run's final artifact.
 
 A checkpoint is written into a temporary folder, its files fsynced, a manifest (files, sizes,
 step) written last, and the folder renamed into place; only then does `latest` move and do old
@@ -11,16 +11,49 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
+from dtune.distributed import barrier
 from dtune.errors import DtuneError
+from dtune.files import fsync_dir, fsync_file, write_atomically
 
 log = logging.getLogger("dtune")
 
 MANIFEST = "manifest.json"
+
+
+@dataclass
+class TrainState:
+    """Everything the loop carries from step to step, and what a checkpoint restores."""
+
+    identity: dict  # model and method: a checkpoint resumes only the run that wrote it
+    data: dict  # the batch stream's position (epoch, cursor)
+    step: int = 0
+    trained_tokens: int = 0
+    loss_tokens: int = 0
+    train_seconds: float = 0.0
+    skipped_steps: int = 0  # fp16 overflows
+    nonfinite_steps: int = 0  # NaN/inf steps skipped
+    exact_match_before: Optional[float] = None
+    engine: dict = field(default_factory=dict)  # the engine's own (loss scaler, ZeRO ranks)
+
+    def to_json(self) -> str:
+        """One flat object: the engine's keys sit beside the loop's, as they always have."""
+        flat = asdict(self)
+        flat.update(flat.pop("engine"))
+        return json.dumps(flat, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainState":
+        flat = json.loads(text)
+        known = {f.name for f in fields(cls)} - {"engine"}
+        return cls(**{k: v for k, v in flat.items() if k in known},
+                   engine={k: v for k, v in flat.items() if k not in known})
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -50,11 +83,9 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, state: TrainState, engine, keep: int) -> Path:
     """Every rank takes part (ZeRO shards live on each); rank 0 seals the folder."""
-    from dtune.distributed import barrier
-
-    ranks = engine.ranks
+    ranks, step = engine.ranks, state.step
     root = checkpoints_dir(run_dir)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
@@ -64,25 +95,18 @@ def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict, keep:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         barrier()
-        state = dict(trainer_state)
-        engine.save_state(tmp, state)
+        saved = TrainState.from_json(state.to_json())  # a copy the engine adds its keys to
+        engine.save_state(tmp, saved.engine)
         torch.save(rng_state(), tmp / f"rng-rank{ranks.rank}.pt")
         barrier()
         if ranks.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            files = {str(p.relative_to(tmp)): p.stat().st_size
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-            for name in files:
-                _fsync_file(tmp / name)
-            (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
-            _fsync_file(tmp / MANIFEST)
-            for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-                _fsync_dir(folder)
+            (tmp / "trainer_state.json").write_text(saved.to_json())
+            seal(tmp, step)
             if final.exists():  # a resumed run saving a step again: replace it whole
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(root)
-            _write_atomically(root / "latest", final.name)
+            fsync_dir(root)
+            write_atomically(root / "latest", final.name)
             _prune(root, keep)
         barrier()
     except OSError as exc:
@@ -92,6 +116,19 @@ def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict, keep:
             "space or point hydra.run.dir at a writable folder; earlier checkpoints are intact."
         ) from None
     return final
+
+
+def seal(folder: Path, step: int) -> None:
+    """fsync every file, then write the manifest last: a folder with a matching manifest is
+    complete."""
+    files = {str(p.relative_to(folder)): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    for name in files:
+        fsync_file(folder / name)
+    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
+    fsync_file(folder / MANIFEST)
+    for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        fsync_dir(sub)
 
 
 def valid_checkpoints(run_dir: Path) -> list[Path]:
@@ -112,20 +149,19 @@ def valid_checkpoints(run_dir: Path) -> list[Path]:
     return [folder for _, folder in sorted(found, reverse=True)]
 
 
-def load_checkpoint(folder: Path, engine, identity: dict) -> dict:
-    """Restore the engine's state and this rank's RNG; return the trainer state.
+def load_checkpoint(folder: Path, engine, identity: dict) -> TrainState:
+    """Restore the engine's state and this rank's RNG; return the loop's state.
 
     `identity` (model, method) must match what wrote the checkpoint."""
     try:
-        state = json.loads((folder / "trainer_state.json").read_text())
-        saved = state.get("identity", identity)
-        if saved != identity:
+        state = TrainState.from_json((folder / "trainer_state.json").read_text())
+        if state.identity != identity:
             raise DtuneError(
-                f"the checkpoint {folder} was written by a run of {saved}, and this run is "
-                f"{identity}; resume with the settings that wrote it, or start a new run dir "
-                "(or set train.resume=false)."
+                f"the checkpoint {folder} was written by a run of {state.identity}, and this "
+                f"run is {identity}; resume with the settings that wrote it, or start a new run "
+                "dir (or set train.resume=false)."
             )
-        engine.load_state(folder, state)
+        engine.load_state(folder, state.engine)
         rng_file = folder / f"rng-rank{engine.ranks.rank}.pt"
         rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
     except DtuneError:
@@ -185,23 +221,3 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
     for stale in root.glob(".tmp-step-*"):  # left behind by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

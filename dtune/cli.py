@@ -10,6 +10,8 @@ from pathlib import Path
 from dtune.errors import DtuneError, exit_with
 
 
+# Each command imports what it needs inside its function, deliberately: `dtune report` and
+# the argument errors stay fast, without torch, transformers or DeepSpeed loaded.
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "train":
@@ -18,6 +20,27 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv = ["dtune"] + argv[1:]
         train_main()
         return
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "eval":
+            run_eval(args)
+        elif args.command == "generate":
+            run_generate(args)
+        elif args.command == "check":
+            run_parity_check(args)
+        elif args.command == "merge":
+            from dtune.merge import merge_run
+
+            print(f"Merged model written to {merge_run(args.run_dir, args.out)}")
+        elif args.command == "report":
+            run_report(args)
+        elif args.command == "plan":
+            run_plan(args)
+    except DtuneError as error:
+        exit_with(error)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="fine-tune; takes Hydra overrides, like `python -m dtune`")
@@ -72,24 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     p_plan.add_argument("--device", choices=("gpu", "cpu"), default=None,
                         help="plan for GPU (allocator figures) or CPU (process RSS)")
 
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "eval":
-            run_eval(args)
-        elif args.command == "generate":
-            run_generate(args)
-        elif args.command == "check":
-            run_parity_check(args)
-        elif args.command == "merge":
-            from dtune.merge import merge_run
-
-            print(f"Merged model written to {merge_run(args.run_dir, args.out)}")
-        elif args.command == "report":
-            run_report(args)
-        elif args.command == "plan":
-            run_plan(args)
-    except DtuneError as error:
-        exit_with(error)
+    return parser
 
 
 def run_parity_check(args) -> None:
@@ -107,7 +113,7 @@ def run_parity_check(args) -> None:
 
 
 def run_plan(args) -> None:
-    from dtune.config import check_overrides, compose_config
+    from dtune.compose import check_overrides, compose_config
     from dtune.distributed import wanted_processes
     from dtune.plan import GIB, choose, device_memory_bytes, plan, table
 
@@ -133,29 +139,36 @@ def run_plan(args) -> None:
 
 def run_eval(args) -> None:
     from dtune.data.loading import load_splits
-    from dtune.evaluate import eval_loss, exact_match
-    from dtune.run_dir import load_final_model
     from dtune.data.prepare import tokenize_records
+    from dtune.evaluate import Inference, eval_loss, exact_match
+    from dtune.load_run import load_final_model
+    from dtune.run_dir import RunDir
 
     model, tokenizer, cfg = load_final_model(args.run_dir)
+    engine = Inference.place(model)
     _, eval_records = load_splits(cfg.data)
     if not eval_records:
         raise DtuneError(f"the run in {args.run_dir} has no held-out split to evaluate on.")
     examples = tokenize_records(eval_records, cfg, tokenizer, "eval")
-    result = {"eval_loss": eval_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id)}
-    em = exact_match(model, tokenizer, eval_records, cfg.data.format, cfg.data.system_prompt,
+    result = {"eval_loss": eval_loss(engine, examples, cfg.eval.batch_size,
+                                     tokenizer.pad_token_id)}
+    em = exact_match(engine, tokenizer, eval_records, cfg.data.format, cfg.data.system_prompt,
                      args.samples or len(eval_records),
                      args.max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.batch_size)
     if em is not None:
         result.update(exact_match=em["exact_match"], exact_match_by_task=em["by_task"], n=em["n"])
-    (Path(args.run_dir) / "eval.json").write_text(json.dumps(result, indent=2))
+    run = RunDir(args.run_dir)
+    run.write_json(run.eval_file, result)
     print(json.dumps(result, indent=2))
 
 
 def run_report(args) -> None:
     from dtune.report import screenshot, write_report
 
-    out = args.out or (args.paths[0] / "report" if len(args.paths) == 1 else Path("dtune-report"))
+    from dtune.run_dir import RunDir
+
+    out = args.out or (RunDir(args.paths[0]).report if len(args.paths) == 1
+                       else Path("dtune-report"))
     page = write_report(args.paths, out, args.metric)
     print(f"Report written to {page} (open it in a browser; the plots are PNGs beside it)")
     if args.screenshot:
@@ -163,10 +176,11 @@ def run_report(args) -> None:
 
 
 def run_generate(args) -> None:
-    from dtune.evaluate import generate
-    from dtune.run_dir import load_for_generation
+    from dtune.evaluate import Inference, generate
+    from dtune.load_run import load_for_generation
 
     model, tokenizer, system_prompt = load_for_generation(args.run_dir)
+    engine = Inference.place(model)
     use_chat = not args.raw and bool(getattr(tokenizer, "chat_template", None))
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
 
@@ -176,7 +190,7 @@ def run_generate(args) -> None:
                                                    add_generation_prompt=True)
         else:
             prompt = history[-1]["content"]
-        return generate(model, tokenizer, [prompt], args.max_new_tokens, 1,
+        return generate(engine, tokenizer, [prompt], args.max_new_tokens, 1,
                         add_special_tokens=not use_chat, do_sample=args.sample,
                         temperature=args.temperature, top_p=args.top_p)[0]
 

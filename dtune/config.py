@@ -1,34 +1,23 @@
 """The typed configuration schema.
 
 Hydra composes `conf/` on top of these dataclasses, so an unknown key or a value of the wrong
-type is refused while composing; ranges and choices are checked in `__post_init__`, which
-runs when `to_config` turns the composed DictConfig into these objects - before any model loads.
+type is refused while composing. Each dataclass checks its own ranges and choices in
+`__post_init__`; checks that span several groups (a method with a precision, a parallelism
+with a method) read the method specs and live in `dtune/compose.py`.
 """
 from __future__ import annotations
 
-import difflib
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
 
 from dtune.errors import DtuneError
 
-METHODS = ("full", "lora", "dora", "qlora", "lora_int8", "ia3", "prompt_tuning", "prefix_tuning")
-PRECISIONS = ("fp32", "fp16", "bf16", "bf16_pure")
-PARALLELISMS = ("single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload",
-                "auto")  # auto: the memory planner picks one of the others (dtune/plan.py)
-ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero2_offload": 2, "zero3_offload": 3}
-TRACKERS = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
 DATA_FORMATS = ("alpaca", "chat", "text")
 LR_SCHEDULES = ("cosine", "linear", "constant")
-LAUNCHERS = ("local", "slurm")
 
 
-def check_choice(key: str, value: Any, allowed: tuple) -> None:
+def check_choice(key: str, value: Any, allowed) -> None:
     if value not in allowed:
         raise DtuneError(
             f"{key}={value!r} is not supported; choose one of {', '.join(map(str, allowed))}."
@@ -95,8 +84,8 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """How the model is adapted. One flat record: each method function reads its own fields
-    (see METHOD_FIELDS); setting a field the chosen method ignores is refused."""
+    """How the model is adapted. One flat record: each method reads its own fields (its spec
+    in dtune/methods.py lists them); setting a field the chosen method ignores is refused."""
 
     name: str = "lora"
     # LoRA family (lora, dora, qlora, lora_int8) and ia3
@@ -118,7 +107,6 @@ class MethodConfig:
     init_text: Optional[str] = None
 
     def __post_init__(self) -> None:
-        check_choice("method.name", self.name, METHODS)
         check_positive("method.r", self.r)
         check_positive("method.alpha", self.alpha)
         check_fraction("method.dropout", self.dropout)
@@ -137,35 +125,9 @@ class MethodConfig:
                 f"{', '.join(TARGET_ALIASES)}; for specific layers give a list, e.g. "
                 f"method.target_modules=[{self.target_modules}]."
             )
-        defaults = MethodConfig.__dataclass_fields__
-        for key in METHOD_FIELDS_ALL - METHOD_FIELDS[self.name]:
-            default = defaults[key].default
-            if getattr(self, key) != default and key not in PRIMARY_METHOD_VALUES:
-                raise DtuneError(
-                    f"method.{key}={getattr(self, key)!r} has no effect with "
-                    f"method.name={self.name}; it applies to "
-                    f"{', '.join(m for m in METHODS if key in METHOD_FIELDS[m])}. Remove it."
-                )
 
 
 TARGET_ALIASES = ("all-linear", "attention", "default")
-_LORA = {"r", "alpha", "dropout", "target_modules", "modules_to_save"}
-_QUANT = {"quant_type", "double_quant", "compute_dtype"}
-_SOFT_PROMPT = {"num_virtual_tokens", "modules_to_save"}
-METHOD_FIELDS = {
-    "full": set(),
-    "lora": _LORA,
-    "dora": _LORA,
-    "qlora": _LORA | _QUANT,
-    "lora_int8": _LORA | {"compute_dtype"},
-    "ia3": {"target_modules", "modules_to_save"},
-    "prompt_tuning": _SOFT_PROMPT | {"init_text"},
-    "prefix_tuning": _SOFT_PROMPT,
-}
-METHOD_FIELDS_ALL = set().union(*METHOD_FIELDS.values())
-# conf/config.yaml carries LoRA's values as the default method; they stay in every composed
-# config, so they cannot count as "set by the user" for other methods.
-PRIMARY_METHOD_VALUES = {"r", "alpha", "dropout", "target_modules"}
 
 
 @dataclass
@@ -211,7 +173,8 @@ class TrainConfig:
     epochs: int = 1
     micro_batch_size: int = 4
     grad_accum_steps: int = 1
-    lr: float = 2e-4
+    # null: the method's recommended rate (its spec in dtune/methods.py; the README lists them)
+    lr: Optional[float] = None
     lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     warmup_steps: int = 0
@@ -244,7 +207,8 @@ class TrainConfig:
         check_positive("train.epochs", self.epochs)
         check_positive("train.micro_batch_size", self.micro_batch_size)
         check_positive("train.grad_accum_steps", self.grad_accum_steps)
-        check_positive("train.lr", self.lr)
+        if self.lr is not None:
+            check_positive("train.lr", self.lr)
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_fraction("train.min_lr_ratio", self.min_lr_ratio)
         for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_every", "save_every"):
@@ -272,6 +236,9 @@ class EvalConfig:
         check_positive("eval.max_loss_samples", self.max_loss_samples)
 
 
+PRECISIONS = ("fp32", "fp16", "bf16", "bf16_pure")
+
+
 @dataclass
 class PrecisionConfig:
     name: str = "fp32"
@@ -287,7 +254,13 @@ class PrecisionConfig:
 
 @dataclass
 class ParallelismConfig:
-    name: str = "single"
+    """How the run spreads over processes. `zero_stage` null is torch (one process or DDP);
+    1-3 is DeepSpeed ZeRO of that stage; `offload` moves optimizer state (and, at stage 3,
+    parameters) to host memory. conf/parallelism/*.yaml names the usual layouts."""
+
+    name: str = "single"  # "auto": the memory planner picks a layout (dtune/plan.py)
+    zero_stage: Optional[int] = None
+    offload: bool = False
     # processes per node (0: one per GPU, or one on a CPU machine) and nodes
     nproc_per_node: int = 1
     nnodes: int = 1
@@ -300,7 +273,13 @@ class ParallelismConfig:
     deepspeed_overrides: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_choice("parallelism.name", self.name, PARALLELISMS)
+        if self.zero_stage is not None:
+            check_choice("parallelism.zero_stage", self.zero_stage, (1, 2, 3))
+        if self.offload and self.zero_stage is None:
+            raise DtuneError(
+                f"parallelism.offload=true needs DeepSpeed ZeRO (parallelism={self.name} sets "
+                "no parallelism.zero_stage); choose parallelism=zero2_offload or zero3_offload."
+            )
         check_positive("parallelism.nproc_per_node", self.nproc_per_node, allow_zero=True)
         check_positive("parallelism.nnodes", self.nnodes)
         check_positive("parallelism.timeout_minutes", self.timeout_minutes)
@@ -318,9 +297,8 @@ class ParallelismConfig:
                 "parallelism=zero2."
             )
 
-    @property
-    def zero_stage(self) -> Optional[int]:
-        return ZERO_STAGES.get(self.name)
+
+TRACKERS = ("none", "wandb")  # dtune/tracking.py holds one class for each
 
 
 @dataclass
@@ -364,8 +342,10 @@ class TrackerConfig:
 @dataclass
 class LauncherConfig:
     """Where the run executes: here (`local`), or as a SLURM job submitted through submitit
-    (`slurm`, one task per node; dtune's SLURM detection wires the ranks)."""
+    (`slurm`, one task per node; dtune's SLURM detection wires the ranks). `_target_` is the
+    function that takes (config, run dir, overrides) and runs or submits the training."""
 
+    _target_: str = "dtune.launch.run_training"
     name: str = "local"
     partition: Optional[str] = None  # None: the cluster's default partition
     nodes: int = 1
@@ -385,7 +365,6 @@ class LauncherConfig:
     wait: bool = False  # block until the job ends and return its eval loss
 
     def __post_init__(self) -> None:
-        check_choice("launcher.name", self.name, LAUNCHERS)
         check_positive("launcher.nodes", self.nodes)
         check_positive("launcher.gpus_per_node", self.gpus_per_node, allow_zero=True)
         check_positive("launcher.time", self.time)
@@ -406,82 +385,8 @@ class Config:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
-    def __post_init__(self) -> None:
-        check_combination(self)
 
-
-# Which precision each method trains in. This table is what the code checks and what the
-# README shows; a combination outside it is refused before anything loads.
-SUPPORTED_PRECISIONS = {
-    "full": ("fp32", "fp16", "bf16", "bf16_pure"),
-    "lora": ("fp32", "fp16", "bf16"),
-    "dora": ("fp32", "fp16", "bf16"),
-    "qlora": ("fp32", "fp16", "bf16"),
-    "lora_int8": ("fp32", "fp16", "bf16"),
-    "ia3": ("fp32", "fp16", "bf16"),
-    "prompt_tuning": ("fp32", "fp16", "bf16"),
-    "prefix_tuning": ("fp32", "fp16", "bf16"),
-}
-_AUTOCAST_DTYPE = {"fp16": "fp16", "bf16": "bf16"}
 DEFAULT_LOSS_CHUNK_SIZE = 1024
-
-
-def check_combination(cfg: "Config") -> None:
-    method, precision = cfg.method, cfg.precision.name
-    allowed = SUPPORTED_PRECISIONS[method.name]
-    if precision not in allowed:
-        why = (" bf16_pure keeps the weights themselves in bf16, which only full fine-tuning "
-               "has a use for;" if precision == "bf16_pure" else "")
-        raise DtuneError(
-            f"precision={precision} does not work with +method={method.name};{why} choose "
-            f"precision from {', '.join(allowed)}."
-        )
-    if method.name == "qlora" and precision in _AUTOCAST_DTYPE \
-            and method.compute_dtype != _AUTOCAST_DTYPE[precision]:
-        raise DtuneError(
-            f"precision={precision} autocasts to {precision}, but the QLoRA base computes in "
-            f"method.compute_dtype={method.compute_dtype}; the two would fight over the "
-            f"matmul dtype. Set method.compute_dtype={_AUTOCAST_DTYPE[precision]} or "
-            "precision=fp32."
-        )
-    parallel = cfg.parallelism
-    if parallel.zero_stage is not None and method.name in ("qlora", "lora_int8"):
-        raise DtuneError(
-            f"+method={method.name} with parallelism={parallel.name} is not supported: "
-            "DeepSpeed ZeRO would have to shard bitsandbytes' packed quantized weights, which "
-            "it cannot do. A quantized base is small already: use parallelism=ddp, which "
-            "replicates it and splits the data."
-        )
-    if parallel.zero_stage is not None and precision == "bf16_pure":
-        raise DtuneError(
-            f"precision=bf16_pure with parallelism={parallel.name}: DeepSpeed keeps fp32 master "
-            "weights in its bf16 mode; use precision=bf16."
-        )
-    if cfg.launcher.nodes > 1 and parallel.name == "single":
-        raise DtuneError(
-            f"launcher.nodes={cfg.launcher.nodes} runs one task per node, but "
-            "parallelism=single trains in one process; choose parallelism=ddp or a ZeRO "
-            "stage such as parallelism=zero2."
-        )
-    if method.name in ("prompt_tuning", "prefix_tuning") and cfg.data.packing:
-        raise DtuneError(
-            f"data.packing=true does not work with +method={method.name}: its virtual tokens "
-            "would sit in front of a whole packed row and be shared by every example in it. "
-            "Set data.packing=false."
-        )
-    if parallel.zero_stage == 3 and cfg.train.loss_chunk_size:
-        raise DtuneError(
-            f"train.loss_chunk_size={cfg.train.loss_chunk_size} with parallelism="
-            f"{parallel.name}: ZeRO-3 shards the LM head, which the chunked loss reads outside "
-            "the model's forward pass. Set train.loss_chunk_size=0."
-        )
-    if method.name in ("prompt_tuning", "prefix_tuning") \
-            and cfg.data.max_seq_len <= method.num_virtual_tokens:
-        raise DtuneError(
-            f"data.max_seq_len={cfg.data.max_seq_len} leaves no room for text next to "
-            f"method.num_virtual_tokens={method.num_virtual_tokens} virtual tokens; raise "
-            "data.max_seq_len or lower method.num_virtual_tokens."
-        )
 
 
 def loss_chunk_size(train: TrainConfig, zero_stage: Optional[int]) -> int:
@@ -494,87 +399,3 @@ def loss_chunk_size(train: TrainConfig, zero_stage: Optional[int]) -> int:
     if train.loss_chunk_size is not None:
         return train.loss_chunk_size
     return 0 if zero_stage == 3 else DEFAULT_LOSS_CHUNK_SIZE
-
-
-def register_schema() -> None:
-    """Make the schema available to conf/config.yaml as `dtune_schema`."""
-    ConfigStore.instance().store(name="dtune_schema", node=Config)
-
-
-def compose_config(overrides: list[str]) -> Config:
-    """The validated Config that `python -m dtune <overrides>` would run, composed in-process
-    (for `dtune plan`, benchmarks and tests): from the source tree's conf/, else the installed
-    dtune.conf package."""
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir, initialize_config_module
-
-    register_schema()
-    source_tree = Path(__file__).resolve().parent.parent / "conf"
-    context = initialize_config_dir(config_dir=str(source_tree), version_base="1.3") \
-        if source_tree.is_dir() else initialize_config_module("dtune.conf", version_base="1.3")
-    with context:
-        return to_config(compose("config", overrides=list(overrides)))
-
-
-def to_config(cfg: DictConfig) -> Config:
-    """Turn a composed DictConfig into validated dataclasses (runs every range check)."""
-    return OmegaConf.to_object(cfg)
-
-
-def _schema_node(path: list[str]) -> Any:
-    """The dataclass type at a dotted path of the schema, or None where the path leaves it."""
-    node: Any = Config
-    for part in path:
-        if not is_dataclass(node):
-            return None
-        hints = typing.get_type_hints(node)
-        if part not in hints:
-            return None
-        node = hints[part]
-        non_none = [a for a in typing.get_args(node) if a is not type(None)]
-        if typing.get_origin(node) is typing.Union and len(non_none) == 1:
-            node = non_none[0]
-    return node
-
-
-def check_overrides(overrides: list[str]) -> None:
-    """Refuse command-line overrides of keys the schema does not have, or of the wrong type.
-
-    Hydra would refuse them too, but only after composing and with a message about its own
-    internals; this names the key, suggests the closest valid one and lists the valid keys.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as exc:  # Hydra's grammar errors are clear enough; pass them through
-        raise DtuneError(f"could not parse the command-line overrides: {exc}") from None
-    probe = OmegaConf.structured(Config)
-    for override in parsed:
-        key = override.key_or_group
-        if key.startswith("hydra") or "." not in key or override.is_delete():
-            continue  # group selections and Hydra's own keys are Hydra's business
-        *parents, leaf = key.split(".")
-        node = _schema_node(parents)
-        if not is_dataclass(node):
-            continue  # free-form sections (for example raw overrides dicts)
-        valid = [f.name for f in fields(node)]
-        if leaf not in valid:
-            close = difflib.get_close_matches(leaf, valid, n=1)
-            hint = f" Did you mean {'.'.join(parents + [close[0]])}?" if close else ""
-            raise DtuneError(
-                f"unknown config key {key!r} (from the override {override.input_line!r}).{hint} "
-                f"Valid keys under {'.'.join(parents)}: {', '.join(valid)}."
-            )
-        if override.is_sweep_override():
-            continue
-        value = override.value()
-        try:
-            OmegaConf.update(probe, key, value, merge=True)
-        except Exception as exc:
-            expected = getattr(exc, "msg", str(exc)).splitlines()[0]
-            raise DtuneError(
-                f"config key {key!r} got the value {value!r}, which does not fit its type "
-                f"({expected}). Fix the override {override.input_line!r}."
-            ) from None

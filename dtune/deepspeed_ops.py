@@ -9,6 +9,9 @@ shared by every Python environment of the user, so two virtualenvs rebuild over 
 dtune therefore keeps the kernels in its own cache, one folder per environment, and loads them
 under an flock of its own, which the kernel releases when its holder dies. Holding that flock,
 any `lock` file torch left in dtune's folder is known to be stale and is removed.
+
+DeepSpeed is imported inside the functions, deliberately: only ZeRO runs need it, and its
+import takes seconds and probes for accelerators.
 """
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from dtune.errors import DtuneError
-from dtune.models import build_lock, cache_dir
+from dtune.cache import build_lock, cache_dir
 
 log = logging.getLogger("dtune")
 
@@ -34,8 +39,6 @@ def load_deepspeed_ops(offload: bool) -> None:
 
     DeepSpeed keeps loaded kernels in a process-wide table, so its own later calls find them.
     """
-    import torch
-
     if torch.cuda.is_available():
         return  # GPU runs use prebuilt or CUDA kernels; their builds are not ours to manage
     folder, owned = extensions_folder()
@@ -67,7 +70,6 @@ def extensions_folder() -> tuple[Path, bool]:
     if chosen:
         return Path(chosen), chosen == os.environ.get("DTUNE_OWNS_TORCH_EXTENSIONS_DIR")
     import deepspeed
-    import torch
 
     # Build files name the headers of this environment's torch: one folder per environment.
     environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]

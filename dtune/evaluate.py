@@ -1,73 +1,129 @@
-"""Held-out loss and exact match by greedy generation."""
+"""Held-out loss and exact match by greedy generation, shared across the ranks of a run.
+
+Each rank takes its share of the examples and the results are summed over ranks. Under
+ZeRO-3 every forward needs every rank (each gathers the sharded weights), so the ranks step
+through the same number of batches, a rank without examples left running a discarded one.
+The functions take an engine (dtune/engines) or an `Inference` for a model loaded by a tool.
+"""
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
 from dtune.data.batching import collate, loss_token_count
-from dtune.data.formatting import Example, prompt_and_reference
+from dtune.data.formatting import prompt_and_reference
+from dtune.distributed import Ranks, all_reduce_sum, gather
+from dtune.engines.base import move_batch
 from dtune.loss import summed_token_loss
 
 
+@dataclass
+class Inference:
+    """What evaluation needs of an engine, for a model loaded outside training (`dtune eval`,
+    `generate`): the model on this process's device, one rank."""
+
+    module: torch.nn.Module
+    device: torch.device
+    ranks: Ranks = field(default_factory=Ranks)
+    synced_forward: bool = False
+
+    @classmethod
+    def place(cls, model) -> "Inference":
+        quantized = getattr(model, "is_loaded_in_4bit", False) or \
+            getattr(model, "is_loaded_in_8bit", False)
+        if torch.cuda.is_available() and not quantized:
+            model.to("cuda")
+        return cls(model, next(model.parameters()).device)
+
+    def to_device(self, batch: dict) -> dict:
+        return move_batch(batch, self.device)
+
+    def eval_context(self):
+        return contextlib.nullcontext()
+
+
+def my_batches(count: int, batch_size: int, ranks: Ranks, lockstep: bool) -> list[list[int]]:
+    """This rank's batches of item indices (rank r takes items r, r + world, ...). With
+    `lockstep` every rank gets the same number of batches, some possibly empty."""
+    mine = list(range(ranks.rank, count, ranks.world_size))
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    if lockstep:
+        per_rank = -(-count // ranks.world_size)
+        batches += [[] for _ in range(-(-per_rank // batch_size) - len(batches))]
+    return batches
+
+
 @torch.no_grad()
-def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int) -> float:
+def eval_loss(engine, examples, batch_size: int, pad_id: int) -> float:
+    """Mean next-token loss over every loss-carrying token of `examples`."""
+    model = engine.module
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
-        total += float(summed_token_loss(model, batch))
-        count += loss_token_count(batch)
+    for indices in my_batches(len(examples), batch_size, engine.ranks, engine.synced_forward):
+        batch = collate([examples[i] for i in (indices or [0])], pad_id)
+        tokens = loss_token_count(batch) if indices else 0  # counted on the host copy
+        with engine.eval_context():
+            loss = summed_token_loss(model, engine.to_device(batch))
+        if indices:
+            total, count = total + float(loss), count + tokens
     model.train(was_training)
-    return total / max(count, 1)
+    return all_reduce_sum(total) / max(all_reduce_sum(count), 1)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+def generate(engine, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
              add_special_tokens: bool, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, synced_ranks: bool = False) -> list[str]:
-    """Complete each prompt; returns only the new text, special tokens removed.
-
-    `synced_ranks`: every rank generates together (ZeRO-3 gathers weights in each forward),
-    each continuing until all are done."""
+             top_p: float = 1.0) -> list[str]:
+    """Complete each prompt; returns only the new text, special tokens removed. Under ZeRO-3
+    every rank generates together (`synced_gpus`), each continuing until all are done."""
+    model = engine.module
     was_training = model.training
     model.eval()
     answers: list[str] = []
     pad_id = tokenizer.pad_token_id
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample \
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     for start in range(0, len(prompts), batch_size):
         encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]
                    for p in prompts[start : start + batch_size]]
         longest = max(map(len, encoded))
         # Left padding keeps every prompt's last token in the last column, where generation starts.
-        input_ids = torch.tensor([[pad_id] * (longest - len(e)) + e for e in encoded])
-        attention = torch.tensor([[0] * (longest - len(e)) + [1] * len(e) for e in encoded])
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample \
-            else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        output = model.generate(
-            input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, **sampling,
-            **({"synced_gpus": True} if synced_ranks else {}),
-        )
-        for row in output[:, longest:]:
+        batch = engine.to_device({
+            "input_ids": torch.tensor([[pad_id] * (longest - len(e)) + e for e in encoded]),
+            "attention_mask": torch.tensor([[0] * (longest - len(e)) + [1] * len(e)
+                                            for e in encoded])})
+        with engine.eval_context():
+            output = model.generate(
+                **batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id, **sampling,
+                **({"synced_gpus": True} if engine.synced_forward else {}))
+        for row in output[:, longest:].cpu():
             answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     model.train(was_training)
     return answers
 
 
-def exact_match(model, tokenizer, records: list[dict], fmt: str, system_prompt: str | None,
-                samples: int, max_new_tokens: int, batch_size: int,
-                synced_ranks: bool = False) -> dict | None:
+def exact_match(engine, tokenizer, records: list[dict], fmt: str, system_prompt: str | None,
+                samples: int, max_new_tokens: int, batch_size: int) -> dict | None:
     """Share of held-out records whose greedy answer equals the reference, overall and per task."""
     pairs = [(r, prompt_and_reference(r, fmt, tokenizer, system_prompt)) for r in records[:samples]]
     pairs = [(r, pr) for r, pr in pairs if pr is not None]
     if not pairs:
         return None
-    answers = generate(model, tokenizer, [pr[0] for _, pr in pairs], max_new_tokens, batch_size,
-                       add_special_tokens=fmt != "chat", synced_ranks=synced_ranks)
+    mine = []
+    for indices in my_batches(len(pairs), batch_size, engine.ranks, engine.synced_forward):
+        prompts = [pairs[i][1][0] for i in (indices or [0])]
+        answers = generate(engine, tokenizer, prompts, max_new_tokens, batch_size,
+                           add_special_tokens=fmt != "chat")
+        mine += [(i, answer) for i, answer in zip(indices, answers)]
     hits: dict[str, list[bool]] = defaultdict(list)
     examples = []
-    for (record, (_, reference)), answer in zip(pairs, answers):
+    for index, answer in sorted(pair for part in gather(mine) for pair in part):
+        record, (_, reference) = pairs[index]
         ok = answer == reference.strip()
         hits[record.get("task", "all")].append(ok)
         examples.append({"reference": reference, "answer": answer, "correct": ok})

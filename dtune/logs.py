@@ -4,16 +4,15 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+from transformers.utils import logging as hf_logging
+
 
 def quiet_libraries() -> None:
-    import torch
-
     if not torch.cuda.is_available():
         # Without this DeepSpeed warns on import that it "was unable to detect" a GPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # bitsandbytes warns about an optional CPU kernel package on every import.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # per-shard "Loading weights" bars
 

@@ -1,36 +1,55 @@
-"""Methods: each is a plain function that takes the loaded model, the method config and the
-tokenizer, and returns the model to train with only what it should update left trainable.
+"""Methods: one spec each, read by config validation, the planner, merge and the README table.
 
-A method that needs the base loaded differently (4-bit, 8-bit) says so in `load_options`.
-Adding a method is one function here, one entry in METHODS, and one YAML file in conf/method/.
+A spec says how to load the base and adapt it (`apply`: the loaded model, the method config
+and the tokenizer in; the model to train out, with only what should update left trainable),
+which config fields it reads, the precisions it allows, whether DeepSpeed ZeRO can shard it,
+whether its base is quantized, whether `dtune merge` folds it into the base, and the learning
+rate it trains with when the user sets none. Adding a method is one spec here and one YAML
+file in conf/method/.
+
+peft, transformers and torch are imported inside the functions below, deliberately: config
+validation reads these specs before anything heavy is loaded, so a typo is refused at once.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Callable, Optional
 
-import torch
+from dtune.config import MethodConfig
 
-if TYPE_CHECKING:
-    from dtune.config import MethodConfig
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def load_options(cfg: MethodConfig) -> dict:
-    """Extra from_pretrained arguments for the base model (bitsandbytes quantization)."""
-    from transformers import BitsAndBytesConfig
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    trains: str  # what trains, in words (the README's method table)
+    apply: Callable  # (model, MethodConfig, tokenizer) -> model to train
+    fields: frozenset  # the MethodConfig fields it reads
+    recommended_lr: float  # train.lr when the user sets none
+    precisions: tuple = ("fp32", "fp16", "bf16")
+    zero: bool = True  # DeepSpeed ZeRO can shard its weights
+    quantized_bits: Optional[int] = None  # the frozen base's storage: 4, 8 or full precision
+    adapter: bool = True  # final/ is a PEFT adapter (else a full model folder)
+    merges: bool = True  # `dtune merge` folds it into the base
+    soft_prompt: bool = False  # virtual tokens in front of the input: no packing
 
-    if cfg.name == "qlora":
-        return {"quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.quant_type,
-            bnb_4bit_use_double_quant=cfg.double_quant,
-            bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype],
-        )}
-    if cfg.name == "lora_int8":
+    def load_options(self, cfg: MethodConfig) -> dict:
+        """Extra from_pretrained arguments for the base (bitsandbytes quantization)."""
+        if self.quantized_bits is None:
+            return {}
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.quantized_bits == 4:
+            return {"quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                bnb_4bit_use_double_quant=cfg.double_quant,
+                bnb_4bit_compute_dtype=getattr(torch, DTYPE_NAMES[cfg.compute_dtype]))}
         return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
-    return {}
+
+
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def full(model, cfg: MethodConfig, tokenizer):
@@ -44,15 +63,9 @@ def lora(model, cfg: MethodConfig, tokenizer, use_dora: bool = False):
     """LoRA (Hu et al., 2021): frozen base, trainable low-rank updates on the chosen layers."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=_targets(cfg),
-        modules_to_save=cfg.modules_to_save,
-        use_dora=use_dora,
-        task_type="CAUSAL_LM",
-    )
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                        target_modules=_targets(cfg), modules_to_save=cfg.modules_to_save,
+                        use_dora=use_dora, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -107,20 +120,42 @@ def prefix_tuning(model, cfg: MethodConfig, tokenizer):
     return get_peft_model(model, config)
 
 
-METHODS = {
-    "full": full,
-    "lora": lora,
-    "dora": dora,
-    "qlora": quantized_lora,
-    "lora_int8": quantized_lora,
-    "ia3": ia3,
-    "prompt_tuning": prompt_tuning,
-    "prefix_tuning": prefix_tuning,
-}
+_LORA = frozenset({"r", "alpha", "dropout", "target_modules", "modules_to_save"})
+_QUANT = frozenset({"quant_type", "double_quant", "compute_dtype"})
+_SOFT_PROMPT = frozenset({"num_virtual_tokens", "modules_to_save"})
+
+# Learning rates: LoRA's 1e-3 suits alpha = 2r on small and mid-size models; full fine-tuning
+# moves every weight and wants far less; IA3 and soft prompts have few parameters steering a
+# frozen model and want far more (Lester et al. used 0.3 for prompt tuning).
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    MethodSpec("full", "every weight", full, frozenset(), 5e-5,
+               precisions=("fp32", "fp16", "bf16", "bf16_pure"), adapter=False, merges=False),
+    MethodSpec("lora", "low-rank updates beside frozen weights", lora, _LORA, 1e-3),
+    MethodSpec("dora", "LoRA on each weight's direction, plus its magnitude", dora, _LORA, 1e-3),
+    MethodSpec("qlora", "LoRA over a base stored in 4 bits (NF4, double quantization)",
+               quantized_lora, _LORA | _QUANT, 1e-3, zero=False, quantized_bits=4),
+    MethodSpec("lora_int8", "LoRA over a base stored in 8 bits (LLM.int8)", quantized_lora,
+               _LORA | {"compute_dtype"}, 1e-3, zero=False, quantized_bits=8),
+    MethodSpec("ia3", "one learned scale per channel of keys, values and MLP output", ia3,
+               frozenset({"target_modules", "modules_to_save"}), 3e-2),
+    MethodSpec("prompt_tuning", "a soft prompt: `num_virtual_tokens` trainable embeddings "
+               "before the input", prompt_tuning, _SOFT_PROMPT | {"init_text"}, 3e-2,
+               merges=False, soft_prompt=True),
+    MethodSpec("prefix_tuning", "trainable key/value prefixes in every attention layer",
+               prefix_tuning, _SOFT_PROMPT, 1e-2, merges=False, soft_prompt=True),
+)}
+
+
+def method_spec(cfg: MethodConfig) -> MethodSpec:
+    return METHODS[cfg.name]
 
 
 def apply_method(model, cfg: MethodConfig, tokenizer):
-    return METHODS[cfg.name](model, cfg, tokenizer)
+    return METHODS[cfg.name].apply(model, cfg, tokenizer)
+
+
+def load_options(cfg: MethodConfig) -> dict:
+    return METHODS[cfg.name].load_options(cfg)
 
 
 def _targets(cfg: MethodConfig):

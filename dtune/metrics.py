@@ -1,6 +1,7 @@
 """Plain local metrics: `metrics.jsonl` (one object per logged step or eval) and peak memory."""
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -11,6 +12,11 @@ from pathlib import Path
 
 import torch
 
+from dtune.files import write_atomically
+from dtune.run_dir import read_metrics
+
+GIB = 1024**3
+
 
 class MetricsLog:
     """Appends JSON lines. On resume, lines past the checkpoint's step are dropped first,
@@ -19,9 +25,8 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._handle = self.path.open("a", encoding="utf-8")
@@ -34,10 +39,6 @@ class MetricsLog:
 
     def close(self) -> None:
         self._handle.close()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def peak_memory_bytes() -> int:
@@ -89,8 +90,6 @@ def release_free_heap() -> None:
     """Hand memory freed while loading back to the OS (glibc keeps it otherwise), so RSS
     during training reflects what training holds."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except OSError:

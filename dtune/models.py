@@ -3,22 +3,27 @@ a GGUF file shipped in a pip package (converted once and cached), or a small ran
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors.torch import save_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
+                          PreTrainedTokenizerFast)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from dtune.cache import atomic_dir, build_lock, cache_dir, safe_name
 from dtune.config import ModelConfig, RandomInitConfig
+from dtune.data.builtin import corpus_for_tokenizer
 from dtune.errors import DtuneError
 
 log = logging.getLogger("dtune")
@@ -31,20 +36,12 @@ CHATML_TEMPLATE = (
 )
 
 
-def cache_dir() -> Path:
-    """Where dtune keeps converted and generated models and compiled DeepSpeed kernels
-    (DTUNE_CACHE_DIR overrides)."""
-    return Path(os.environ.get("DTUNE_CACHE_DIR", Path.home() / ".cache" / "dtune"))
-
-
 def load_model_and_tokenizer(cfg: ModelConfig, load_options: dict | None = None):
     """Return (model with fp32 weights, tokenizer, where the weights came from).
 
     `load_options` go to from_pretrained: a method's bitsandbytes quantization, for example,
     or `dtype="auto"` to keep the checkpoint's own dtype.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, source = resolve_model(cfg)
     load_options = dict(load_options or {})
     dtype = load_options.pop("dtype", torch.float32)
@@ -88,7 +85,7 @@ def release_checkpoint_mapping(model) -> None:
     """Copy the tensors a quantized load left unquantized (embeddings, norms) out of the
     memory-mapped fp32 checkpoint. They are views into it, and keep the whole file resident:
     for SmolLM2-135M that is ~400 MB more than the quantized model itself."""
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # only quantized bases need it: its import probes for kernels
 
     with torch.no_grad():
         for param in model.parameters():
@@ -104,7 +101,7 @@ def keep_4bit_layout_trainable(model) -> None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time
     it runs in eval mode, into a bf16 layout whose kernel has no backward: training after an
     eval then gets wrong gradients, silently, and logits shift. Keep the one layout."""
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # as above
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -113,9 +110,6 @@ def keep_4bit_layout_trainable(model) -> None:
 
 def check_causal_lm(folder: str, cfg: ModelConfig, kwargs: dict) -> None:
     """Refuse an encoder or other non-causal model before loading any weight."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     try:
         config = AutoConfig.from_pretrained(folder, **kwargs)
     except ValueError as exc:
@@ -166,7 +160,7 @@ def resolve_model(cfg: ModelConfig) -> tuple[str, str]:
             looked.append("the hub (not reachable)")
 
     if cfg.gguf is not None and cfg.gguf.package:
-        converted = cache_dir() / "converted" / _safe_name(cfg.name_or_path)
+        converted = cache_dir() / "converted" / safe_name(cfg.name_or_path)
         if (converted / "config.json").exists():
             return str(converted), f"GGUF conversion cached in {converted}"
         spec = importlib.util.find_spec(cfg.gguf.package)
@@ -197,8 +191,6 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def _in_hf_cache(cfg: ModelConfig) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
     found = try_to_load_from_cache(cfg.name_or_path, "config.json", revision=cfg.revision)
     return isinstance(found, str)
 
@@ -213,14 +205,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _safe_name(name: str) -> str:
-    return name.replace("/", "--")
-
-
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF checkpoint once into a safetensors folder (model + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     log.info("Converting %s to safetensors (once; later runs load the cache)...", gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -230,41 +216,41 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         write_model_folder(model, tokenizer, tmp)
 
 
 def build_random_model(name: str, arch: RandomInitConfig) -> Path:
     """Build (once) a small Llama with random weights and an offline tokenizer; return its folder."""
     key = hashlib.sha256(json.dumps(asdict(arch), sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_dir() / "random-init" / f"{_safe_name(name)}-{key}"
+    folder = cache_dir() / "random-init" / f"{safe_name(name)}-{key}"
     with build_lock(folder):
         if not (folder / "config.json").exists():
             _write_random_model(folder, arch)
     return folder
 
 
-def _write_random_model(folder: Path, arch: RandomInitConfig) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tiny_tokenizer(arch.vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads,
+def random_model_config(arch: RandomInitConfig, tokenizer=None):
+    """The transformers config of a random-init model (what `dtune plan` reads, too)."""
+    special = {} if tokenizer is None else dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return LlamaConfig(
+        vocab_size=arch.vocab_size if tokenizer is None else len(tokenizer),
+        hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
         num_key_value_heads=arch.num_kv_heads,
-        max_position_embeddings=arch.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+        max_position_embeddings=arch.max_position_embeddings, tie_word_embeddings=False,
+        **special)
+
+
+def _write_random_model(folder: Path, arch: RandomInitConfig) -> None:
+    tokenizer = build_tiny_tokenizer(arch.vocab_size)
+    config = random_model_config(arch, tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(arch.init_seed)
-        model = LlamaForCausalLM(config)
-    with _atomic_dir(folder) as tmp:
+        model = AutoModelForCausalLM.from_config(config)
+    with atomic_dir(folder) as tmp:
         write_model_folder(model, tokenizer, tmp)
 
 
@@ -272,8 +258,6 @@ def write_model_folder(model, tokenizer, folder: Path) -> None:
     """What save_pretrained writes, from any rank. Not model.save_pretrained: under
     torch.distributed it writes the weights on rank 0 only, and whichever rank takes the
     build lock first (any rank, on SLURM) fills dtune's cache."""
-    from safetensors.torch import save_model
-
     model.config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
     save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -282,11 +266,6 @@ def write_model_folder(model, tokenizer, folder: Path) -> None:
 
 def build_tiny_tokenizer(vocab_size: int):
     """A byte-level BPE trained on the built-in dataset: deterministic, offline, any text encodes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from dtune.data.builtin import corpus_for_tokenizer
-
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -307,38 +286,3 @@ def build_tiny_tokenizer(vocab_size: int):
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
-
-
-class _atomic_dir:
-    """Write a folder under a temporary name and rename it into place when complete.
-
-    Callers hold `build_lock` for the folder, so concurrent ranks build it once."""
-
-    def __init__(self, final: Path):
-        self.final = Path(final)
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        os.rename(self.tmp, self.final)
-
-
-@contextlib.contextmanager
-def build_lock(folder: Path):
-    """An exclusive lock on `folder`'s build: processes started together (ranks, nodes on
-    one machine) wait for the first to finish, then find the folder ready."""
-    import fcntl
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -17,17 +17,48 @@ The estimate adds up, per device:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from dtune.config import PARALLELISMS, Config, ZERO_STAGES, loss_chunk_size
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dtune.cache import cache_dir, safe_name
+from dtune.compose import conf_group
+from dtune.config import Config, ModelConfig, loss_chunk_size
+from dtune.distributed import wanted_processes
 from dtune.errors import DtuneError
+from dtune.methods import METHODS
+from dtune.models import random_model_config
 
 log = logging.getLogger("dtune")
 GIB = 1024**3
 CPU_RUNTIME_BYTES = int(0.6 * GIB)
-OPTIONS = tuple(p for p in PARALLELISMS if p != "auto")
-# cheapest first: less communication and fewer moving parts win when several fit
-COST_ORDER = ("single", "ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One option of the parallelism group (conf/parallelism/NAME.yaml)."""
+
+    name: str
+    zero_stage: int | None
+    offload: bool
+
+    @property
+    def cost(self) -> tuple:
+        """Cheapest first: less communication and fewer moving parts win when several fit
+        (single, ddp, zero1, zero2, zero3, then the offload options)."""
+        return (self.offload, self.zero_stage or 0, self.name != "single")
+
+
+def layouts() -> dict[str, Layout]:
+    """Every parallelism option but `auto`, from its YAML file."""
+    found = {}
+    for name, node in conf_group("parallelism").items():
+        if name != "auto":
+            found[name] = Layout(name, node.get("zero_stage"), bool(node.get("offload", False)))
+    return dict(sorted(found.items(), key=lambda item: item[1].cost))
 
 
 @dataclass
@@ -59,9 +90,6 @@ class Estimate:
 
 def model_shape(cfg: Config) -> ModelShape:
     """Count parameters on the meta device: the architecture without any weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     hf_config = _hf_config(cfg.model, AutoConfig)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
@@ -80,23 +108,13 @@ def model_shape(cfg: Config) -> ModelShape:
     )
 
 
-def _hf_config(model_cfg, auto_config):
+def _hf_config(model_cfg: ModelConfig, auto_config):
     """The model's config: built for random-init models, else config.json from a local
     folder, an earlier GGUF conversion, or the hub (which sends that one small file)."""
-    from pathlib import Path
-
-    from transformers import LlamaConfig
-
-    from dtune.models import _safe_name, cache_dir
-
-    arch = model_cfg.random_init
-    if arch is not None:
-        return LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
-                           intermediate_size=arch.intermediate_size,
-                           num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
-                           num_key_value_heads=arch.num_kv_heads, tie_word_embeddings=False)
+    if model_cfg.random_init is not None:
+        return random_model_config(model_cfg.random_init)
     source = model_cfg.name_or_path
-    converted = cache_dir() / "converted" / _safe_name(model_cfg.name_or_path)
+    converted = cache_dir() / "converted" / safe_name(model_cfg.name_or_path)
     if not Path(source).expanduser().exists() and (converted / "config.json").exists():
         source = str(converted)
     try:
@@ -106,31 +124,30 @@ def _hf_config(model_cfg, auto_config):
                          f"{model_cfg.name_or_path!r}: {str(exc).splitlines()[0]}") from None
 
 
-def estimate(cfg: Config, shape: ModelShape, parallelism: str, world_size: int,
+def estimate(cfg: Config, shape: ModelShape, layout: Layout, world_size: int,
              on_gpu: bool) -> Estimate:
-    method, precision = cfg.method.name, cfg.precision.name
-    zero = ZERO_STAGES.get(parallelism, 0)
-    offload = parallelism.endswith("_offload")
-    w = world_size if parallelism != "single" else 1
+    spec, precision = METHODS[cfg.method.name], cfg.precision.name
+    zero, offload = layout.zero_stage or 0, layout.offload
+    w = world_size if layout.name != "single" else 1
     deepspeed_16bit = zero and precision in ("bf16", "fp16")
     weight_bytes = 2 if precision == "bf16_pure" or deepspeed_16bit else 4
 
     other = shape.params - shape.linear_params
-    if method == "qlora":
+    if spec.quantized_bits == 4:  # + ~1.6% quantisation constants
         weights = other * 4 + shape.linear_params * 0.516
-    elif method == "lora_int8":
+    elif spec.quantized_bits == 8:
         weights = other * 4 + shape.linear_params * 1.02
     else:
         weights = shape.params * weight_bytes
-    if method == "full":
+    if not spec.adapter:
         trainable = shape.params
-    elif method in ("lora", "dora", "qlora", "lora_int8"):
+    elif "r" in spec.fields:  # the LoRA family: r x (in + out) per adapted layer
         trainable = cfg.method.r * shape.lora_params_per_rank
         weights += trainable * 4
     else:  # ia3, soft prompts: small
         trainable = shape.hidden * shape.layers * 3
         weights += trainable * 4
-    if zero == 3 and method == "full":
+    if zero == 3 and not spec.adapter:
         weights /= w
 
     grad_bytes = 2 if precision == "bf16_pure" or deepspeed_16bit else 4
@@ -158,19 +175,19 @@ def estimate(cfg: Config, shape: ModelShape, parallelism: str, world_size: int,
     logits = logit_rows * shape.vocab * (8 + act_bytes)
     activations = tokens * layers * act_bytes + logits
     runtime = 0 if on_gpu else CPU_RUNTIME_BYTES
-    return Estimate(parallelism, int(weights), int(gradients), int(optimizer), int(activations),
-                    runtime, int(offloaded))
+    return Estimate(layout.name, int(weights), int(gradients), int(optimizer),
+                    int(activations), runtime, int(offloaded))
 
 
 def plan(cfg: Config, world_size: int, on_gpu: bool, shape: ModelShape | None = None
          ) -> list[Estimate]:
     shape = shape or model_shape(cfg)
-    options = ["single"] if world_size == 1 else [p for p in OPTIONS if p != "single"]
-    if world_size == 1:
-        options += ["zero2_offload", "zero3_offload"]  # offload helps one device too
-    if cfg.method.name in ("qlora", "lora_int8"):
-        options = [p for p in options if p not in ZERO_STAGES]  # refused by the config check
-    return [estimate(cfg, shape, p, world_size, on_gpu) for p in options]
+    options = [layout for layout in layouts().values()
+               if (layout.name == "single") == (world_size == 1)
+               or (world_size == 1 and layout.offload)]  # offload helps one device too
+    if not METHODS[cfg.method.name].zero:  # refused by the config check
+        options = [layout for layout in options if layout.zero_stage is None]
+    return [estimate(cfg, shape, layout, world_size, on_gpu) for layout in options]
 
 
 def choose(estimates: list[Estimate], device_bytes: int) -> tuple[Estimate, str]:
@@ -184,9 +201,9 @@ def choose(estimates: list[Estimate], device_bytes: int) -> tuple[Estimate, str]
             "Lower train.micro_batch_size or data.max_seq_len, set "
             "train.gradient_checkpointing=true, or use +method=qlora."
         )
-    best = min(fitting, key=lambda e: COST_ORDER.index(e.parallelism))
-    skipped = [e for e in estimates if COST_ORDER.index(e.parallelism)
-               < COST_ORDER.index(best.parallelism)]
+    cost = {name: layout.cost for name, layout in layouts().items()}
+    best = min(fitting, key=lambda e: cost[e.parallelism])
+    skipped = [e for e in estimates if cost[e.parallelism] < cost[best.parallelism]]
     why = f"{best.parallelism} is the cheapest option that fits " \
           f"({best.total / GIB:.2f} of {device_bytes / GIB:.1f} GiB per device)"
     if skipped:
@@ -197,10 +214,6 @@ def choose(estimates: list[Estimate], device_bytes: int) -> tuple[Estimate, str]
 
 def device_memory_bytes() -> tuple[int, bool]:
     """(memory of one device, whether it is a GPU): GPU 0's total, else the host's RAM."""
-    import os
-
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory, True
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), False
@@ -220,12 +233,12 @@ def table(estimates: list[Estimate], device_bytes: int | None) -> str:
 
 def resolve_auto(cfg: Config) -> str:
     """Replace parallelism=auto in `cfg` by the planned choice; returns the reason."""
-    from dtune.distributed import wanted_processes
-
     device_bytes, on_gpu = device_memory_bytes()
     cfg.parallelism.name = "ddp"  # to count processes as a multi-process option would
     world = wanted_processes(cfg.parallelism)
     best, why = choose(plan(cfg, world, on_gpu), device_bytes)
-    cfg.parallelism.name = best.parallelism
+    layout = layouts()[best.parallelism]
+    cfg.parallelism.name, cfg.parallelism.zero_stage, cfg.parallelism.offload = \
+        layout.name, layout.zero_stage, layout.offload
     log.info("parallelism=auto chose %s with %d process(es): %s", best.parallelism, world, why)
     return why

@@ -17,6 +17,7 @@ import torch
 from dtune.config import PrecisionConfig
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -36,21 +37,21 @@ class Precision:
 
     def step(self, optimizer, params, max_norm: float, loss_finite: bool) -> tuple[float, str]:
         """Clip, then step unless something was not finite. Returns (grad norm, status):
-        "ok"; "overflow" (fp16: the scaler skipped the step and lowered the scale);
+        "applied"; "overflow" (fp16: the scaler skipped the step and lowered the scale);
         "nonfinite" (NaN/inf loss or gradient without a scaler: nothing was applied)."""
         if self.scaler is None:
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not (loss_finite and math.isfinite(norm)):
                 return norm, "nonfinite"
             optimizer.step()
-            return norm, "ok"
+            return norm, "applied"
         self.scaler.unscale_(optimizer)
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         scale_before = self.scaler.get_scale()
         self.scaler.step(optimizer)  # does nothing when an inf/nan was found
         self.scaler.update()
         overflow = self.scaler.get_scale() < scale_before or not math.isfinite(norm)
-        return norm, "overflow" if overflow else "ok"
+        return norm, "overflow" if overflow else "applied"
 
     @property
     def loss_scale(self) -> Optional[float]:

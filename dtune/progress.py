@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from tqdm import tqdm
+
 
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -21,8 +23,6 @@ class Progress:
         self.start_step, self.started = start_step, time.perf_counter()
         self.bar = None
         if sys.stdout.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step",
                             dynamic_ncols=True, file=sys.stdout)
 

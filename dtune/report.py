@@ -16,7 +16,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dtune.errors import DtuneError
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from PIL import Image, ImageChops  # noqa: E402
+
+
+from dtune.errors import DtuneError  # noqa: E402
+from dtune.run_dir import RunDir  # noqa: E402
 
 GIB = 1024**3
 # Keys that differ between runs without being hyperparameters.
@@ -59,10 +68,6 @@ class Run:
 
 # --- finding and reading runs -------------------------------------------------------------
 
-def is_run_dir(path: Path) -> bool:
-    return (path / ".hydra" / "config.yaml").is_file() or (path / "metrics.jsonl").is_file()
-
-
 def find_runs(paths: list[Path]) -> list[tuple[Path, str]]:
     """(run dir, label) for each path: a run dir, or a sweep dir whose direct subfolders are
     run dirs. Labels are relative to the folder holding each path: `sweep/0`, `my-run`."""
@@ -71,10 +76,10 @@ def find_runs(paths: list[Path]) -> list[tuple[Path, str]]:
         if not path.is_dir():
             raise DtuneError(f"{path} does not exist or is not a folder; pass run directories "
                              "or sweep directories (a folder of run directories).")
-        if is_run_dir(path):
+        if RunDir(path).is_run():
             found.append((path, path.resolve().name))
             continue
-        runs = sorted((p for p in path.iterdir() if p.is_dir() and is_run_dir(p)),
+        runs = sorted((p for p in path.iterdir() if p.is_dir() and RunDir(p).is_run()),
                       key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit()
                                      else 0, p.name))
         if not runs:
@@ -102,24 +107,13 @@ def flatten(tree, prefix: str = "") -> dict:
 
 
 def load_run(path: Path, label: str) -> Run:
-    from omegaconf import OmegaConf
-
-    config_file = path / ".hydra" / "config.yaml"
-    overrides_file = path / ".hydra" / "overrides.yaml"  # written by CLI runs, not in-process
-    config = flatten(OmegaConf.to_container(OmegaConf.load(config_file))) \
-        if config_file.is_file() else {}
-    overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(overrides_file))] \
-        if overrides_file.is_file() else []
-    metrics = []
-    if (path / "metrics.jsonl").is_file():
-        for line in (path / "metrics.jsonl").read_text().splitlines():
-            try:
-                metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill: the rest of the run is still worth showing
-    summary_file = path / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
-    return Run(label, path, config, overrides, metrics, summary)
+    run = RunDir(path)
+    config = flatten(OmegaConf.to_container(OmegaConf.load(run.config_file))) \
+        if run.config_file.is_file() else {}
+    overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(run.overrides_file))] \
+        if run.overrides_file.is_file() else []  # written by CLI runs, not in-process ones
+    metrics = run.read_metrics() if run.metrics_file.is_file() else []
+    return Run(label, path, config, overrides, metrics, run.read_summary())
 
 
 def mark_swept(runs: list[Run]) -> list[str]:
@@ -135,8 +129,6 @@ def mark_swept(runs: list[Run]) -> list[str]:
 # --- plots --------------------------------------------------------------------------------
 
 def _colors(n: int):
-    import matplotlib.pyplot as plt
-
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "viridis")
     return [cmap(i if n <= 20 else i / max(n - 1, 1)) for i in range(n)]
 
@@ -163,15 +155,11 @@ def _legend(ax) -> None:
 def _save(fig, out_dir: Path, name: str) -> str:
     fig.tight_layout()
     fig.savefig(out_dir / name, dpi=100)
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
     return name
 
 
 def plot_loss(runs: list[Run], out_dir: Path) -> str:
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(8, 4.4))
     for run, color in zip(runs, _colors(len(runs))):
         steps = run.steps
@@ -189,8 +177,6 @@ def plot_loss(runs: list[Run], out_dir: Path) -> str:
 
 def plot_step_metric(runs: list[Run], out_dir: Path, key: str, title: str,
                      ylabel: str) -> str:
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(8, 4.4))
     for run, color in zip(runs, _colors(len(runs))):
         points = [(m["step"], m[key]) for m in run.steps if m.get(key) is not None]
@@ -204,8 +190,6 @@ def plot_step_metric(runs: list[Run], out_dir: Path, key: str, title: str,
 
 def plot_sweep(runs: list[Run], swept: list[str], metric: str, out_dir: Path) -> str | None:
     """The final metric against each swept hyperparameter, one panel each."""
-    import matplotlib.pyplot as plt
-
     shown = [k for k in swept if any(r.final(metric) is not None for r in runs)][:8]
     if not shown:
         return None
@@ -430,9 +414,6 @@ this page.</p>
 
 def write_report(paths: list[Path], out_dir: Path, metric: str | None = None) -> Path:
     """Write `out_dir/report.html` and its PNG plots for the runs under `paths`."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
     runs = [load_run(path, label) for path, label in find_runs(paths)]
     swept = mark_swept(runs)
     if metric is None:
@@ -484,8 +465,6 @@ def screenshot(page: Path, png: Path, width: int = 1400, height: int = 3000) -> 
 
 
 def trim_bottom(png: Path, margin: int = 24) -> None:
-    from PIL import Image, ImageChops
-
     with Image.open(png) as image:
         rgb = image.convert("RGB")
     content = ImageChops.difference(rgb, Image.new("RGB", rgb.size, "white")).getbbox()

@@ -1,75 +1,128 @@
-"""Read back what a run left in its directory: its config and its final model."""
+"""The run directory: its layout, and reading and writing what a run leaves there.
+
+Training, `dtune report`, `dtune check`, eval/generate/merge and the sweep results table all
+find a run's files through `RunDir`, so the layout is spelled out once, here:
+
+    RUN_DIR/.hydra/config.yaml    the resolved config (Hydra)      metrics.jsonl, summary.json
+    RUN_DIR/checkpoints/step-N/   resumable state                  final/  (the HF artifact)
+    RUN_DIR/wandb_run_id, wandb/  W&B                              slurm_job_id, slurm/
+"""
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from dtune.files import write_atomically
 
-from dtune.config import Config, to_config
-from dtune.errors import DtuneError
-
-
-def load_run_config(run_dir: Path) -> Config:
-    path = Path(run_dir) / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise DtuneError(
-            f"{run_dir} is not a dtune run directory: {path} is missing. Pass the folder a "
-            "training run wrote (its hydra.run.dir)."
-        )
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
-    return to_config(merged)
+log = logging.getLogger("dtune")
 
 
-def load_final_model(run_dir: Path):
-    """Return (model, tokenizer, config) from `run_dir/final`: base + adapter, or a full model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
 
-    from dtune.logs import quiet_libraries
-    from dtune.models import load_model_and_tokenizer
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
 
-    quiet_libraries()
-    cfg = load_run_config(run_dir)
-    final = Path(run_dir) / "final"
-    if not final.is_dir():
-        raise DtuneError(
-            f"{final} does not exist: the run has not finished. Resume it with "
-            f"`python -m dtune hydra.run.dir={run_dir} train.resume=true` plus its overrides."
-        )
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    if (final / "adapter_config.json").is_file():
-        from peft import PeftModel
+    # --- the layout ---------------------------------------------------------------------
+    @property
+    def hydra(self) -> Path:
+        return self.path / ".hydra"
 
-        from dtune.methods import load_options
+    @property
+    def config_file(self) -> Path:
+        return self.hydra / "config.yaml"
 
-        base, _, _ = load_model_and_tokenizer(cfg.model, load_options(cfg.method))
-        model = PeftModel.from_pretrained(base, final)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(final)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.eval()
-    return model, tokenizer, cfg
+    @property
+    def overrides_file(self) -> Path:
+        return self.hydra / "overrides.yaml"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+    @property
+    def merged(self) -> Path:
+        return self.path / "merged"
+
+    @property
+    def eval_file(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report"
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / "dtune.log"
+
+    @property
+    def wandb_run_id_file(self) -> Path:
+        return self.path / "wandb_run_id"
+
+    @property
+    def wandb(self) -> Path:
+        return self.path / "wandb"
+
+    @property
+    def slurm_job_id_file(self) -> Path:
+        return self.path / "slurm_job_id"
+
+    @property
+    def slurm(self) -> Path:
+        return self.path / "slurm"
+
+    # --- what is in it --------------------------------------------------------------------
+    def is_run(self) -> bool:
+        return self.config_file.is_file() or self.metrics_file.is_file()
+
+    def final_is_adapter(self) -> bool:
+        """Whether final/ is a PEFT adapter (else a full model folder)."""
+        return (self.final / "adapter_config.json").is_file()
+
+    def read_metrics(self) -> list[dict]:
+        return read_metrics(self.metrics_file)
+
+    def step_records(self) -> list[dict]:
+        """The training steps of metrics.jsonl (not the evals), in order."""
+        return [r for r in self.read_metrics() if "loss" in r and r.get("split") != "eval"]
+
+    def read_summary(self) -> dict | None:
+        return json.loads(self.summary_file.read_text()) if self.summary_file.is_file() else None
+
+    def write_summary(self, summary: dict) -> None:
+        write_atomically(self.summary_file, json.dumps(summary, indent=2))
+
+    def write_json(self, path: Path, value) -> None:
+        write_atomically(path, json.dumps(value, indent=2))
 
 
-def load_for_generation(path: Path):
-    """A run directory (its final model) or a plain model folder, such as `dtune merge` writes.
-
-    Returns (model, tokenizer, system prompt or None)."""
-    path = Path(path)
-    if (path / ".hydra" / "config.yaml").is_file():
-        model, tokenizer, cfg = load_final_model(path)
-        return model, tokenizer, cfg.data.system_prompt
-    if (path / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from dtune.logs import quiet_libraries
-
-        quiet_libraries()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer, None
-    raise DtuneError(
-        f"{path} is neither a dtune run directory (no .hydra/config.yaml) nor a model folder "
-        "(no config.json); pass a training run's directory or a folder written by dtune merge."
-    )
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A last line cut short (a kill or a full disk during
+    the write) is left out with a warning; anything else that is not JSON is an error."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+            log.warning("%s: its last line is cut short (a run killed while writing it); "
+                        "it is left out.", path)
+    return records

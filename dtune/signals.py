@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 
+from dtune.distributed import all_reduce_max
 from dtune.errors import DtuneError
 
 log = logging.getLogger("dtune")
@@ -58,18 +59,9 @@ class StopFlag:
     def requested(self) -> bool:
         """Whether any rank received a stop signal; all ranks must agree, or the ones that
         stop would leave the others waiting in a collective (one tiny all_reduce per step)."""
-        import torch.distributed as dist
-
-        flag = float(self.signum is not None)
-        if dist.is_initialized():
-            import torch
-
-            tensor = torch.tensor([flag], device="cuda" if dist.get_backend() == "nccl"
-                                  else "cpu")
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-            flag = float(tensor.item())
-            if flag and self.signum is None:
-                self.signum = signal.SIGTERM  # another rank got it; act alike
+        flag = all_reduce_max(float(self.signum is not None))
+        if flag and self.signum is None:
+            self.signum = signal.SIGTERM  # another rank got it; act alike
         return bool(flag)
 
 

@@ -17,12 +17,13 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 from dtune.config import Config
-from dtune.metrics import peak_memory_bytes
+from dtune.run_dir import RunDir
 
 log = logging.getLogger("dtune")
-RUN_ID_FILE = "wandb_run_id"  # in the run dir: a resumed run continues the same W&B run
-GIB = 1024**3
 # Environment variables whose values must never reach W&B, however they got into a string.
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)$", re.IGNORECASE)
 
@@ -43,14 +44,14 @@ class Tracker:
 def create_tracker(cfg: Config, run_dir: Path, resumed: bool,
                    is_main_process: bool = True) -> Tracker:
     """The tracker `cfg.tracker` asks for. `resumed`: training continues from a checkpoint."""
-    if cfg.tracker.name == "none" or not is_main_process:
+    if not is_main_process:
         return Tracker()
-    return WandbTracker(cfg, Path(run_dir), resumed)
+    return TRACKERS[cfg.tracker.name](cfg, Path(run_dir), resumed)
 
 
 class WandbTracker(Tracker):
     def __init__(self, cfg: Config, run_dir: Path, resumed: bool):
-        import wandb
+        import wandb  # deliberately here: a second to import, and only tracker=wandb needs it
 
         self.wandb, self.cfg, self.run_dir = wandb, cfg, run_dir
         self.secrets = secret_values(os.environ)
@@ -84,7 +85,7 @@ class WandbTracker(Tracker):
             return self._start(args, "offline", "W&B could not be reached")
         if run.offline:
             log.warning("W&B is offline for this run (%s). Upload it later with: "
-                        "wandb sync %s", reason, self.run_dir / "wandb")
+                        "wandb sync %s", reason, RunDir(self.run_dir).wandb)
         elif run.url:
             log.info("W&B run: %s", run.url)
         return run
@@ -93,10 +94,7 @@ class WandbTracker(Tracker):
         step = int(record.get("step", 0))
         if self.run is None or step < self.first_step:
             return
-        data = wandb_metrics(record)
-        if "loss" in record:  # a training step: memory belongs on the same row
-            data["train/peak_memory_gib"] = peak_memory_bytes() / GIB
-        self._call(self.run.log, data, step=step)
+        self._call(self.run.log, wandb_metrics(record), step=step)
 
     def summary(self, summary: dict) -> None:
         if self.run is not None:
@@ -106,7 +104,7 @@ class WandbTracker(Tracker):
     def finish(self) -> None:
         if self.run is None:
             return
-        final = self.run_dir / "final"
+        final = RunDir(self.run_dir).final
         if self.cfg.tracker.log_artifact and final.is_dir():
             self._call(self._log_artifact, final)
         self._call(self.run.finish)
@@ -114,7 +112,7 @@ class WandbTracker(Tracker):
 
     def _log_artifact(self, final: Path) -> None:
         # Named by run id, so a resumed run adds versions to its own artifact.
-        kind = "adapter" if (final / "adapter_config.json").is_file() else "model"
+        kind = "adapter" if RunDir(self.run_dir).final_is_adapter() else "model"
         artifact = self.wandb.Artifact(f"dtune-{kind}-{self.run_id}", type="model",
                                        metadata={"method": self.cfg.method.name,
                                                  "model": self.cfg.model.name_or_path})
@@ -135,6 +133,10 @@ class WandbTracker(Tracker):
                 run.finish(exit_code=1)
             except Exception:
                 pass
+
+
+# One entry per `tracker=` option (conf/tracker/*.yaml): (config, run dir, resumed) -> Tracker.
+TRACKERS = {"none": lambda cfg, run_dir, resumed: Tracker(), "wandb": WandbTracker}
 
 
 def wandb_metrics(record: dict) -> dict:
@@ -190,9 +192,6 @@ def default_run_name(run_dir: Path) -> str:
 def hydra_sweep_dir() -> str | None:
     """The sweep dir when this process runs one job of a Hydra multirun."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             return str(HydraConfig.get().sweep.dir)
     except Exception:  # no Hydra context (an in-process run): no sweep
@@ -202,7 +201,7 @@ def hydra_sweep_dir() -> str | None:
 
 def stable_run_id(run_dir: Path, resumed: bool) -> str:
     """The W&B run id kept in the run dir: reused when training resumes, new otherwise."""
-    path = Path(run_dir) / RUN_ID_FILE
+    path = RunDir(run_dir).wandb_run_id_file
     if resumed and path.is_file() and path.read_text().strip():
         return path.read_text().strip()
     # Not `random`: training seeds it, and two runs with one seed must not share an id.

@@ -7,11 +7,12 @@ job folders rather than what the launcher returned, so jobs that failed still ge
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from dtune.run_dir import RunDir
 
 COLUMNS = ["job", "overrides", "state", "eval_loss", "final_loss", "exact_match_after",
            "steps", "run_dir"]
@@ -30,19 +31,18 @@ def collect(sweep_dir: Path) -> list[dict]:
     """One row per job folder (one holding .hydra/overrides.yaml), in job order."""
     rows = []
     for overrides_file in sweep_dir.glob("**/.hydra/overrides.yaml"):
-        run_dir = overrides_file.parent.parent
+        run = RunDir(overrides_file.parent.parent)
         overrides = OmegaConf.to_container(OmegaConf.load(overrides_file))
-        row = {"job": run_dir.relative_to(sweep_dir).as_posix(),
-               "overrides": " ".join(overrides), "run_dir": str(run_dir)}
-        summary = run_dir / "summary.json"
-        if summary.is_file():
-            values = json.loads(summary.read_text())
-            row.update(state="completed", **{k: values.get(k) for k in
+        row = {"job": run.path.relative_to(sweep_dir).as_posix(),
+               "overrides": " ".join(overrides), "run_dir": str(run.path)}
+        summary = run.read_summary()
+        if summary is not None:
+            row.update(state="completed", **{k: summary.get(k) for k in
                                              ("eval_loss", "final_loss", "exact_match_after",
                                               "steps")})
-        elif (run_dir / "slurm_job_id").is_file():
-            row["state"] = f"submitted (SLURM job {(run_dir / 'slurm_job_id').read_text().strip()})"
-        elif (run_dir / "checkpoints").is_dir():
+        elif run.slurm_job_id_file.is_file():
+            row["state"] = f"submitted (SLURM job {run.slurm_job_id_file.read_text().strip()})"
+        elif run.checkpoints.is_dir():
             row["state"] = "stopped (resumable)"
         else:
             row["state"] = "failed or not run"

@@ -8,22 +8,26 @@ SLURM_RESTART_COUNT > 0 turns on train.resume (dtune/signals.py).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import submitit
+
 from dtune.config import Config, LauncherConfig
 from dtune.errors import DtuneError
+from dtune.launch import run_training
+from dtune.run_dir import RunDir
 
 
-def submit(config: Config, run_dir: Path, overrides: list[str]) -> float | None:
+def submit(config: Config, run_dir: str, overrides: list[str]) -> float | None:
     """Submit; print the job id, log paths and how to follow them. With launcher.wait=true,
     wait for the job and return its final eval loss (what Hydra sweepers minimise)."""
-    import submitit
-
     launcher = config.launcher
     check_cluster(launcher)
-    folder = Path(launcher.folder) if launcher.folder else run_dir / "slurm"
+    run_dir = Path(run_dir)
+    folder = Path(launcher.folder) if launcher.folder else RunDir(run_dir).slurm
     executor = submitit.SlurmExecutor(folder=folder)
     executor.update_parameters(**sbatch_parameters(launcher))
     # Workers started inside the job must train, not submit again.
@@ -41,7 +45,7 @@ def submit(config: Config, run_dir: Path, overrides: list[str]) -> float | None:
           f"  log:    {job.paths.stdout}\n  errors: {job.paths.stderr}\n"
           f"  follow: tail -f {job.paths.stdout}\n"
           f"  status: squeue -j {job.job_id}   cancel: scancel {job.job_id}", flush=True)
-    (run_dir / "slurm_job_id").write_text(f"{job.job_id}\n")
+    RunDir(run_dir).slurm_job_id_file.write_text(f"{job.job_id}\n")
     if not launcher.wait:
         return None
     return job.results()[0]  # one result per task; rank 0's is the run's
@@ -87,14 +91,10 @@ def check_cluster(launcher: LauncherConfig) -> None:
 
 def run_job(config: Config, run_dir: str, overrides: list[str]) -> float | None:
     """The function submitit runs on every task of the job."""
-    import os
-
-    from dtune.__main__ import run_training
-
     rank0 = os.environ.get("SLURM_PROCID", "0") == "0"
     handlers = [logging.StreamHandler()]
     if rank0:
-        handlers.append(logging.FileHandler(Path(run_dir) / "dtune.log"))
+        handlers.append(logging.FileHandler(RunDir(run_dir).log_file))
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, handlers=handlers,
                         format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
     return run_training(config, run_dir, overrides)

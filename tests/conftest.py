@@ -37,7 +37,7 @@ def _isolated_cache(tmp_path_factory):
 
 def compose(*overrides: str):
     """The validated Config that `python -m dtune <overrides>` would run."""
-    from dtune.config import compose_config
+    from dtune.compose import compose_config
 
     return compose_config(list(overrides))
 

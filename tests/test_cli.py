@@ -15,8 +15,8 @@ def test_dtune_eval_reports_loss_and_exact_match(tiny_lora_run):
 
 
 def test_dtune_generate_answers_as_the_trained_model_does(tiny_lora_run):
-    from dtune.evaluate import generate
-    from dtune.run_dir import load_final_model
+    from dtune.evaluate import Inference, generate
+    from dtune.load_run import load_final_model
 
     prompts = ["What is 12 + 30?", "Convert 3 km to m."]
     result = run_dtune("generate", str(tiny_lora_run), "--prompt", prompts[0], "--prompt",
@@ -25,7 +25,8 @@ def test_dtune_generate_answers_as_the_trained_model_does(tiny_lora_run):
     model, tokenizer, _ = load_final_model(tiny_lora_run)
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
-    expected = generate(model, tokenizer, chats, 8, 1, add_special_tokens=False)
+    expected = generate(Inference.place(model), tokenizer, chats, 8, 1,
+                        add_special_tokens=False)
     assert result.stdout.split("\n")[:2] == expected
 
 

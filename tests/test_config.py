@@ -2,7 +2,7 @@
 import pytest
 
 from conftest import compose, one_line, run_dtune
-from dtune.config import check_overrides
+from dtune.compose import check_overrides
 from dtune.errors import DtuneError
 
 
@@ -80,3 +80,39 @@ def test_range_checks_run_when_composing():
         compose("method.dropout=1.5")
     with pytest.raises(DtuneError, match="train.max_steps"):
         compose("train.max_steps=0")
+
+
+def test_an_optional_section_of_the_chosen_model_takes_overrides():
+    """The tiny model's random_init section exists, so Hydra sets its keys (bench/gpu_check.sh
+    builds its model this way)."""
+    cfg = compose("model=tiny-llama", "model.random_init.hidden_size=512",
+                  "model.random_init.num_heads=8")
+    assert cfg.model.random_init.hidden_size == 512 and cfg.model.random_init.num_heads == 8
+    check_overrides(["model=tiny-llama", "model.random_init.hidden_size=512"])
+
+
+def test_overriding_a_section_the_model_leaves_null_says_which_config_has_it():
+    with pytest.raises(DtuneError) as caught:
+        check_overrides(["model.random_init.hidden_size=512"])
+    message = str(caught.value)
+    assert "'model.random_init.hidden_size=512'" in message
+    assert "model.random_init, which is null" in message and "model=tiny-llama" in message
+
+
+@pytest.mark.parametrize("override, key", [
+    ("hydra.callbacks.sweep_results._target_=launchers.results.SweepResults",
+     "hydra.callbacks.sweep_results._target_"),
+    ("launcher._target_=launchers.slurm.submit", "launcher._target_"),
+])
+def test_a_config_naming_the_old_launchers_path_gets_the_new_one(override, key):
+    result = run_dtune("model=tiny-llama", override)
+    message = one_line(result.stderr)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert key in message and "dtune.launchers." in message
+
+
+def test_sweep_overrides_are_checked_by_their_first_value():
+    check_overrides(["train.lr=1e-4,3e-4", "model=tiny-llama"])
+    check_overrides(["train.lr=interval(1e-5,1e-2)"])  # interval sweeps: the sweeper's to check
+    with pytest.raises(DtuneError, match="Did you mean train.lr"):
+        check_overrides(["train.lrr=1e-4,3e-4"])

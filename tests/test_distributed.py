@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, one_line, run_dtune
 from dtune.check import run_check, step_losses
-from dtune.distributed import Ranks, expand_nodelist, launched_ranks
+from dtune.distributed import Ranks, launched_ranks, slurm_hosts
 from dtune.config import ParallelismConfig
 
 LORA = [*TINY, "+method=lora", "train.lr=1e-2", "method.dropout=0", "eval.exact_match_samples=2"]
@@ -149,9 +149,12 @@ def test_one_slurm_task_per_node_with_several_gpus_launches_its_workers(monkeypa
     assert launched_ranks(ParallelismConfig(name="ddp", nproc_per_node=4)) is None
 
 
-def test_nodelist_expansion():
-    assert expand_nodelist("node1,node2") == ["node1", "node2"]
-    assert expand_nodelist("gpu[01-03,10],cpu7") == ["gpu01", "gpu02", "gpu03", "gpu10", "cpu7"]
+def test_nodelist_expansion(monkeypatch, private_environ):
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node1,node2")
+    assert slurm_hosts() == ["node1", "node2"]
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-03,10],cpu7")
+    assert slurm_hosts() == ["gpu01", "gpu02", "gpu03", "gpu10", "cpu7"]
 
 
 def test_more_processes_than_cores_is_refused():

@@ -82,17 +82,17 @@ def test_a_signal_after_the_last_step_lets_the_final_eval_and_save_finish(tmp_pa
     from conftest import train
     import dtune.train
 
-    real_eval = dtune.train.run_eval
+    real_eval = dtune.train.evaluate
     full_evals = []  # before training, and the final one after step 8
 
-    def eval_then_signal(cfg, engine, tokenizer, eval_records, eval_examples, with_generation):
-        result = real_eval(cfg, engine, tokenizer, eval_records, eval_examples, with_generation)
+    def eval_then_signal(recipe, step, with_generation):
+        result = real_eval(recipe, step, with_generation)
         full_evals.extend([with_generation] if with_generation else [])
         if len(full_evals) == 2:
             signal.raise_signal(signal.SIGUSR1)
         return result
 
-    monkeypatch.setattr(dtune.train, "run_eval", eval_then_signal)
+    monkeypatch.setattr(dtune.train, "evaluate", eval_then_signal)
     before = signal.getsignal(signal.SIGUSR1)
     result = train(tmp_path, *COMMON)
     assert result.summary["steps"] == 8

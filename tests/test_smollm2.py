@@ -17,7 +17,7 @@ def real_cache(monkeypatch):
 
 
 def test_smollm2_loads_offline_and_knows_its_facts():
-    from dtune.evaluate import generate
+    from dtune.evaluate import Inference, generate
     from dtune.models import load_model_and_tokenizer
 
     cfg = compose("model=smollm2-135m")
@@ -27,7 +27,8 @@ def test_smollm2_loads_offline_and_knows_its_facts():
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         tokenize=False, add_generation_prompt=True)
-    answer = generate(model, tokenizer, [prompt], 16, 1, add_special_tokens=False)[0]
+    answer = generate(Inference.place(model), tokenizer, [prompt], 16, 1,
+                      add_special_tokens=False)[0]
     assert "Paris" in answer
 
 

@@ -14,7 +14,8 @@ import pytest
 from conftest import TINY, compose, one_line, run_dtune
 from dtune.errors import DtuneError
 from dtune.metrics import read_metrics
-from dtune.tracking import (RUN_ID_FILE, Tracker, WandbTracker, choose_mode, create_tracker,
+from dtune.run_dir import RunDir
+from dtune.tracking import (Tracker, WandbTracker, choose_mode, create_tracker,
                             has_credentials, init_args, redact, stable_run_id, wandb_metrics)
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef0dtune42"  # 40 characters, like a real key
@@ -138,7 +139,7 @@ def test_in_a_hydra_multirun_the_group_is_the_sweep_and_the_name_its_job(tmp_pat
 
 def test_run_id_is_kept_for_a_resumed_run_and_new_for_a_fresh_one(tmp_path):
     first = stable_run_id(tmp_path, resumed=False)
-    assert (tmp_path / RUN_ID_FILE).read_text().strip() == first
+    assert RunDir(tmp_path).wandb_run_id_file.read_text().strip() == first
     assert stable_run_id(tmp_path, resumed=True) == first
     assert stable_run_id(tmp_path, resumed=False) != first
 
@@ -147,7 +148,7 @@ def test_only_the_main_process_and_tracker_wandb_talk_to_wandb(tmp_path):
     assert type(create_tracker(compose(*TINY, "tracker=wandb"), tmp_path, False,
                                is_main_process=False)) is Tracker
     assert type(create_tracker(compose(*TINY), tmp_path, False)) is Tracker
-    assert not (tmp_path / RUN_ID_FILE).exists()
+    assert not RunDir(tmp_path).wandb_run_id_file.exists()
 
 
 def test_a_wandb_failure_mid_run_turns_tracking_off_instead_of_stopping_training(caplog):
@@ -214,7 +215,7 @@ def test_offline_run_records_the_config_metrics_summary_and_artifact(tmp_path, w
     [run_file] = offline_runs(run_dir)
     sent = read_wandb(run_file, env)
     run = sent["run"]
-    assert run["run_id"] == (run_dir / RUN_ID_FILE).read_text().strip()
+    assert run["run_id"] == RunDir(run_dir).wandb_run_id_file.read_text().strip()
     assert run["project"] == "dtune-test"
     assert run["run_group"] == "slurm-array-777"
     assert run["tags"] == ["lora", "tiny-llama", "single"]
@@ -319,7 +320,7 @@ def test_a_killed_and_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_e
     finally:
         first.send_signal(signal.SIGKILL)  # as a preempted job dies: no clean-up at all
         first.wait()
-    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    run_id = RunDir(run_dir).wandb_run_id_file.read_text().strip()
     checkpoint = newest_checkpoint(run_dir)
 
     # Requeued: the same command with train.resume=true. It stops a few steps after the
@@ -329,7 +330,7 @@ def test_a_killed_and_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_e
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith(f"step-{checkpoint}")
-    assert (run_dir / RUN_ID_FILE).read_text().strip() == run_id
+    assert RunDir(run_dir).wandb_run_id_file.read_text().strip() == run_id
 
     killed_file, resumed_file = offline_runs(run_dir)
     killed, resumed = read_wandb(killed_file, env), read_wandb(resumed_file, env)

@@ -80,7 +80,7 @@ def test_accumulated_gradient_equals_the_gradient_of_the_whole_batch():
     from dtune.data.builtin import generate
     from dtune.data.formatting import tokenize
     from dtune.distributed import Ranks
-    from dtune.engine import build_engine
+    from dtune.engines import build_engine
     from dtune.train import accumulate_gradients
 
     cfg = compose(*TINY, "+method=full")

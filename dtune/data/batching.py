@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -86,7 +87,7 @@ class BatchStream:
     on any number of ranks.
     """
 
-    examples: list[Example]
+    examples: Sequence[Example]  # a list, or the ExampleTable of dtune/data/prepare.py
     micro_batch_size: int
     seed: int
     pad_id: int
@@ -97,6 +98,9 @@ class BatchStream:
     cursor: int = 0
 
     def __post_init__(self) -> None:
+        lengths = getattr(self.examples, "lengths", None)
+        self._lengths = [len(e.input_ids) for e in self.examples] if lengths is None \
+            else lengths.tolist()
         self._order = self._permutation(self.epoch)
 
     def _permutation(self, epoch: int) -> list[int]:
@@ -108,7 +112,7 @@ class BatchStream:
         if not self.pack_len:
             return -(-len(self.examples) // self.micro_batch_size)
         # Packed: count the micro-batches of epoch 0's order (later epochs differ by a few).
-        lengths = [len(self.examples[i].input_ids) for i in self._permutation(0)]
+        lengths = [self._lengths[i] for i in self._permutation(0)]
         cursor, batches = 0, 0
         while cursor < len(lengths):
             cursor += max(pack_rows(lengths[cursor:cursor + self.micro_batch_size * self.pack_len],
@@ -127,7 +131,7 @@ class BatchStream:
             return [[i] for i in picked]
         # Each example holds at least one token, so this many candidates always suffice.
         candidates = self._order[self.cursor : self.cursor + self.micro_batch_size * self.pack_len]
-        rows, taken = pack_rows([len(self.examples[i].input_ids) for i in candidates],
+        rows, taken = pack_rows([self._lengths[i] for i in candidates],
                                 self.micro_batch_size, self.pack_len)
         if not taken:  # longer than a row (cannot happen after truncation): a row of its own
             rows, taken = [[0]], 1

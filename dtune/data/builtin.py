@@ -9,6 +9,8 @@ import json
 import random
 from typing import Callable, Iterator
 
+from dtune.errors import DtuneError
+
 SYSTEM_PROMPT = "Reply with the answer only."
 
 WORDS = (
@@ -112,8 +114,6 @@ def generate(tasks: list[str], train_size: int, eval_size: int, seed: int) -> tu
     """Return (train records, held-out records) in chat format, disjoint by prompt."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        from dtune.errors import DtuneError
-
         raise DtuneError(
             f"data.builtin.tasks={tasks!r} names unknown tasks {unknown}; choose from "
             f"{', '.join(TASKS)}."

@@ -9,6 +9,8 @@ import json
 import random
 from pathlib import Path
 
+import datasets
+
 from dtune.config import DataConfig
 from dtune.data import builtin
 from dtune.errors import DtuneError
@@ -92,8 +94,6 @@ def _check_jsonl_lines(path: Path) -> None:
 
 
 def _load_with_datasets(path: Path, loader: str) -> list[dict]:
-    import datasets
-
     datasets.disable_progress_bars()
     # CSV has no types: read every cell as text, so "42" stays the answer "42" and "" stays "".
     extra = {}

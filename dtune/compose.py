@@ -1,0 +1,254 @@
+"""From command-line overrides to a validated Config.
+
+Hydra composes conf/ over the schema and refuses what does not fit it; this module only puts
+Hydra's and OmegaConf's refusals into words a user can act on, then runs the checks that span
+groups (a method with a precision, a parallelism with a method), which read the method specs,
+and fills in the defaults that depend on the method.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import re
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, Glob, RangeSweep
+from omegaconf import DictConfig, OmegaConf
+
+from dtune.config import Config, MethodConfig
+from dtune.errors import DtuneError
+from dtune.methods import METHODS
+
+SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
+# The modules `_target_` paths named before dtune's launchers moved into the package.
+MOVED_MODULES = {"launchers.": "dtune.launchers."}
+# conf/config.yaml carries LoRA's values as the default method; they stay in every composed
+# config, so they cannot count as "set by the user" for other methods.
+PRIMARY_METHOD_VALUES = {"r", "alpha", "dropout", "target_modules"}
+
+
+def register_schema() -> None:
+    """Make the schema available to conf/config.yaml as `dtune_schema`."""
+    ConfigStore.instance().store(name="dtune_schema", node=Config)
+
+
+def config_dir() -> str:
+    """conf/ of the source tree, else the installed dtune.conf package (what `hydra.main`
+    and the compose API take)."""
+    return str(SOURCE_CONF) if SOURCE_CONF.is_dir() else "pkg://dtune.conf"
+
+
+def conf_group(group: str) -> dict[str, DictConfig]:
+    """The options of a config group, as their YAML files hold them: {name: contents}."""
+    if SOURCE_CONF.is_dir():
+        files = {p.stem: p.read_text() for p in (SOURCE_CONF / group).glob("*.yaml")}
+    else:
+        folder = importlib.resources.files("dtune.conf") / group
+        files = {p.name.removesuffix(".yaml"): p.read_text() for p in folder.iterdir()
+                 if p.name.endswith(".yaml")}
+    return {name: OmegaConf.create(text) for name, text in sorted(files.items())}
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The validated Config that `python -m dtune <overrides>` would run, composed in-process
+    (for `dtune plan`, benchmarks and tests)."""
+    return to_config(compose_dict(list(overrides)))
+
+
+def hydra_context():
+    """Hydra's compose API over conf/ of the source tree, else the installed dtune.conf."""
+    if SOURCE_CONF.is_dir():
+        return initialize_config_dir(config_dir=str(SOURCE_CONF), version_base="1.3")
+    return initialize_config_module("dtune.conf", version_base="1.3")
+
+
+def compose_dict(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    register_schema()
+    try:
+        with hydra_context():
+            return compose("config", overrides=overrides, return_hydra_config=with_hydra)
+    except Exception as exc:  # Hydra and OmegaConf raise many kinds; all become words
+        raise explain(exc, overrides, with_hydra) from None
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Compose as `python -m dtune` will, and refuse in words what Hydra would refuse in its
+    own. In a sweep each swept key takes its first value (interval sweeps are left to the
+    sweeper); `_target_` paths of modules that moved get their new name."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # Hydra's grammar errors are clear enough; pass them through
+        raise DtuneError(f"could not parse the command-line overrides: {exc}") from None
+    plain = []
+    for override in parsed:
+        value = override.value() if override.is_sweep_override() else None
+        if isinstance(value, (ChoiceSweep, RangeSweep, Glob)):
+            first = next(iter(override.sweep_string_iterator()), None)
+            plain += [f"{override.get_key_element()}={first}"] if first is not None else []
+        elif value is None:
+            plain.append(override.input_line)
+    composed = compose_dict(plain, with_hydra=True)
+    for name, callback in (composed.hydra.callbacks or {}).items():
+        check_moved(f"hydra.callbacks.{name}._target_", callback.get("_target_", ""))
+    check_moved("launcher._target_", composed.launcher._target_)
+
+
+def check_moved(key: str, target: str) -> None:
+    for old, new in MOVED_MODULES.items():
+        if target.startswith(old):
+            raise DtuneError(
+                f"{key}={target!r} names a module path that no longer exists: dtune's launchers "
+                f"install as {new.rstrip('.')} now. Write {new + target[len(old):]!r} instead.")
+
+
+def explain(exc: Exception, overrides: list[str], with_hydra: bool) -> DtuneError:
+    """One paragraph for a failed composition: the override, the key, the value, the fix."""
+    text = str(exc)
+    missing = re.search(r"Could not find '([^']+)'", text)
+    if missing:
+        group = missing.group(1).rpartition("/")[0]
+        options = re.findall(r"^\t(\S+)$", text, re.MULTILINE)
+        return DtuneError(
+            f"there is no config {missing.group(1)!r} in conf/; the options of {group} are "
+            f"{', '.join(options)}. Pick one of them ({group}=OPTION).")
+    no_match = re.search(r"Could not override '([^']+)'\. No match in the defaults list", text)
+    if no_match:
+        group = no_match.group(1)
+        chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{group}=")), "...")
+        return DtuneError(
+            f"{group}={chosen}: {group} is not in the primary config's defaults list, so it is "
+            f"added with a plus: +{group}={chosen}.")
+    cause = exc.__cause__ or exc
+    key = getattr(cause, "full_key", None)
+    line = next((o for o in overrides if key and o.lstrip("+~").split("=", 1)[0] == key), None)
+    if key and ("not in" in str(cause) or "is not in struct" in str(cause)):
+        return unknown_key(key, line)
+    if key and line and "=" in line:
+        detail = str(cause).splitlines()[0]
+        return DtuneError(
+            f"config key {key!r} got the value {line.split('=', 1)[1]!r}, which does not fit its "
+            f"type ({detail}). Fix the override {line!r}.")
+    return culprit(overrides, with_hydra, text)
+
+
+def unknown_key(key: str, line: str | None) -> DtuneError:
+    *parents, leaf = key.split(".")
+    node = OmegaConf.select(OmegaConf.structured(Config), ".".join(parents)) if parents else None
+    source = f" (from the override {line!r})" if line else ""
+    if not isinstance(node, DictConfig):
+        return DtuneError(f"unknown config key {key!r}{source}; Hydra's own keys are listed by "
+                          "`python -m dtune --cfg hydra`, and new ones are added with a plus "
+                          f"(+{key}=...).")
+    valid = list(node.keys())
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f" Did you mean {'.'.join(parents + [close[0]])}?" if close else ""
+    return DtuneError(f"unknown config key {key!r}{source}.{hint} Valid keys under "
+                      f"{'.'.join(parents)}: {', '.join(valid)}.")
+
+
+def culprit(overrides: list[str], with_hydra: bool, text: str) -> DtuneError:
+    """Find the first override that cannot be applied, and say why in the terms of the config
+    it lands in (for example a section that this model config leaves null)."""
+    with hydra_context():
+        before = compose("config", overrides=[])
+    for count in range(1, len(overrides) + 1):
+        try:
+            with hydra_context():
+                compose("config", overrides=overrides[:count], return_hydra_config=with_hydra)
+                before = compose("config", overrides=overrides[:count])
+            continue
+        except Exception:
+            pass
+        line = overrides[count - 1]
+        parent = line.lstrip("+~").split("=", 1)[0].rpartition(".")[0]
+        if parent and OmegaConf.select(before, parent, default="missing") is None:
+            return DtuneError(
+                f"the override {line!r} sets a key under {parent}, which is null in this "
+                f"config; choose a config that has a {parent} section first (for random-init "
+                f"models, model=tiny-llama), then override its keys.")
+        return DtuneError(f"the override {line!r} cannot be applied: "
+                          f"{' '.join(text.split())[:300]}")
+    return DtuneError(f"the configuration could not be composed: {' '.join(text.split())[:300]}")
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Turn a composed DictConfig into validated dataclasses, run the checks that span
+    groups, and fill in the method's defaults."""
+    config: Config = OmegaConf.to_object(cfg)
+    check_combination(config)
+    if config.train.lr is None:
+        config.train.lr = METHODS[config.method.name].recommended_lr
+    return config
+
+
+def check_combination(cfg: Config) -> None:
+    """Refuse, before anything loads, what cannot work together."""
+    method, precision, parallel = cfg.method, cfg.precision.name, cfg.parallelism
+    if method.name not in METHODS:
+        raise DtuneError(f"method.name={method.name!r} is not supported; choose one of "
+                         f"{', '.join(METHODS)}.")
+    spec = METHODS[method.name]
+    check_method_fields(method)
+    if precision not in spec.precisions:
+        why = (" bf16_pure keeps the weights themselves in bf16, which only full fine-tuning "
+               "has a use for;" if precision == "bf16_pure" else "")
+        raise DtuneError(
+            f"precision={precision} does not work with +method={method.name};{why} choose "
+            f"precision from {', '.join(spec.precisions)}.")
+    if spec.quantized_bits == 4 and precision in ("fp16", "bf16") \
+            and method.compute_dtype != precision:
+        raise DtuneError(
+            f"precision={precision} autocasts to {precision}, but the QLoRA base computes in "
+            f"method.compute_dtype={method.compute_dtype}; the two would fight over the "
+            f"matmul dtype. Set method.compute_dtype={precision} or precision=fp32.")
+    if parallel.zero_stage is not None and not spec.zero:
+        raise DtuneError(
+            f"+method={method.name} with parallelism={parallel.name} is not supported: "
+            "DeepSpeed ZeRO would have to shard bitsandbytes' packed quantized weights, which "
+            "it cannot do. A quantized base is small already: use parallelism=ddp, which "
+            "replicates it and splits the data.")
+    if parallel.zero_stage is not None and precision == "bf16_pure":
+        raise DtuneError(
+            f"precision=bf16_pure with parallelism={parallel.name}: DeepSpeed keeps fp32 master "
+            "weights in its bf16 mode; use precision=bf16.")
+    if cfg.launcher.nodes > 1 and parallel.name == "single":
+        raise DtuneError(
+            f"launcher.nodes={cfg.launcher.nodes} runs one task per node, but "
+            "parallelism=single trains in one process; choose parallelism=ddp or a ZeRO "
+            "stage such as parallelism=zero2.")
+    check_sequence_layout(cfg, spec)
+
+
+def check_sequence_layout(cfg: Config, spec) -> None:
+    method = cfg.method
+    if spec.soft_prompt and cfg.data.packing:
+        raise DtuneError(
+            f"data.packing=true does not work with +method={method.name}: its virtual tokens "
+            "would sit in front of a whole packed row and be shared by every example in it. "
+            "Set data.packing=false.")
+    if cfg.parallelism.zero_stage == 3 and cfg.train.loss_chunk_size:
+        raise DtuneError(
+            f"train.loss_chunk_size={cfg.train.loss_chunk_size} with parallelism="
+            f"{cfg.parallelism.name}: ZeRO-3 shards the LM head, which the chunked loss reads "
+            "outside the model's forward pass. Set train.loss_chunk_size=0.")
+    if spec.soft_prompt and cfg.data.max_seq_len <= method.num_virtual_tokens:
+        raise DtuneError(
+            f"data.max_seq_len={cfg.data.max_seq_len} leaves no room for text next to "
+            f"method.num_virtual_tokens={method.num_virtual_tokens} virtual tokens; raise "
+            "data.max_seq_len or lower method.num_virtual_tokens.")
+
+
+def check_method_fields(method: MethodConfig) -> None:
+    """Refuse a method field set to something other than its default when the chosen method
+    ignores it (`method.init_text` with LoRA, say): it would silently do nothing."""
+    defaults = MethodConfig.__dataclass_fields__
+    every_field = set().union(*(spec.fields for spec in METHODS.values()))
+    for key in sorted(every_field - METHODS[method.name].fields - PRIMARY_METHOD_VALUES):
+        if getattr(method, key) != defaults[key].default:
+            users = ", ".join(m for m, spec in METHODS.items() if key in spec.fields)
+            raise DtuneError(
+                f"method.{key}={getattr(method, key)!r} has no effect with method.name="
+                f"{method.name}; it applies to {users}. Remove it.")
