@@ -1,7 +1,6 @@
 """Keep the terminal for dtune's own progress: mute library chatter that tells the user nothing."""
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -12,7 +11,5 @@ def quiet_libraries() -> None:
     if not torch.cuda.is_available():
         # Without this DeepSpeed warns on import that it "was unable to detect" a GPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # bitsandbytes warns about an optional CPU kernel package on every import.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()  # per-shard "Loading weights" bars
 

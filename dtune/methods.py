@@ -126,7 +126,8 @@ _SOFT_PROMPT = frozenset({"num_virtual_tokens", "modules_to_save"})
 
 # Learning rates: LoRA's 1e-3 suits alpha = 2r on small and mid-size models; full fine-tuning
 # moves every weight and wants far less; IA3 and soft prompts have few parameters steering a
-# frozen model and want far more (Lester et al. used 0.3 for prompt tuning).
+# frozen model and want far more (Lester et al. used 0.3 for prompt tuning). Each was the best
+# of its candidates on SmolLM2-135M (bench/method_lr.py, bench/results/method_lr.md).
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("full", "every weight", full, frozenset(), 5e-5,
                precisions=("fp32", "fp16", "bf16", "bf16_pure"), adapter=False, merges=False),
@@ -139,10 +140,10 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("ia3", "one learned scale per channel of keys, values and MLP output", ia3,
                frozenset({"target_modules", "modules_to_save"}), 3e-2),
     MethodSpec("prompt_tuning", "a soft prompt: `num_virtual_tokens` trainable embeddings "
-               "before the input", prompt_tuning, _SOFT_PROMPT | {"init_text"}, 3e-2,
+               "before the input", prompt_tuning, _SOFT_PROMPT | {"init_text"}, 3e-1,
                merges=False, soft_prompt=True),
     MethodSpec("prefix_tuning", "trainable key/value prefixes in every attention layer",
-               prefix_tuning, _SOFT_PROMPT, 1e-2, merges=False, soft_prompt=True),
+               prefix_tuning, _SOFT_PROMPT, 3e-2, merges=False, soft_prompt=True),
 )}
 
 

@@ -90,13 +90,8 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
             state = resume_or_start(recipe)
             reporter = create_reporter(cfg, recipe.run_dir, ranks.is_main,
                                        state.step if recipe.resumed_from else None)
-            if state.exact_match_before is None and state.step == 0:
-                before = evaluate(recipe, step=0, with_generation=True)
-                reporter.log_eval(before)
-                state.exact_match_before = before.get("exact_match")
-                if "exact_match" in before:
-                    log.info("Held-out exact match before training: %.1f%%",
-                             100 * before["exact_match"])
+            if state.step == 0 and state.exact_match_before is None:
+                evaluate_before_training(recipe, state, reporter)
             stop.install()
             loop = train(recipe, state, reporter, stop)
             return finish(recipe, state, reporter, loop)
@@ -158,6 +153,15 @@ def resume_or_start(recipe: Recipe) -> TrainState:
     recipe.stream.load_state_dict(state.data)
     log.info("Resumed from %s (step %d)", checkpoints[0], state.step)
     return state
+
+
+def evaluate_before_training(recipe: Recipe, state: TrainState, reporter) -> None:
+    """The baseline the run is judged against: held-out loss and exact match at step 0."""
+    before = evaluate(recipe, step=0, with_generation=True)
+    reporter.log_eval(before)
+    state.exact_match_before = before.get("exact_match")
+    if "exact_match" in before:
+        log.info("Held-out exact match before training: %.1f%%", 100 * before["exact_match"])
 
 
 def train(recipe: Recipe, state: TrainState, reporter, stop: StopFlag) -> LoopResult:

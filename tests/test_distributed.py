@@ -181,3 +181,20 @@ def test_zero3_checkpoint_resumes_with_the_same_losses(tmp_path):
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step-2")
     assert step_losses(cut) == pytest.approx(step_losses(tmp_path / "whole"), abs=1e-6)
+
+
+def test_zero_with_gradient_accumulation_matches_ddp_with_it(tmp_path):
+    """ZeRO's window ends where dtune says (set_gradient_accumulation_boundary), so one step()
+    per window gives DDP's update however many micro-batches the window has."""
+    from dtune.check import Layout, train_layout
+
+    def layout(name):
+        return Layout(f"{name} 2 ranks x 2 accum", [f"parallelism={name}",
+                                                   "parallelism.nproc_per_node=2",
+                                                   "train.micro_batch_size=2",
+                                                   "train.grad_accum_steps=2"])
+
+    ddp = train_layout(layout("ddp"), tmp_path, steps=6)
+    zero2 = train_layout(layout("zero2"), tmp_path, steps=6)
+    assert len(ddp) == len(zero2) == 6 and ddp[-1] < ddp[0]
+    assert zero2 == pytest.approx(ddp, abs=1e-4)

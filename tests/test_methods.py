@@ -223,3 +223,17 @@ def test_combinations_that_cannot_work_are_refused_up_front(overrides, message):
     with pytest.raises(DtuneError) as caught:
         compose("model=tiny-llama", *overrides)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_without_train_lr_a_method_trains_at_its_own_rate_and_learns(tmp_path, method):
+    """One learning rate does not fit all: at LoRA's, IA3 and soft prompts learn nothing."""
+    from dtune.methods import METHODS as SPECS
+    from dtune.train import run
+
+    cfg = compose(*TINY, f"+method={method}", "train.max_steps=20",
+                  "eval.exact_match_samples=0", "eval.max_loss_samples=8")
+    assert cfg.train.lr == SPECS[method].recommended_lr
+    run(cfg, tmp_path)
+    history = losses(tmp_path)
+    assert sum(history[-3:]) / 3 < sum(history[:3]) / 3 - 0.01, history

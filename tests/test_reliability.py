@@ -123,3 +123,20 @@ def test_kill_fuzz_three_trials(tmp_path):
     assert result["trials"] == 3 and result["resumes_ok"] == 3
     assert result["checkpoints_lost"] == 0 and result["silent_jumps"] == 0
     assert "trials" in fuzz.stdout and "checkpoints lost" in fuzz.stdout
+
+
+def test_deepspeed_skips_a_nonfinite_step_as_one_process_does(tmp_path, monkeypatch):
+    """The engine's step() skips a NaN/inf update under DeepSpeed too, so `skip` and `stop`
+    mean the same under every engine."""
+    common = [*FULL, "train.max_steps=5", "train.loss_chunk_size=0"]
+    poisoned_loss(monkeypatch, at_calls={3})
+    single = train(tmp_path / "single", *common)
+    monkeypatch.undo()
+    poisoned_loss(monkeypatch, at_calls={3})
+    zero = train(tmp_path / "zero2", *common, "parallelism=zero2",
+                 "parallelism.nproc_per_node=1")
+    assert single.summary["nonfinite_steps"] == zero.summary["nonfinite_steps"] == 1
+    expected, got = step_losses(tmp_path / "single"), step_losses(tmp_path / "zero2")
+    assert expected[2] is None and got[2] is None
+    assert got[:2] + got[3:] == pytest.approx(expected[:2] + expected[3:], abs=1e-5)
+    assert all(p.isfinite().all() for p in zero.model.parameters())

@@ -58,12 +58,14 @@ def process_device(ranks: Ranks) -> torch.device:
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
-    """Every tensor the model sees enters through here. Host batches are pinned so that the
-    copy to the GPU runs asynchronously; on the CPU they are used as they are."""
+    """Every tensor the model sees enters through here. With a CUDA runtime, host batches are
+    pinned first so that the copy to the GPU runs asynchronously (`non_blocking`); on the CPU
+    they are used as they are."""
     if device.type == "cpu":
         return dict(batch)
-    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    pin = torch.cuda.is_available()
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
+            if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
