@@ -10,6 +10,7 @@ import ctypes
 import os
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -109,6 +110,12 @@ def process_group(cfg: ParallelismConfig, ranks: Ranks):
     threads can abort during teardown under load (SIGABRT), failing a good run.
     """
     created = not dist.is_initialized() and (ranks.distributed or cfg.zero_stage is not None)
+    # DeepSpeed insists on LOCAL_RANK even for one process; set it for the run alone, so that
+    # a caller's later processes do not inherit a rank.
+    lone = created and not ranks.distributed
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if lone:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if created:
         init_process_group(cfg, ranks)
     completed = False
@@ -122,13 +129,23 @@ def process_group(cfg: ParallelismConfig, ranks: Ranks):
             sys.stderr.flush()
             os._exit(0)
         if created and dist.is_initialized():
-            dist.destroy_process_group()
+            destroy_process_group()
+        if lone:
+            for key, value in saved.items():
+                os.environ.pop(key) if value is None else os.environ.update({key: value})
+
+
+def destroy_process_group() -> None:
+    """DeepSpeed keeps references to the groups it made; its own destroy releases them too,
+    so that a later run in this process (a notebook, a test) can build new ones."""
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 def init_process_group(cfg: ParallelismConfig, ranks: Ranks) -> None:
-    if not ranks.distributed:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")
     backend = cfg.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -136,9 +153,13 @@ def init_process_group(cfg: ParallelismConfig, ranks: Ranks) -> None:
     if torch.cuda.is_available():
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
+    # A lone process (ZeRO in one process) rendezvous through a file in a private folder: it
+    # listens on no port, and leaves the environment alone for the processes it starts.
+    lone = {} if ranks.distributed else {
+        "init_method": "file://" + os.path.join(tempfile.mkdtemp(prefix="dtune-group-"), "store")}
     dist.init_process_group(backend=backend, rank=ranks.rank, world_size=ranks.world_size,
                             timeout=timedelta(minutes=cfg.timeout_minutes),
-                            device_id=device if backend == "nccl" else None)
+                            device_id=device if backend == "nccl" else None, **lone)
 
 
 def collective_device() -> torch.device:
