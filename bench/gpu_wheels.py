@@ -1,13 +1,16 @@
-"""Prepare the wheels bench/gpu_check.sh installs on a lent GPU machine, which has torch,
-transformers, peft and accelerate but nothing else dtune needs, and cannot download.
+"""Prepare the wheels bench/gpu_check.sh installs on a lent GPU machine, which cannot download.
 
-    python bench/gpu_wheels.py            # writes bench/wheels/ (git-ignored), at most 56 MiB
+    python bench/gpu_wheels.py            # writes bench/wheels/ (git-ignored), under 40 MiB
 
-The working tree that travels to the device is capped at 64 MiB, and bitsandbytes, pyarrow
-and pandas alone come to over 110. So the wheels are trimmed: bitsandbytes keeps the kernels
-for the CUDA 12.6+ runtimes only, pyarrow drops Flight, S3 and Substrait (which datasets does
-not load), pandas drops its test suite. Versions are this environment's, so the device runs
-what CI tests. The DeepSpeed and ANTLR sdists are built into pure-Python wheels here.
+That machine's image (the device tool's KINDS.md, read 2026-11-17) runs Python 3.12 with
+torch 2.11 (CUDA 13), transformers 5.17, peft, accelerate, pandas and pyarrow. dtune needs
+newer transformers, and DeepSpeed, bitsandbytes, Hydra, OmegaConf, submitit and datasets,
+which it lacks. The working tree that travels there is capped at 64 MiB, so bitsandbytes keeps
+its CUDA 13 kernels only. Versions are this environment's, so the device runs what CI tests.
+
+It also writes bench/wheels/requirements.txt: dtune's own requirements (pyproject.toml) for
+what the GPU check imports, and the carried versions for the rest. pip then keeps what the
+machine has where it satisfies them, and installs from the wheels where it does not.
 """
 from __future__ import annotations
 
@@ -22,52 +25,54 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BINARY = ["hydra-core", "omegaconf", "submitit", "cloudpickle", "datasets", "pyarrow",
-          "pandas", "dill", "xxhash", "multiprocess", "bitsandbytes", "hjson", "msgpack",
-          "ninja", "py-cpuinfo", "pydantic", "pydantic-core", "annotated-types",
-          "typing-inspection", "einops", "psutil", "filelock", "safetensors", "gguf"]
-SOURCE = ["deepspeed", "antlr4-python3-runtime"]
-# file names (regular expressions) left out of a wheel: what dtune never loads
-TRIM = {
-    "bitsandbytes": [r"libbitsandbytes_(cuda11\d|cuda12[0-5]|rocm\d+)\.so$"],
-    "pyarrow": [r"libarrow_(flight|substrait|s3)\.so", r"_flight\.|_s3fs\.|_substrait\.",
-                r"/include/", r"/tests/", r"\.pyx$", r"\.pxd$", r"/src/"],
-    "pandas": [r"^pandas/tests/"],
-}
-LIMIT = 56 * 2**20  # leaves room in the 64 MiB for the working tree itself
+# What the GPU check imports and the machine lacks (or has too old), and what they need
+DIRECT = ["transformers", "peft", "bitsandbytes", "deepspeed", "hydra-core", "omegaconf",
+          "submitit", "datasets", "gguf"]
+INDIRECT = ["antlr4-python3-runtime", "dill", "multiprocess", "hjson", "pydantic",
+            "pydantic-core", "annotated-types", "typing-inspection"]
+SOURCE_ONLY = {"deepspeed", "antlr4-python3-runtime"}  # sdists, built into wheels here
+TRIM = {"bitsandbytes": [r"libbitsandbytes_(cuda1[12]\d|rocm\d+)\.so$"]}  # CUDA 13 kept
+LIMIT = 40 * 2**20
 
 
-def pins(names: list[str]) -> list[str]:
-    return [f"{name}=={version(name)}" for name in names]
+def requirement(name: str) -> str:
+    """pyproject's requirement for a direct dependency; the carried version otherwise."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for spec in declared:
+        if re.split(r"[<>=!~ ]", spec, maxsplit=1)[0] == name:
+            return spec
+    return f"{name}>={version(name)}"
 
 
-def download(specs: list[str], out: Path, binary: bool) -> None:
-    python = f"{sys.version_info.major}{sys.version_info.minor}"
-    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(out)]
-    if binary:
-        command += ["--only-binary=:all:", "--python-version", python,
-                    "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
-                    "--platform", "manylinux_2_24_x86_64", "--platform", "manylinux_2_17_x86_64"]
-    subprocess.run(command + specs, check=True)
-
-
-def build(sdist: Path, out: Path) -> None:
-    env = {**os.environ, "DS_BUILD_OPS": "0"}  # DeepSpeed's kernels compile on first use there
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(sdist)], check=True, env=env)
+def download(names: list[str], out: Path, python: str) -> None:
+    binary = [n for n in names if n not in SOURCE_ONLY]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(out),
+                    "--only-binary=:all:", "--python-version", python, "--platform",
+                    "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64", "--platform",
+                    "manylinux_2_24_x86_64", "--platform", "manylinux_2_17_x86_64",
+                    *[f"{n}=={version(n)}" for n in binary]], check=True)
+    with tempfile.TemporaryDirectory() as sdists:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
+                        sdists, *[f"{n}=={version(n)}" for n in names if n in SOURCE_ONLY]],
+                       check=True)
+        env = {**os.environ, "DS_BUILD_OPS": "0"}  # DeepSpeed compiles kernels on first use
+        for sdist in Path(sdists).iterdir():
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                            "--no-build-isolation", "-w", str(out), str(sdist)], check=True,
+                           env=env)
 
 
 def trim(wheel: Path, patterns: list[str]) -> None:
     """Rewrite `wheel` without the files matching `patterns`, and its RECORD to match."""
     kept = io.BytesIO()
     with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(kept, "w", zipfile.ZIP_DEFLATED) as z:
-        names = [n for n in source.namelist()
-                 if not any(re.search(p, n) for p in patterns)]
+        names = [n for n in source.namelist() if not any(re.search(p, n) for p in patterns)]
         record = next(n for n in names if n.endswith(".dist-info/RECORD"))
         rows = []
         for name in names:
@@ -85,18 +90,17 @@ def trim(wheel: Path, patterns: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "wheels")
+    parser.add_argument("--python-version", default="312", help="the device's Python")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
-    download(pins(BINARY), args.out, binary=True)
-    with tempfile.TemporaryDirectory() as sdists:
-        download(pins(SOURCE), Path(sdists), binary=False)
-        for sdist in Path(sdists).iterdir():
-            build(sdist, args.out)
+    download(DIRECT + INDIRECT, args.out, args.python_version)
     for wheel in args.out.glob("*.whl"):
         for package, patterns in TRIM.items():
             if wheel.name.startswith(package.replace("-", "_") + "-"):
                 trim(wheel, patterns)
+    (args.out / "requirements.txt").write_text(
+        "".join(requirement(n) + "\n" for n in DIRECT + INDIRECT))
     total = sum(p.stat().st_size for p in args.out.iterdir())
     for path in sorted(args.out.iterdir(), key=lambda p: -p.stat().st_size):
         print(f"{path.stat().st_size / 2**20:7.1f} MiB  {path.name}")

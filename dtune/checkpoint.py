@@ -190,11 +190,13 @@ def check_same_parameters(folder: Path, weights: dict, model) -> None:
         )
 
 
-def save_final(model, tokenizer, out_dir: Path) -> None:
-    """Write the Hugging Face artifact: a PEFT adapter folder or a full model folder."""
+def save_final(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+    """Write the Hugging Face artifact: a PEFT adapter folder or a full model folder
+    (`state_dict`: the weights, where the model's own are partitioned)."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True,
+                          **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_check = sub.add_parser("check", help="prove that parallel layouts train identically")
     p_check.add_argument("--steps", type=int, default=20)
+    p_check.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                         help="the training precision every layout runs in (tolerances: see "
+                              "dtune/check.py)")
     p_check.add_argument("--work-dir", type=Path, default=None,
                          help="where the runs go (default: a temporary folder)")
 
@@ -105,8 +108,8 @@ def run_parity_check(args) -> None:
 
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="dtune-check-"))
     print(f"Training the tiny model under each layout in {work_dir} ...", flush=True)
-    results = run_check(work_dir, steps=args.steps)
-    print(table(results, args.steps))
+    results = run_check(work_dir, steps=args.steps, precision=args.precision)
+    print(table(results, args.steps, args.precision))
     if not all(r.passed for r in results):
         raise DtuneError("dtune check found layouts whose losses differ beyond tolerance "
                          "(see the table above); this cluster's setup changes the training.")
@@ -116,6 +119,7 @@ def run_plan(args) -> None:
     from dtune.compose import check_overrides, compose_config
     from dtune.distributed import wanted_processes
     from dtune.plan import GIB, choose, device_memory_bytes, plan, table
+    from dtune.precision import resolve
 
     check_overrides(args.overrides)
     cfg = compose_config(args.overrides)
@@ -124,6 +128,7 @@ def run_plan(args) -> None:
     device_bytes = int(args.device_gib * GIB) if args.device_gib else local_bytes
     if cfg.parallelism.name in ("single", "auto") and args.world_size is None:
         cfg.parallelism.name = "ddp"
+    resolve(cfg, on_gpu)  # precision=auto: bf16 on a GPU
     world = args.world_size or wanted_processes(cfg.parallelism)
     estimates = plan(cfg, world, on_gpu)
     print(f"{cfg.model.name_or_path}, +method={cfg.method.name}, precision={cfg.precision.name}, "

@@ -192,14 +192,14 @@ def check_combination(cfg: Config) -> None:
                          f"{', '.join(METHODS)}.")
     spec = METHODS[method.name]
     check_method_fields(method)
-    if precision not in spec.precisions:
+    if precision != "auto" and precision not in spec.precisions:  # auto: fp32 or bf16
         why = (" bf16_pure keeps the weights themselves in bf16, which only full fine-tuning "
                "has a use for;" if precision == "bf16_pure" else "")
         raise DtuneError(
             f"precision={precision} does not work with +method={method.name};{why} choose "
             f"precision from {', '.join(spec.precisions)}.")
     if spec.quantized_bits == 4 and precision in ("fp16", "bf16") \
-            and method.compute_dtype != precision:
+            and method.compute_dtype not in ("auto", precision):
         raise DtuneError(
             f"precision={precision} autocasts to {precision}, but the QLoRA base computes in "
             f"method.compute_dtype={method.compute_dtype}; the two would fight over the "

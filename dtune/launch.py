@@ -5,6 +5,7 @@ SLURM job runs on each of its tasks (dtune/launchers/slurm.py).
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dtune import distributed, train
+from dtune import distributed, precision, train
 from dtune.config import Config, ParallelismConfig
 from dtune.errors import DtuneError
 from dtune.plan import resolve_auto
@@ -25,6 +26,8 @@ log = logging.getLogger("dtune")
 def run_training(config: Config, run_dir: str, overrides: list[str]) -> float | None:
     """Train here: in this process, or in workers started for the processes asked for.
     Returns the final eval loss (what Hydra sweepers minimise)."""
+    warn_if_gpus_unseen()
+    precision.resolve(config)  # here: a SLURM job settles precision=auto on its own node
     if config.parallelism.name == "auto":
         resolve_auto(config)
     parallel = config.parallelism
@@ -37,6 +40,15 @@ def run_training(config: Config, run_dir: str, overrides: list[str]) -> float | 
         summary = RunDir(Path(run_dir)).read_summary()
         return summary.get("eval_loss") if summary else None
     return train.run(config, Path(run_dir)).summary.get("eval_loss")
+
+
+def warn_if_gpus_unseen() -> None:
+    """A machine with NVIDIA GPUs whose torch sees none trains on the CPU, slowly: say why."""
+    if not torch.cuda.is_available() and glob.glob("/dev/nvidia[0-9]*"):
+        log.warning(
+            "This machine has NVIDIA GPUs, but torch sees none, so training runs on the CPU. "
+            "Is CUDA_VISIBLE_DEVICES empty, did the SLURM job ask for none (--gpus-per-node, "
+            "launcher.gpus_per_node), or is this torch a CPU build (%s)?", torch.__version__)
 
 
 def check_process_count(cfg: ParallelismConfig) -> None:

@@ -13,6 +13,7 @@ from dtune.errors import DtuneError
 from dtune.logs import quiet_libraries
 from dtune.methods import load_options
 from dtune.models import load_model_and_tokenizer
+from dtune.precision import resolve
 from dtune.run_dir import RunDir
 
 
@@ -24,7 +25,9 @@ def load_run_config(run_dir: Path) -> Config:
             "folder a training run wrote (its hydra.run.dir)."
         )
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run.config_file))
-    return to_config(merged)
+    cfg = to_config(merged)
+    resolve(cfg)
+    return cfg
 
 
 def load_final_model(run_dir: Path):

@@ -28,7 +28,6 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0
         inputs["position_ids"] = batch["position_ids"]
     else:
         inputs["attention_mask"] = batch["attention_mask"]
-    labels = batch["labels"][:, 1:]
     length = batch["labels"].size(1)
     if chunk_size > 0:
         # logits_to_keep=1: the model computes a single position's logits, not all of them.
@@ -36,8 +35,9 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0
         hidden = out.hidden_states[-1][:, -length:-1]
         head = _output_layer(model)
         return chunked_lm_loss(hidden.reshape(-1, hidden.size(-1)), head.weight,
-                               labels.reshape(-1), chunk_size)
+                               batch["labels"][:, 1:].reshape(-1), chunk_size)
     logits = model(**inputs).logits
+    labels = batch["labels"][:, 1:]
     # Prompt tuning prepends virtual tokens to the output; score only the real positions.
     logits = logits[:, -length:-1].float()
     return F.cross_entropy(

@@ -34,19 +34,24 @@ class MethodSpec:
     merges: bool = True  # `dtune merge` folds it into the base
     soft_prompt: bool = False  # virtual tokens in front of the input: no packing
 
-    def load_options(self, cfg: MethodConfig) -> dict:
-        """Extra from_pretrained arguments for the base (bitsandbytes quantization)."""
+    def load_options(self, cfg: MethodConfig, device=None) -> dict:
+        """Extra from_pretrained arguments for the base: bitsandbytes quantization, and on a
+        GPU the device it is placed on (bitsandbytes quantizes while it places)."""
         if self.quantized_bits is None:
             return {}
         import torch
         from transformers import BitsAndBytesConfig
 
-        if self.quantized_bits == 4:
-            return {"quantization_config": BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
-                bnb_4bit_use_double_quant=cfg.double_quant,
-                bnb_4bit_compute_dtype=getattr(torch, DTYPE_NAMES[cfg.compute_dtype]))}
-        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+        placement = {"device_map": {"": device.index or 0}} \
+            if device is not None and device.type == "cuda" else {}
+        if self.quantized_bits == 8:
+            return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), **placement}
+        # compute_dtype still "auto" here: a tool loading a run's base, no precision settled
+        dtype = DTYPE_NAMES.get(cfg.compute_dtype, "float32")
+        return {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, dtype)), **placement}
 
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -136,7 +141,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("qlora", "LoRA over a base stored in 4 bits (NF4, double quantization)",
                quantized_lora, _LORA | _QUANT, 1e-3, zero=False, quantized_bits=4),
     MethodSpec("lora_int8", "LoRA over a base stored in 8 bits (LLM.int8)", quantized_lora,
-               _LORA | {"compute_dtype"}, 1e-3, zero=False, quantized_bits=8),
+               _LORA, 1e-3, zero=False, quantized_bits=8),
     MethodSpec("ia3", "one learned scale per channel of keys, values and MLP output", ia3,
                frozenset({"target_modules", "modules_to_save"}), 3e-2),
     MethodSpec("prompt_tuning", "a soft prompt: `num_virtual_tokens` trainable embeddings "
@@ -155,8 +160,8 @@ def apply_method(model, cfg: MethodConfig, tokenizer):
     return METHODS[cfg.name].apply(model, cfg, tokenizer)
 
 
-def load_options(cfg: MethodConfig) -> dict:
-    return METHODS[cfg.name].load_options(cfg)
+def load_options(cfg: MethodConfig, device=None) -> dict:
+    return METHODS[cfg.name].load_options(cfg, device)
 
 
 def _targets(cfg: MethodConfig):
@@ -177,10 +182,11 @@ def is_adapter(model) -> bool:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a 4-bit weight counts as the values it stores."""
+    """(trainable, total) parameter counts; a 4-bit weight counts as the values it stores, a
+    ZeRO-3 partitioned one as the whole weight (`ds_numel`), not this rank's shard."""
     trainable, total = 0, 0
     for param in model.parameters():
-        n = param.numel()
+        n = getattr(param, "ds_numel", param.numel())
         if param.__class__.__name__ == "Params4bit":
             n *= 2  # two 4-bit values per stored byte
         total += n

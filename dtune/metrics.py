@@ -45,8 +45,19 @@ def peak_memory_bytes() -> int:
     """Peak accelerator memory when training on CUDA, else the process's peak RSS."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return int(torch.cuda.max_memory_allocated())
+    return peak_host_memory_bytes()
+
+
+def peak_host_memory_bytes() -> int:
+    """The process's peak RSS: all of it on a CPU, what offload keeps on the host on a GPU."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def peak_reserved_bytes() -> int | None:
+    """The CUDA caching allocator's peak reservation (allocated plus what it keeps cached),
+    the figure that runs out; None off a GPU."""
+    return int(torch.cuda.max_memory_reserved()) if torch.cuda.is_available() else None
 
 
 def current_rss_bytes() -> int:

@@ -3,6 +3,7 @@ a GGUF file shipped in a pip package (converted once and cached), or a small ran
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -19,7 +20,8 @@ from safetensors.torch import save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
                           PreTrainedTokenizerFast)
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
+                                                    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 from dtune.cache import atomic_dir, build_lock, cache_dir, safe_name
 from dtune.config import ModelConfig, RandomInitConfig
@@ -36,15 +38,15 @@ CHATML_TEMPLATE = (
 )
 
 
-def load_model_and_tokenizer(cfg: ModelConfig, load_options: dict | None = None):
-    """Return (model with fp32 weights, tokenizer, where the weights came from).
+def load_model_and_tokenizer(cfg: ModelConfig, load_options: dict | None = None,
+                             weights_context=None):
+    """Return (model, tokenizer, where the weights came from).
 
-    `load_options` go to from_pretrained: a method's bitsandbytes quantization, for example,
-    or `dtype="auto"` to keep the checkpoint's own dtype.
+    `load_options` go to from_pretrained: a method's bitsandbytes quantization and placement,
+    `dtype` (fp32 unless given; "auto" keeps the checkpoint's own). `weights_context` is
+    entered around the weights' load alone (ZeRO-3 partitions them as they load).
     """
     folder, source = resolve_model(cfg)
-    load_options = dict(load_options or {})
-    dtype = load_options.pop("dtype", torch.float32)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if folder != cfg.name_or_path:
         kwargs.pop("revision")
@@ -57,9 +59,32 @@ def load_model_and_tokenizer(cfg: ModelConfig, load_options: dict | None = None)
             f"from {folder} ({' '.join(str(exc).split())[:200]}); the folder needs the "
             "tokenizer files that tokenizer.save_pretrained writes."
         ) from None
+    options = {"dtype": torch.float32, **(load_options or {}), **attention_option(cfg)}
+    with weights_context or contextlib.nullcontext():
+        model = load_weights(folder, cfg, {**kwargs, **options})
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if "quantization_config" in options:
+        keep_4bit_layout_trainable(model)
+        release_checkpoint_mapping(model)
+    return model, tokenizer, source
+
+
+def attention_option(cfg: ModelConfig) -> dict:
+    """from_pretrained's attn_implementation, refused up front where it cannot run."""
+    kernel = cfg.attn_implementation
+    if kernel == "flash_attention_2" and (importlib.util.find_spec("flash_attn") is None
+                                          or not torch.cuda.is_available()):
+        raise DtuneError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
+            "package (pip install flash-attn --no-build-isolation); neither is optional. "
+            "Use model.attn_implementation=sdpa (the default's kernel) or auto.")
+    return {} if kernel == "auto" else {"attn_implementation": kernel}
+
+
+def load_weights(folder: str, cfg: ModelConfig, kwargs: dict):
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs,
-                                                     **load_options)
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise DtuneError(
@@ -73,12 +98,6 @@ def load_model_and_tokenizer(cfg: ModelConfig, load_options: dict | None = None)
                 "(AutoModelForCausalLM cannot load it); pick a decoder-only model."
             ) from None
         raise
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if "quantization_config" in load_options:
-        keep_4bit_layout_trainable(model)
-        release_checkpoint_mapping(model)
-    return model, tokenizer, source
 
 
 def release_checkpoint_mapping(model) -> None:
@@ -249,7 +268,9 @@ def _write_random_model(folder: Path, arch: RandomInitConfig) -> None:
     config = random_model_config(arch, tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(arch.init_seed)
-        model = AutoModelForCausalLM.from_config(config)
+        # The class itself, not from_config: under ZeRO-3 from_config would partition the
+        # weights, and the cached folder would hold empty shards.
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
     with atomic_dir(folder) as tmp:
         write_model_folder(model, tokenizer, tmp)
 

@@ -2,17 +2,24 @@
 config alone (no weights are loaded or downloaded), and the choice behind parallelism=auto.
 
 The estimate adds up, per device:
-- weights: 4 bytes per parameter (dtune loads fp32), 2 under bf16_pure and in DeepSpeed's
-  16-bit modes; quantised linear layers 0.5 (4-bit, + ~1.6% quantisation constants) or 1
-  byte (8-bit); sharded across ranks by ZeRO-3;
-- gradients: one per trainable parameter in the training dtype; sharded by ZeRO-2/3;
+- weights: what trains in fp32 (16 bits in DeepSpeed's bf16/fp16 modes, and under
+  bf16_pure); a frozen base in its load dtype: the compute dtype under bf16/fp16 (2 bytes),
+  quantised linear layers 0.5 (4-bit, + ~1.6% quantisation constants) or 1 byte (8-bit);
+  sharded across ranks by ZeRO-3, which also gathers about two whole modules at a time;
+- gradients: one fp32 value per trainable parameter (DeepSpeed accumulates in fp32 too);
+  sharded by ZeRO-2/3;
 - optimizer: AdamW's two fp32 moments per trainable parameter (+ fp32 master weights in
   DeepSpeed's 16-bit modes); sharded by ZeRO-1/2/3, moved to the host by the offload options;
 - activations: what backward keeps per token and layer (LLaMA-style block: ~7 hidden-size
-  and 4 intermediate-size vectors; the layer input alone under gradient checkpointing), plus
-  the fp32 logits and their gradient (one chunk of them with train.loss_chunk_size);
-- runtime: on CPU the process's own footprint (Python, torch, tokenizer, data: ~0.6 GiB
-  measured); the CUDA context is outside torch's allocator figures and left out on GPU.
+  and 4 intermediate-size vectors; the layer input alone under gradient checkpointing), the
+  fp32 logits and their gradient (one chunk of them with train.loss_chunk_size), and under
+  torch autocast (full fine-tuning in bf16/fp16) the 16-bit copy of every fp32 weight a
+  matmul read, kept until backward;
+- runtime: on a GPU the CUDA context, NCCL's buffers and allocator fragmentation (2 GiB plus
+  a tenth of the rest); on CPU the process's own footprint (Python, torch, tokenizer, data:
+  ~0.6 GiB measured);
+- loading: ZeRO-3 loads each rank's shard, gathering one module at a time; a layout whose
+  loading needs more than its training is planned by its loading.
 """
 from __future__ import annotations
 
@@ -71,6 +78,8 @@ class ModelShape:
     layers: int
     vocab: int
     kv_hidden: int
+    head_params: int = 0  # the LM head's weight, when it is not tied to the embeddings
+    largest_module_params: int = 0  # what ZeRO-3 gathers at once while loading
 
 
 @dataclass
@@ -82,10 +91,18 @@ class Estimate:
     activations: int
     runtime: int
     offloaded: int  # bytes moved to host memory (not in the total)
+    load_peak: int = 0  # on the device while the weights load (ZeRO-3: shard + one module)
+    gathered: int = 0  # ZeRO-3: the modules gathered whole around the one computing
+
+    @property
+    def training(self) -> int:
+        return (self.weights + self.gathered + self.gradients + self.optimizer
+                + self.activations + self.runtime)
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+        """What the device must hold: training, or loading where that needs more."""
+        return max(self.training, self.load_peak + self.runtime)
 
 
 def model_shape(cfg: Config) -> ModelShape:
@@ -98,7 +115,11 @@ def model_shape(cfg: Config) -> ModelShape:
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     heads = text.num_attention_heads
     kv = getattr(text, "num_key_value_heads", heads) or heads
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
     return ModelShape(
+        head_params=0 if head is None or tied else head.weight.numel(),
+        largest_module_params=max(sum(p.numel() for p in m.parameters(recurse=False))
+                                  for m in model.modules()),
         params=sum(p.numel() for p in model.parameters()),
         linear_params=sum(m.weight.numel() for m in linear),
         lora_params_per_rank=sum(m.in_features + m.out_features for m in linear),
@@ -129,28 +150,15 @@ def estimate(cfg: Config, shape: ModelShape, layout: Layout, world_size: int,
     spec, precision = METHODS[cfg.method.name], cfg.precision.name
     zero, offload = layout.zero_stage or 0, layout.offload
     w = world_size if layout.name != "single" else 1
-    deepspeed_16bit = zero and precision in ("bf16", "fp16")
-    weight_bytes = 2 if precision == "bf16_pure" or deepspeed_16bit else 4
-
-    other = shape.params - shape.linear_params
-    if spec.quantized_bits == 4:  # + ~1.6% quantisation constants
-        weights = other * 4 + shape.linear_params * 0.516
-    elif spec.quantized_bits == 8:
-        weights = other * 4 + shape.linear_params * 1.02
-    else:
-        weights = shape.params * weight_bytes
-    if not spec.adapter:
-        trainable = shape.params
-    elif "r" in spec.fields:  # the LoRA family: r x (in + out) per adapted layer
-        trainable = cfg.method.r * shape.lora_params_per_rank
-        weights += trainable * 4
-    else:  # ia3, soft prompts: small
-        trainable = shape.hidden * shape.layers * 3
-        weights += trainable * 4
-    if zero == 3 and not spec.adapter:
+    # DeepSpeed's 16-bit modes keep the module itself in 16 bits, fp32 masters in the optimizer
+    deepspeed_16bit = bool(zero) and precision in ("bf16", "fp16")
+    trainable = trainable_params(cfg, shape)
+    weights, loaded, gathered = weight_bytes(cfg, shape, trainable, deepspeed_16bit), 0, 0
+    module = shape.largest_module_params * (2 if deepspeed_16bit else 4)
+    if zero == 3:  # partitioned as they load: this rank's shard, plus one module gathered
         weights /= w
-
-    grad_bytes = 2 if precision == "bf16_pure" or deepspeed_16bit else 4
+        loaded, gathered = weights + module, 2 * module  # about two at once in training
+    grad_bytes = 2 if precision == "bf16_pure" else 4  # DeepSpeed accumulates them in fp32
     gradients = trainable * grad_bytes / (w if zero >= 2 else 1)
     state_bytes = 4 if precision != "bf16_pure" else 2
     optimizer = trainable * (2 * state_bytes + (4 if deepspeed_16bit else 0)) \
@@ -158,10 +166,49 @@ def estimate(cfg: Config, shape: ModelShape, layout: Layout, world_size: int,
     offloaded = 0
     if offload:
         offloaded, optimizer = optimizer, 0
-        if zero == 3:  # parameters live on the host too; about two layers are gathered at once
-            on_device = min(weights, 2 * weights * w / shape.layers)
-            offloaded, weights = offloaded + weights - on_device, on_device
+        if zero == 3:  # the parameters live on the host too, gathered as they are needed
+            offloaded, weights = offloaded + weights, 0
+    activations = activation_bytes(cfg, shape, zero, deepspeed_16bit)
+    work = weights + gathered + gradients + optimizer + activations
+    # On a GPU: the CUDA context, NCCL's buffers and allocator fragmentation, outside what
+    # training itself allocates (about 2 GiB, plus a tenth)
+    runtime = int(2 * GIB + 0.1 * work) if on_gpu else CPU_RUNTIME_BYTES
+    return Estimate(layout.name, int(weights), int(gradients), int(optimizer),
+                    int(activations), runtime, int(offloaded), int(loaded), int(gathered))
 
+
+def trainable_params(cfg: Config, shape: ModelShape) -> int:
+    spec = METHODS[cfg.method.name]
+    if not spec.adapter:
+        return shape.params
+    if "r" in spec.fields:  # the LoRA family: r x (in + out) per adapted layer
+        return cfg.method.r * shape.lora_params_per_rank
+    return shape.hidden * shape.layers * 3  # ia3, soft prompts: small
+
+
+def weight_bytes(cfg: Config, shape: ModelShape, trainable: int, deepspeed_16bit: bool) -> int:
+    """What the weights hold on one device before any sharding: what trains in fp32 (16 bits
+    in DeepSpeed's modes) and a frozen base in its load dtype (dtune/precision.py: the compute
+    dtype under bf16/fp16, quantized linear layers in 4 or 8 bits)."""
+    spec, precision = METHODS[cfg.method.name], cfg.precision.name
+    sixteen = precision == "bf16_pure" or deepspeed_16bit
+    if not spec.adapter:
+        return shape.params * (2 if sixteen else 4)
+    other = shape.params - shape.linear_params
+    frozen_bytes = 2 if sixteen or precision in ("bf16", "fp16") else 4
+    if spec.quantized_bits == 4:  # + ~1.6% quantisation constants; the rest loads in fp32
+        frozen = other * 4 + shape.linear_params * 0.516
+    elif spec.quantized_bits == 8:
+        frozen = other * 4 + shape.linear_params * 1.02
+    else:
+        frozen = shape.params * frozen_bytes
+    return int(frozen + trainable * (2 if deepspeed_16bit else 4))
+
+
+def activation_bytes(cfg: Config, shape: ModelShape, zero: int, deepspeed_16bit: bool) -> int:
+    """What backward keeps per token and layer, the logits, and autocast's copies: torch
+    autocast holds a 16-bit copy of every fp32 weight a matmul reads until backward."""
+    precision, spec = cfg.precision.name, METHODS[cfg.method.name]
     tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
     act_bytes = 2 if precision in ("bf16", "fp16", "bf16_pure") else 4
     per_token_layer = 7 * shape.hidden + 4 * shape.intermediate + 2 * shape.kv_hidden
@@ -173,10 +220,9 @@ def estimate(cfg: Config, shape: ModelShape, layout: Layout, world_size: int,
     logit_rows = min(chunk, tokens) if chunk else tokens
     # fp32 logits, their softmax/gradient, and the model-dtype logits the head returns
     logits = logit_rows * shape.vocab * (8 + act_bytes)
-    activations = tokens * layers * act_bytes + logits
-    runtime = 0 if on_gpu else CPU_RUNTIME_BYTES
-    return Estimate(layout.name, int(weights), int(gradients), int(optimizer),
-                    int(activations), runtime, int(offloaded))
+    autocast = (shape.linear_params + shape.head_params) * 2 \
+        if precision in ("bf16", "fp16") and not spec.adapter and not deepspeed_16bit else 0
+    return int(tokens * layers * act_bytes + logits + autocast)
 
 
 def plan(cfg: Config, world_size: int, on_gpu: bool, shape: ModelShape | None = None
@@ -220,14 +266,16 @@ def device_memory_bytes() -> tuple[int, bool]:
 
 
 def table(estimates: list[Estimate], device_bytes: int | None) -> str:
-    header = "| parallelism | weights | gradients | optimizer | activations | runtime | " \
-             "total per device | offloaded to host | fits |"
-    lines = [header, "|" + "---|" * 9]
+    header = "| parallelism | weights | ZeRO-3 gathered | gradients | optimizer | activations " \
+             "| runtime | loading | total per device | offloaded to host | fits |"
+    lines = [header, "|" + "---|" * 11]
     for e in estimates:
         fits = "-" if device_bytes is None else ("yes" if e.total <= device_bytes else "no")
         lines.append("| " + " | ".join([e.parallelism] + [
-            f"{v / GIB:.2f} GiB" for v in (e.weights, e.gradients, e.optimizer, e.activations,
-                                           e.runtime, e.total, e.offloaded)] + [fits]) + " |")
+            f"{v / GIB:.2f} GiB" for v in (e.weights, e.gathered, e.gradients, e.optimizer,
+                                           e.activations, e.runtime, e.load_peak, e.total,
+                                           e.offloaded)]
+            + [fits]) + " |")
     return "\n".join(lines)
 
 

@@ -14,7 +14,10 @@ from typing import Optional
 
 import torch
 
-from dtune.config import PrecisionConfig
+from dtune.compose import check_combination
+from dtune.config import Config, PrecisionConfig
+from dtune.errors import DtuneError
+from dtune.methods import METHODS
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,3 +70,45 @@ def setup_precision(cfg: PrecisionConfig, model, device_type: str = "cpu") -> Pr
         scaler = torch.amp.GradScaler(device_type, init_scale=cfg.init_loss_scale,
                                       growth_interval=cfg.growth_interval)
     return Precision(cfg.name, device_type, scaler)
+
+
+def resolve(cfg: Config, on_gpu: bool | None = None) -> None:
+    """Settle what depends on the hardware the run trains on, where it trains (a SLURM job
+    resolves on its node, not on the login node that submitted it): precision=auto becomes bf16
+    on a CUDA GPU with bf16 support, else fp32; QLoRA's compute_dtype=auto follows it."""
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
+    if cfg.precision.name == "auto":
+        bf16 = on_gpu and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
+        cfg.precision.name = "bf16" if bf16 else "fp32"
+    if cfg.precision.name == "fp16" and cfg.parallelism.zero_stage is not None and not on_gpu:
+        raise DtuneError(
+            f"precision=fp16 with parallelism={cfg.parallelism.name} needs a GPU: DeepSpeed's "
+            "fp16 mode has no CPU kernels. Use precision=bf16 (or fp32) here, or parallelism=ddp.")
+    if cfg.method.compute_dtype == "auto" and "compute_dtype" in METHODS[cfg.method.name].fields:
+        cfg.method.compute_dtype = cfg.precision.name if cfg.precision.name in AUTOCAST \
+            else "fp32"
+    check_combination(cfg)
+
+
+def base_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the base model loads in. Frozen weights of adapter methods take the compute
+    dtype under bf16/fp16 (2 bytes each, and autocast keeps no second copy of them); what
+    trains keeps fp32 master weights (`keep_trainable_fp32`). bf16_pure is bf16 throughout.
+    A quantized base's other weights load in fp32, which peft's k-bit preparation wants."""
+    spec = METHODS[cfg.method.name]
+    if cfg.precision.name == "bf16_pure":
+        return torch.bfloat16
+    if spec.adapter and spec.quantized_bits is None and cfg.precision.name in AUTOCAST:
+        return AUTOCAST[cfg.precision.name]
+    return torch.float32
+
+
+def keep_trainable_fp32(model, cfg: Config) -> None:
+    """Master weights in fp32: an adapter made next to a bf16 base (or a trained copy of one of
+    its modules) trains in fp32, and autocast runs its matmuls in the compute dtype."""
+    if cfg.precision.name == "bf16_pure":
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()

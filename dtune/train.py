@@ -26,14 +26,16 @@ from dtune.data.loading import load_splits
 from dtune.data.prepare import ExampleTable, prepare_data
 from dtune.distributed import (Ranks, all_reduce_sum, barrier, die_with_parent, gather,
                                launched_ranks, process_group)
-from dtune.engines import Engine, build_engine
-from dtune.engines.base import StepStatus
+from dtune import precision
+from dtune.engines import Engine, build_engine, run_context
+from dtune.engines.base import StepStatus, process_device
 from dtune.errors import DtuneError
 from dtune.evaluate import eval_loss, exact_match
 from dtune.logs import quiet_libraries
 from dtune.loss import has_plain_lm_head, summed_token_loss
 from dtune.methods import apply_method, count_parameters, is_adapter, load_options
-from dtune.metrics import TrainingPeakMemory, peak_memory_bytes, release_free_heap
+from dtune.metrics import (TrainingPeakMemory, peak_host_memory_bytes, peak_memory_bytes,
+                           peak_reserved_bytes, release_free_heap)
 from dtune.models import load_model_and_tokenizer
 from dtune.reporter import SilentReporter, create_reporter
 from dtune.run_dir import RunDir
@@ -83,7 +85,8 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     ranks = launched_ranks(cfg.parallelism) or Ranks()
     if os.environ.get("DTUNE_DIE_WITH_PARENT") == "1":  # a worker of dtune's own launch
         die_with_parent()
-    with process_group(cfg.parallelism, ranks):
+    precision.resolve(cfg)  # precision=auto and the like, on the machine that trains
+    with process_group(cfg.parallelism, ranks), run_context(cfg, ranks):
         recipe = set_up(cfg, RunDir(run_dir), ranks, started)
         reporter, stop = SilentReporter(), StopFlag()
         try:
@@ -107,20 +110,30 @@ def set_up(cfg: Config, run_dir: RunDir, ranks: Ranks, started: float) -> Recipe
     else:
         run_dir.path.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     # Records first: a bad row is reported before minutes go into loading the model.
     train_records, eval_records = load_splits(cfg.data)
-    model, tokenizer, source = load_model_and_tokenizer(cfg.model, load_options(cfg.method))
+    options = {**load_options(cfg.method, process_device(ranks)),
+               "dtype": precision.base_dtype(cfg)}
+    model, tokenizer, source = load_model_and_tokenizer(cfg.model, options)
     check_context_length(cfg, model)
     log.info("Model %s from %s", cfg.model.name_or_path, source)
+    if any(hasattr(p, "ds_numel") for p in model.parameters()):  # ZeRO-3 loads partitioned
+        held = sum(p.ds_tensor.numel() for p in model.parameters())
+        log.info("Loaded partitioned: rank %d holds %s of the %s weight values", ranks.rank,
+                 f"{held:,}", f"{sum(p.ds_numel for p in model.parameters()):,}")
     train_examples, eval_examples = prepare_data(cfg, tokenizer, ranks, train_records,
                                                  eval_records)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = apply_method(model, cfg.method, tokenizer)
+    precision.keep_trainable_fp32(model, cfg)
     trainable, total = count_parameters(model)
     stream = BatchStream(train_examples, cfg.train.micro_batch_size, cfg.train.seed,
                          tokenizer.pad_token_id, ranks.rank, ranks.world_size,
-                         pack_len=cfg.data.max_seq_len if cfg.data.packing else 0)
+                         pack_len=cfg.data.max_seq_len if cfg.data.packing else 0,
+                         one_row=cfg.model.attn_implementation == "flash_attention_2")
     total_steps = planned_steps(cfg, stream)
     engine = build_engine(cfg, model, ranks, total_steps)
     chunk_size = loss_chunk_size(cfg.train, cfg.parallelism.zero_stage)
@@ -303,10 +316,21 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
         "train_peak_memory_bytes": loop.train_peak_memory,
         "peak_memory_bytes_per_rank": gather(peak_memory_bytes()),
         "train_peak_memory_bytes_per_rank": gather(loop.train_peak_memory),
+        "peak_memory_reserved_bytes": peak_reserved_bytes(),
+        "parameter_bytes": parameter_bytes(engine.module),
+        "frozen_parameter_bytes": parameter_bytes(engine.module, frozen=True),
+        "peak_host_memory_bytes": peak_host_memory_bytes(),
         "resumed_from": str(recipe.resumed_from) if recipe.resumed_from else None,
     }
     reporter.finish(summary)
     return RunResult(summary, engine.module, recipe.tokenizer)
+
+
+def parameter_bytes(model, frozen: bool = False) -> int:
+    """What this rank's parameters hold (a ZeRO-3 rank: its shards); with `frozen`, only those
+    that do not train (a base in bf16 holds 2 bytes a parameter)."""
+    return sum(getattr(p, "ds_tensor", p).numel() * p.element_size()
+               for p in model.parameters() if not (frozen and p.requires_grad))
 
 
 def due(step: int, every: int) -> bool:

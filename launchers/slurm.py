@@ -20,6 +20,8 @@ from dtune.errors import DtuneError
 from dtune.launch import run_training
 from dtune.run_dir import RunDir
 
+log = logging.getLogger("dtune")
+
 
 def submit(config: Config, run_dir: str, overrides: list[str]) -> float | None:
     """Submit; print the job id, log paths and how to follow them. With launcher.wait=true,
@@ -74,19 +76,41 @@ def check_cluster(launcher: LauncherConfig) -> None:
             "login node (or load SLURM, e.g. `module load slurm`), start the local test "
             "cluster with slurm/local-cluster/start.sh, or train here with launcher=local."
         )
-    if launcher.partition is None:
-        return
     try:
-        listed = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True,
-                                timeout=60, check=True).stdout.split()
+        # partition (the default marked *) and generic resources, such as gpu:8
+        listed = subprocess.run(["sinfo", "-h", "-o", "%P %G"], capture_output=True, text=True,
+                                timeout=60, check=True).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return  # sinfo unusable: let sbatch judge
-    if listed and launcher.partition not in listed:
+    gres = {}
+    for line in listed:
+        name, _, resources = line.partition(" ")
+        gres.setdefault(name.rstrip("*"), set()).add(resources.strip())
+    if launcher.partition is None:
+        default = next((line.split()[0].rstrip("*") for line in listed
+                        if line.split() and line.split()[0].endswith("*")), None)
+        warning = gpu_warning(default, gres.get(default, set()), launcher.gpus_per_node)
+    elif gres and launcher.partition not in gres:
         raise DtuneError(
             f"launcher.partition={launcher.partition!r} is not a partition of this cluster; "
-            f"it has {', '.join(sorted(set(listed)))}. Set launcher.partition to one of them "
+            f"it has {', '.join(sorted(gres))}. Set launcher.partition to one of them "
             "(or leave it unset for the default partition)."
         )
+    else:
+        warning = gpu_warning(launcher.partition, gres.get(launcher.partition, set()),
+                              launcher.gpus_per_node)
+    if warning:
+        log.warning(warning)
+
+
+def gpu_warning(partition: str | None, gres: set[str], gpus_per_node: int) -> str | None:
+    """A partition whose nodes have GPUs, asked for none: the job would train on the CPU."""
+    gpus = sorted(g for g in gres if "gpu" in g)
+    if partition is None or gpus_per_node or not gpus:
+        return None
+    return (f"the partition {partition} has GPUs ({', '.join(gpus)}), but "
+            "launcher.gpus_per_node=0 asks for none: the job would train on the CPU. Set "
+            "launcher.gpus_per_node to the GPUs each node should use.")
 
 
 def run_job(config: Config, run_dir: str, overrides: list[str]) -> float | None:

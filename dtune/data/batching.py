@@ -22,15 +22,19 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(rows: list[list[Example]], pad_id: int,
+                   one_row: bool = False) -> dict[str, torch.Tensor]:
     """Rows of several examples laid end to end, with position ids restarting per example.
 
-    The model sees no 2-D attention mask, only `position_ids`: transformers then builds a
-    block-diagonal causal mask (SDPA, eager) or runs flash-attention varlen, so no token
-    attends across an example boundary. Each example's first label is masked: it would
-    otherwise be "predicted" from the previous example's last token. The right padding of a
-    short row is its own sequence (positions from 0) with no labels. `attention_mask` marks
-    real tokens, for counting only.
+    The model sees no 2-D attention mask, only `position_ids`, and transformers tells the
+    examples apart by where the positions restart: with sdpa and eager it builds a
+    block-diagonal causal mask (correct, but a dense mask keeps sdpa off its fastest kernel);
+    with flex_attention a block mask from the same boundaries. flash_attention_2 finds the
+    boundaries (its varlen path) only within a batch of one row, so with `one_row` the rows
+    are laid end to end as one: the padding-free layout. Each example's first label is
+    masked: it would otherwise be "predicted" from the previous example's last token. The
+    right padding of a short row is its own sequence (positions from 0) with no labels.
+    `attention_mask` marks real tokens, for counting only.
     """
     longest = max(sum(len(e.input_ids) for e in row) for row in rows)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
@@ -47,8 +51,9 @@ def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Te
             attention_mask[r, start : start + n] = 1
             start += n
         position_ids[r, start:] = torch.arange(longest - start)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "position_ids": position_ids}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+             "position_ids": position_ids}
+    return {k: v.reshape(1, -1) for k, v in batch.items()} if one_row else batch
 
 
 def pack_rows(lengths: list[int], rows: int, row_len: int) -> tuple[list[list[int]], int]:
@@ -94,6 +99,7 @@ class BatchStream:
     rank: int = 0
     world_size: int = 1
     pack_len: int = 0  # 0: one example per row, padded; > 0: pack rows of this many tokens
+    one_row: bool = False  # packed rows laid end to end as one (flash_attention_2)
     epoch: int = 0
     cursor: int = 0
 
@@ -147,7 +153,7 @@ class BatchStream:
                 continue
             if self.pack_len:
                 mine.append(collate_packed([[self.examples[i] for i in row] for row in rows],
-                                           self.pad_id))
+                                           self.pad_id, self.one_row))
             else:
                 mine.append(collate([self.examples[row[0]] for row in rows], self.pad_id))
         return mine

@@ -51,10 +51,18 @@ class Engine(Protocol):
 
 
 def process_device(ranks: Ranks) -> torch.device:
-    """The one device this process trains on: its local GPU, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", ranks.local_rank)
-    return torch.device("cpu")
+    """The one device this process trains on: its local GPU, else the CPU. On a GPU, fp32
+    matmuls may use TF32 (10-bit mantissa inputs, fp32 accumulation): several times faster on
+    Ampere and later, and far below the noise of stochastic training."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    allow_tf32(True)
+    return torch.device("cuda", ranks.local_rank)
+
+
+def allow_tf32(enabled: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:

@@ -21,6 +21,7 @@ from dtune.distributed import Ranks
 from dtune.engines.base import (StepResult, StepStatus, adamw, lr_lambda, move_batch,
                                 param_groups, process_device)
 from dtune.errors import DtuneError
+from dtune.methods import is_adapter
 
 
 @dataclass
@@ -68,7 +69,7 @@ class DeepSpeedEngine:
         return contextlib.nullcontext()
 
     def eval_context(self):
-        return contextlib.nullcontext()
+        return contextlib.nullcontext()  # the module is already in the compute dtype
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed averages gradients over ranks, and would divide by the accumulation steps;
@@ -119,34 +120,59 @@ class DeepSpeedEngine:
         self.skipped_before = self.model.skipped_steps
 
     def save_final(self, out_dir: Path, tokenizer) -> None:
-        if self.stage == 3:  # every rank gathers the shards, so the whole model can be read
-            import deepspeed
+        state_dict = None
+        if self.stage == 3:
+            # Every rank takes part; rank 0 receives the weights one layer at a time, on the
+            # host. An adapter gathers only what trained: the base is the checkpoint's.
+            state_dict = self.model._zero3_consolidated_16bit_state_dict(
+                exclude_frozen_parameters=is_adapter(self.module))
+        if self.ranks.is_main:
+            save_final(self.module, tokenizer, out_dir, state_dict=state_dict)
 
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
-                if self.ranks.is_main:
-                    save_final(self.module, tokenizer, out_dir)
-        elif self.ranks.is_main:
-            save_final(self.module, tokenizer, out_dir)
+
+@contextlib.contextmanager
+def zero3_run(cfg: Config, ranks: Ranks):
+    """Held for a whole ZeRO-3 run. While transformers sees this config, from_pretrained
+    partitions the weights as it loads them (each rank holds its shard, never the whole model
+    moved onto one GPU first), and peft gathers a partitioned weight where it must read one
+    (DoRA's magnitudes)."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed()  # adopts dtune's process group, so zero.Init sees the ranks
+    held = HfDeepSpeedConfig(deepspeed_config(cfg, ranks.world_size))
+    try:
+        yield held
+    finally:
+        del held
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """DeepSpeed's JSON config, generated from the same settings as a one-process run."""
     t, p, precision = cfg.train, cfg.parallelism, cfg.precision
     zero: dict = {"stage": p.zero_stage}
+    if p.zero_stage == 3:  # final/ is written from the consolidated weights
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    pinned = torch.cuda.is_available()  # pinned host buffers: asynchronous copies to the GPU
     if p.offload:
-        zero["offload_optimizer"] = {"device": "cpu"}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pinned}
         if p.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu"}
+            zero["offload_param"] = {"device": "cpu", "pin_memory": pinned}
     generated = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
+        # DeepSpeed's own 16-bit modes: the module in bf16/fp16, fp32 master weights in the
+        # optimizer (fp16: a dynamic loss scale), and gradients accumulated in fp32 as one
+        # process and DDP accumulate them. Not torch autocast over fp32 weights: under ZeRO-3
+        # autocast's 16-bit copy of every weight would stay alive until backward, unsharded.
         "fp16": {"enabled": precision.name == "fp16",
                  "initial_scale_power": int(math.log2(precision.init_loss_scale)),
                  "loss_scale_window": precision.growth_interval},
         "bf16": {"enabled": precision.name == "bf16"},
+        "data_types": {"grad_accum_dtype": "fp32"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -34,7 +34,9 @@ RUNS = {
 # Keys of summary.json whose values depend on the machine, not on what was trained.
 VOLATILE = ("wall_time_s", "loop_time_s", "train_time_s", "tokens_per_s", "peak_memory_bytes",
             "train_peak_memory_bytes", "peak_memory_bytes_per_rank",
-            "train_peak_memory_bytes_per_rank", "model_source", "resumed_from")
+            "train_peak_memory_bytes_per_rank", "model_source", "resumed_from",
+            "peak_memory_reserved_bytes", "peak_host_memory_bytes", "parameter_bytes",
+            "frozen_parameter_bytes")
 
 
 def run(name: str, overrides: list[str], work: Path) -> dict:
