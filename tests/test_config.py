@@ -2,6 +2,7 @@
 import pytest
 
 from conftest import compose, one_line, run_dtune
+from dtune import precision
 from dtune.compose import check_overrides
 from dtune.errors import DtuneError
 
@@ -11,7 +12,9 @@ def test_default_config_is_lora_on_smollm2_with_builtin_data():
     assert cfg.method.name == "lora"
     assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert cfg.data.path == "builtin"
-    assert cfg.precision.name == "fp32" and cfg.parallelism.name == "single"
+    assert cfg.precision.name == "auto" and cfg.parallelism.name == "single"
+    precision.resolve(cfg, on_gpu=False)
+    assert cfg.precision.name == "fp32"  # auto is fp32 off a GPU
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -212,7 +212,7 @@ def test_prompt_tuning_can_start_from_a_text(tmp_path, constant_answer_data):
 
 @pytest.mark.parametrize("overrides, message", [
     (["+method=lora", "precision=bf16_pure"], "precision=bf16_pure does not work with +method=lora"),
-    (["+method=qlora", "precision=fp16"], "method.compute_dtype=fp16"),
+    (["+method=qlora", "precision=fp16", "method.compute_dtype=fp32"], "method.compute_dtype=fp16"),
     (["+method=prompt_tuning", "data.max_seq_len=16", "method.num_virtual_tokens=20"],
      "leaves no room"),
     (["+method=lora", "method.init_text=hello"], "method.init_text='hello' has no effect"),

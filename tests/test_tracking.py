@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, compose, one_line, run_dtune
+from dtune import precision
 from dtune.errors import DtuneError
 from dtune.metrics import read_metrics
 from dtune.run_dir import RunDir
@@ -220,8 +221,11 @@ def test_offline_run_records_the_config_metrics_summary_and_artifact(tmp_path, w
     assert run["run_group"] == "slurm-array-777"
     assert run["tags"] == ["lora", "tiny-llama", "single"]
     logged_config = {k: v for k, v in run["config"]["update"].items() if k != "_wandb"}
-    expected = json.loads(json.dumps(dataclasses.asdict(compose(*overrides))))
+    resolved = compose(*overrides)
+    precision.resolve(resolved, on_gpu=False)  # what the run settles precision=auto to here
+    expected = json.loads(json.dumps(dataclasses.asdict(resolved)))
     assert logged_config == expected  # the fully resolved config
+    assert logged_config["precision"]["name"] == "fp32"
 
     local = read_metrics(run_dir / "metrics.jsonl")
     steps = [m for m in local if "loss" in m]
