@@ -4,6 +4,11 @@ started clean) and trained exactly as an uninterrupted run: no crash on a half-w
 no silent jump.
 
     python bench/kill_fuzz.py --trials 20 [--work-dir DIR] [--seed 0] [--record]
+    python bench/kill_fuzz.py --trials 20 --in-save [--record]
+
+--in-save lands every kill inside a checkpoint write: the run pauses between a checkpoint's
+files (DTUNE_CHECKPOINT_PAUSE_S, read by dtune/checkpoint.py) and the kill comes at a random
+moment after the temporary folder appears, while it is still being written.
 
 Prints a table; writes WORK_DIR/kill_fuzz.json, and with --record bench/results/kill_fuzz.md.
 """
@@ -48,14 +53,22 @@ def logged_steps(metrics: Path) -> int:
         return 0
 
 
-def trial(run_dir: Path, target_step: int, delay: float, reference: list[float]) -> dict:
+PAUSE_S = 0.4  # --in-save: between a checkpoint's files
+
+
+def trial(run_dir: Path, target_step: int, delay: float, reference: list[float],
+          in_save: bool = False) -> dict:
     """Kill `delay` seconds after step `target_step` was logged: mid-step or mid-save,
-    whatever the machine's speed."""
-    process = subprocess.Popen(command(run_dir), cwd=ROOT, start_new_session=True,
+    whatever the machine's speed. `in_save`: `delay` after the next checkpoint write began."""
+    env = {**os.environ, "DTUNE_CHECKPOINT_PAUSE_S": str(PAUSE_S)} if in_save else None
+    process = subprocess.Popen(command(run_dir), cwd=ROOT, start_new_session=True, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = run_dir / "metrics.jsonl"
     while process.poll() is None and logged_steps(metrics) < target_step:
         time.sleep(0.002)
+    if in_save:
+        while process.poll() is None and not any((run_dir / "checkpoints").glob(".tmp-step-*")):
+            time.sleep(0.001)
     time.sleep(delay)
     before = [step_of(c) for c in valid_checkpoints(run_dir)]
     finished_first = process.poll() is not None
@@ -64,6 +77,9 @@ def trial(run_dir: Path, target_step: int, delay: float, reference: list[float])
     process.wait()
     during_save = any((run_dir / "checkpoints").glob(".tmp-step-*"))
     after = [step_of(c) for c in valid_checkpoints(run_dir)]
+    # a step-N folder that is not complete would be a half-visible checkpoint
+    half_visible = [p.name for p in (run_dir / "checkpoints").glob("step-*")
+                    if step_of(p) not in after] if (run_dir / "checkpoints").is_dir() else []
     lost = bool(before) and not any(step >= max(before) for step in after)
 
     resumed = subprocess.run(command(run_dir, "train.resume=true"), cwd=ROOT,
@@ -83,6 +99,7 @@ def trial(run_dir: Path, target_step: int, delay: float, reference: list[float])
         "complete_before": before,
         "complete_after": after,
         "checkpoint_lost": lost,
+        "half_visible": half_visible,
         "resume_exit": resumed.returncode,
         "resumed_from": resumed_from,
         "resume_ok": resumed.returncode == 0 and from_right_place,
@@ -96,8 +113,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--in-save", action="store_true",
+                        help="land every kill inside a checkpoint write")
     parser.add_argument("--record", action="store_true",
-                        help="also write bench/results/kill_fuzz.md")
+                        help="also write bench/results/kill_fuzz.md (kill_fuzz_in_save.md)")
     args = parser.parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dtune-kill-fuzz-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -111,8 +130,12 @@ def main() -> None:
     rows = []
     for index in range(args.trials):
         # a random step, then a random moment within the next step and its checkpoint write
-        rows.append(trial(work / f"trial-{index:02d}", rng.randint(1, STEPS - 1),
-                          rng.uniform(0, 2 * step_s), reference))
+        if args.in_save:  # a moment inside the save's two pauses
+            rows.append(trial(work / f"trial-{index:02d}", rng.randint(1, STEPS - 3),
+                              rng.uniform(0, 2 * PAUSE_S), reference, in_save=True))
+        else:
+            rows.append(trial(work / f"trial-{index:02d}", rng.randint(1, STEPS - 1),
+                              rng.uniform(0, 2 * step_s), reference))
         print(json.dumps(rows[-1]), flush=True)
     killed = [r for r in rows if r["killed"]]
     result = {
@@ -122,21 +145,25 @@ def main() -> None:
         "resumes_ok": sum(r["resume_ok"] for r in rows),
         "checkpoints_lost": sum(r["checkpoint_lost"] for r in rows),
         "silent_jumps": sum(r["silent_jump"] for r in rows),
+        "half_visible": sum(bool(r["half_visible"]) for r in rows),
         "rows": rows,
     }
     (work / "kill_fuzz.json").write_text(json.dumps(result, indent=2))
     table = "\n".join([
-        f"Command: `python bench/kill_fuzz.py --trials {args.trials} --seed {args.seed}`", "",
+        f"Command: `python bench/kill_fuzz.py --trials {args.trials} --seed {args.seed}"
+        f"{' --in-save' if args.in_save else ''}`", "",
         "| trials | killed mid-run | kills during save | resumes OK | checkpoints lost | "
-        "silent jumps |", "|---|---|---|---|---|---|",
+        "half-visible checkpoints | silent jumps |", "|---|---|---|---|---|---|---|",
         f"| {result['trials']} | {result['killed']} | {result['kills_during_save']} | "
-        f"{result['resumes_ok']} | {result['checkpoints_lost']} | {result['silent_jumps']} |",
+        f"{result['resumes_ok']} | {result['checkpoints_lost']} | {result['half_visible']} | "
+        f"{result['silent_jumps']} |",
     ])
     print(table)
     if args.record:
-        (ROOT / "bench" / "results" / "kill_fuzz.md").write_text(table + "\n")
+        name = "kill_fuzz_in_save.md" if args.in_save else "kill_fuzz.md"
+        (ROOT / "bench" / "results" / name).write_text(table + "\n")
     ok = result["resumes_ok"] == len(rows) and not result["checkpoints_lost"] \
-        and not result["silent_jumps"]
+        and not result["silent_jumps"] and not result["half_visible"]
     sys.exit(0 if ok else 1)
 
 

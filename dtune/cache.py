@@ -14,6 +14,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from dtune.files import refuse_symlink
+
 
 def cache_dir() -> Path:
     """Where dtune keeps what it builds once (DTUNE_CACHE_DIR overrides)."""
@@ -30,7 +32,9 @@ def build_lock(folder: Path) -> FileLock:
     (filelock's flock on Unix), so a killed build never blocks the next run."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(folder.parent / f".{folder.name}.lock")
+    lock = folder.parent / f".{folder.name}.lock"
+    refuse_symlink(lock)  # filelock truncates its file, wherever a link would point
+    return FileLock(lock)
 
 
 @contextlib.contextmanager

@@ -6,11 +6,13 @@ checkpoints go. Resume trusts only folders whose manifest matches what is on dis
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -20,7 +22,7 @@ import torch
 
 from dtune.distributed import barrier
 from dtune.errors import DtuneError
-from dtune.files import fsync_dir, fsync_file, write_atomically
+from dtune.files import fsync_dir, fsync_file, output_folder, refuse_symlink, write_atomically
 
 log = logging.getLogger("dtune")
 
@@ -91,16 +93,19 @@ def save_checkpoint(run_dir: Path, state: TrainState, engine, keep: int) -> Path
     tmp = root / f".tmp-step-{step}"
     try:
         if ranks.is_main:
+            refuse_symlink(root)
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         barrier()
         saved = TrainState.from_json(state.to_json())  # a copy the engine adds its keys to
         engine.save_state(tmp, saved.engine)
+        pause_inside_save()
         torch.save(rng_state(), tmp / f"rng-rank{ranks.rank}.pt")
         barrier()
         if ranks.is_main:
             (tmp / "trainer_state.json").write_text(saved.to_json())
+            pause_inside_save()
             seal(tmp, step)
             if final.exists():  # a resumed run saving a step again: replace it whole
                 shutil.rmtree(final)
@@ -118,21 +123,39 @@ def save_checkpoint(run_dir: Path, state: TrainState, engine, keep: int) -> Path
     return final
 
 
+def pause_inside_save() -> None:
+    """bench/kill_fuzz.py --in-save sets DTUNE_CHECKPOINT_PAUSE_S to widen the moments between
+    a checkpoint's files (milliseconds otherwise), so that its kills land inside a save."""
+    pause = float(os.environ.get("DTUNE_CHECKPOINT_PAUSE_S", "0") or 0)
+    if pause > 0:
+        time.sleep(pause)
+
+
 def seal(folder: Path, step: int) -> None:
     """fsync every file, then write the manifest last: a folder with a matching manifest is
-    complete."""
-    files = {str(p.relative_to(folder)): p.stat().st_size
-             for p in sorted(folder.rglob("*")) if p.is_file()}
-    for name in files:
-        fsync_file(folder / name)
+    complete. The manifest holds each file's size and SHA-256, checked before a resume."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[str(path.relative_to(folder))] = {"size": path.stat().st_size,
+                                                "sha256": sha256_of(path)}
+        fsync_file(path)
     (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
     fsync_file(folder / MANIFEST)
     for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
         fsync_dir(sub)
 
 
-def valid_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, newest first; incomplete ones are reported and skipped."""
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def valid_checkpoints(run_dir: Path, verify: bool = True) -> list[Path]:
+    """Complete checkpoints, newest first; incomplete or altered ones are reported and skipped.
+    `verify` also checks every file's SHA-256 (a resume does; pruning checks sizes only)."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
@@ -142,10 +165,11 @@ def valid_checkpoints(run_dir: Path) -> list[Path]:
             step = int(folder.name.split("-", 1)[1])
         except ValueError:
             continue
-        if _manifest_ok(folder, step):
+        if _manifest_ok(folder, step, verify):
             found.append((step, folder))
         else:
-            log.warning("Skipping %s: its manifest is missing or does not match its files.", folder)
+            log.warning("Skipping %s: its manifest is missing or does not match its files "
+                        "(sizes or SHA-256).", folder)
     return [folder for _, folder in sorted(found, reverse=True)]
 
 
@@ -190,35 +214,35 @@ def check_same_parameters(folder: Path, weights: dict, model) -> None:
         )
 
 
-def save_final(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+def save_final(model, tokenizer, out_dir: Path, state_dict: dict | None = None,
+               provenance: dict | None = None, force: bool = True) -> None:
     """Write the Hugging Face artifact: a PEFT adapter folder or a full model folder
-    (`state_dict`: the weights, where the model's own are partitioned)."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True,
-                          **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    (`state_dict`: the weights, where the model's own are partitioned). It appears whole or
+    not at all; `force=False` refuses to replace a folder dtune did not write."""
+    with output_folder(out_dir, provenance or {}, force=force, option="the model folder") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
+        tokenizer.save_pretrained(tmp)
 
 
-def _manifest_ok(folder: Path, step: int) -> bool:
+def _manifest_ok(folder: Path, step: int, verify: bool) -> bool:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if manifest.get("step") != step:
-        return False
-    for name, size in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
+        if manifest.get("step") != step:
             return False
+        for name, entry in manifest["files"].items():
+            path = folder / name
+            if path.is_symlink() or not path.is_file() or path.stat().st_size != entry["size"]:
+                return False
+            if verify and sha256_of(path) != entry["sha256"]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
     return True
 
 
 def _prune(root: Path, keep: int) -> None:
-    complete = valid_checkpoints(root.parent)
+    complete = valid_checkpoints(root.parent, verify=False)
     for folder in complete[keep:]:
         shutil.rmtree(folder, ignore_errors=True)
     for stale in root.glob(".tmp-step-*"):  # left behind by a run killed mid-save

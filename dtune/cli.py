@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "merge":
             from dtune.merge import merge_run
 
-            print(f"Merged model written to {merge_run(args.run_dir, args.out)}")
+            out = merge_run(args.run_dir, args.out, args.force, args.trust_remote_code)
+            print(f"Merged model written to {out}")
         elif args.command == "report":
             run_report(args)
         elif args.command == "plan":
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--samples", type=int, default=None,
                         help="held-out prompts to answer (default: the whole held-out split)")
     p_eval.add_argument("--max-new-tokens", type=int, default=None)
+    add_trust_flag(p_eval)
 
     p_gen = sub.add_parser("generate", help="answer prompts with a run's model or a model folder")
     p_gen.add_argument("run_dir", type=Path, metavar="RUN_DIR_OR_MODEL_DIR")
@@ -61,10 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--top-p", type=float, default=0.9)
     p_gen.add_argument("--raw", action="store_true",
                        help="send the prompt as plain text, without the chat template")
+    add_trust_flag(p_gen)
 
     p_merge = sub.add_parser("merge", help="merge a run's adapter into its base model")
     p_merge.add_argument("run_dir", type=Path)
-    p_merge.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/merged")
+    p_merge.add_argument("--out", type=Path, default=None,
+                         help="the folder to write (default: RUN_DIR/merged); an existing "
+                              "folder dtune did not write is refused")
+    p_merge.add_argument("--force", action="store_true",
+                         help="replace --out even if dtune did not write it")
+    add_trust_flag(p_merge)
 
     p_check = sub.add_parser("check", help="prove that parallel layouts train identically")
     p_check.add_argument("--steps", type=int, default=20)
@@ -82,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("--metric", default=None,
                           help="summary figure for the sweep view (default: eval_loss, else "
                                "final_loss)")
+    p_report.add_argument("--force", action="store_true",
+                          help="replace --out even if dtune did not write it")
     p_report.add_argument("--screenshot", type=Path, default=None, metavar="PNG",
                           help="also save a headless-Chromium screenshot of the page")
 
@@ -99,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plan for GPU (allocator figures) or CPU (process RSS)")
 
     return parser
+
+
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the base model's own Python code to run; a run "
+                             "directory's saved config never turns this on")
 
 
 def run_parity_check(args) -> None:
@@ -149,7 +165,7 @@ def run_eval(args) -> None:
     from dtune.load_run import load_final_model
     from dtune.run_dir import RunDir
 
-    model, tokenizer, cfg = load_final_model(args.run_dir)
+    model, tokenizer, cfg = load_final_model(args.run_dir, args.trust_remote_code)
     engine = Inference.place(model)
     _, eval_records = load_splits(cfg.data)
     if not eval_records:
@@ -174,7 +190,7 @@ def run_report(args) -> None:
 
     out = args.out or (RunDir(args.paths[0]).report if len(args.paths) == 1
                        else Path("dtune-report"))
-    page = write_report(args.paths, out, args.metric)
+    page = write_report(args.paths, out, args.metric, args.force)
     print(f"Report written to {page} (open it in a browser; the plots are PNGs beside it)")
     if args.screenshot:
         print(f"Screenshot written to {screenshot(page, args.screenshot)}")
@@ -184,7 +200,8 @@ def run_generate(args) -> None:
     from dtune.evaluate import Inference, generate
     from dtune.load_run import load_for_generation
 
-    model, tokenizer, system_prompt = load_for_generation(args.run_dir)
+    model, tokenizer, system_prompt = load_for_generation(args.run_dir,
+                                                         args.trust_remote_code)
     engine = Inference.place(model)
     use_chat = not args.raw and bool(getattr(tokenizer, "chat_template", None))
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []

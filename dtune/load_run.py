@@ -1,6 +1,11 @@
-"""Read back a finished run for `dtune eval`, `generate` and `merge`: its config and model."""
+"""Read back a finished run for `dtune eval`, `generate` and `merge`: its config and model.
+
+A run directory may come from someone else, so nothing read from it enables remote code:
+only the user's own `--trust-remote-code` does, and every load says so to transformers.
+"""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -16,8 +21,12 @@ from dtune.models import load_model_and_tokenizer
 from dtune.precision import resolve
 from dtune.run_dir import RunDir
 
+log = logging.getLogger("dtune")
 
-def load_run_config(run_dir: Path) -> Config:
+
+def load_run_config(run_dir: Path, trust_remote_code: bool = False) -> Config:
+    """The run's config, with `model.trust_remote_code` set by the caller (the user's
+    flag), never by the file."""
     run = RunDir(run_dir)
     if not run.config_file.is_file():
         raise DtuneError(
@@ -26,46 +35,76 @@ def load_run_config(run_dir: Path) -> Config:
         )
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run.config_file))
     cfg = to_config(merged)
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        log.warning("%s asks for model.trust_remote_code=true; a config read from a run "
+                    "directory never enables remote code. Pass --trust-remote-code if you "
+                    "trust %s.", run.config_file, cfg.model.name_or_path)
+    cfg.model.trust_remote_code = trust_remote_code
     resolve(cfg)
     return cfg
 
 
-def load_final_model(run_dir: Path):
+def say_base(cfg: Config, run_dir: Path) -> None:
+    revision = f" at revision {cfg.model.revision}" if cfg.model.revision else ""
+    log.info("Loading the base model %s%s, as %s names it%s.", cfg.model.name_or_path,
+             revision, RunDir(run_dir).config_file,
+             " (remote code allowed: --trust-remote-code)" if cfg.model.trust_remote_code
+             else "")
+
+
+def load_final_model(run_dir: Path, trust_remote_code: bool = False):
     """Return (model, tokenizer, config) from `run_dir/final`: base + adapter, or a full model."""
     quiet_libraries()
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run_dir, trust_remote_code)
     run = RunDir(run_dir)
     if not run.final.is_dir():
         raise DtuneError(
             f"{run.final} does not exist: the run has not finished. Resume it with "
             f"`python -m dtune hydra.run.dir={run_dir} train.resume=true` plus its overrides."
         )
-    tokenizer = AutoTokenizer.from_pretrained(run.final)
+    tokenizer = load_tokenizer(run.final, trust_remote_code)
     if run.final_is_adapter():
+        say_base(cfg, run_dir)
         base, _, _ = load_model_and_tokenizer(cfg.model, load_options(cfg.method))
         model = PeftModel.from_pretrained(base, run.final)
     else:
-        model = AutoModelForCausalLM.from_pretrained(run.final)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        model = load_model_folder(run.final, trust_remote_code)
     model.eval()
     return model, tokenizer, cfg
 
 
-def load_for_generation(path: Path):
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_folder(folder: Path, trust_remote_code: bool = False):
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise DtuneError(
+            f"{folder} holds a model that needs custom code from its folder, and dtune runs "
+            "no code from a model folder unless you allow it. Read that code first; pass "
+            "--trust-remote-code only if you trust whoever wrote the folder."
+        ) from None
+
+
+def load_for_generation(path: Path, trust_remote_code: bool = False):
     """A run directory (its final model) or a plain model folder, such as `dtune merge` writes.
 
     Returns (model, tokenizer, system prompt or None)."""
     path = Path(path)
     if RunDir(path).config_file.is_file():
-        model, tokenizer, cfg = load_final_model(path)
+        model, tokenizer, cfg = load_final_model(path, trust_remote_code)
         return model, tokenizer, cfg.data.system_prompt
     if (path / "config.json").is_file():
         quiet_libraries()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer, None
+        tokenizer = load_tokenizer(path, trust_remote_code)
+        return load_model_folder(path, trust_remote_code).eval(), tokenizer, None
     raise DtuneError(
         f"{path} is neither a dtune run directory (no .hydra/config.yaml) nor a model folder "
         "(no config.json); pass a training run's directory or a folder written by dtune merge."

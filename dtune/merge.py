@@ -5,11 +5,11 @@ import logging
 from pathlib import Path
 
 from peft import PeftModel
-from transformers import AutoTokenizer
 
 from dtune.checkpoint import save_final
 from dtune.errors import DtuneError
-from dtune.load_run import load_run_config
+from dtune.files import check_replaceable
+from dtune.load_run import load_run_config, load_tokenizer, say_base
 from dtune.logs import quiet_libraries
 from dtune.methods import METHODS
 from dtune.models import load_model_and_tokenizer
@@ -18,11 +18,15 @@ from dtune.run_dir import RunDir
 log = logging.getLogger("dtune")
 
 
-def merge_run(run_dir: Path, out_dir: Path | None = None) -> Path:
-    """Write base + adapter as one model (safetensors + tokenizer); return its folder."""
+def merge_run(run_dir: Path, out_dir: Path | None = None, force: bool = False,
+              trust_remote_code: bool = False) -> Path:
+    """Write base + adapter as one model (safetensors + tokenizer); return its folder.
+
+    The folder appears whole when done. An existing folder that dtune did not write is refused
+    up front unless `force`."""
     quiet_libraries()
     run = RunDir(run_dir)
-    cfg = load_run_config(run.path)
+    cfg = load_run_config(run.path, trust_remote_code)
     spec = METHODS[cfg.method.name]
     if not spec.adapter:
         raise DtuneError(
@@ -37,6 +41,12 @@ def merge_run(run_dir: Path, out_dir: Path | None = None) -> Path:
         )
     if not run.final_is_adapter():
         raise DtuneError(f"{run.final} holds no adapter: the run has not finished.")
+    out_dir = Path(out_dir) if out_dir else run.merged
+    provenance = {"kind": "merged", "run_dir": str(run.path.resolve()),
+                  "base": cfg.model.name_or_path, "revision": cfg.model.revision,
+                  "method": spec.name}
+    check_replaceable(out_dir, force, option="--out")  # before the slow part
+    say_base(cfg, run.path)
     # The base loads unquantized: a QLoRA/8-bit adapter merges into the de-quantized weights.
     base, _, _ = load_model_and_tokenizer(cfg.model, {"dtype": "auto"})
     if spec.quantized_bits:
@@ -45,6 +55,5 @@ def merge_run(run_dir: Path, out_dir: Path | None = None) -> Path:
             "quantized weights, so the merged model's outputs may differ slightly from the "
             "adapter model's (a known effect of merging quantized training).", spec.name)
     merged = PeftModel.from_pretrained(base, run.final).merge_and_unload()
-    out_dir = Path(out_dir) if out_dir else run.merged
-    save_final(merged, AutoTokenizer.from_pretrained(run.final), out_dir)
+    save_final(merged, load_tokenizer(run.final), out_dir, provenance=provenance, force=force)
     return out_dir

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dtune.files import write_atomically
+from dtune.files import open_for_append, refuse_symlink, write_atomically
 from dtune.run_dir import read_metrics
 
 GIB = 1024**3
@@ -24,12 +24,13 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
+        refuse_symlink(self.path)
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self._handle = self.path.open("a", encoding="utf-8")
+        self._handle = open_for_append(self.path)
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)

@@ -25,6 +25,7 @@ from PIL import Image, ImageChops  # noqa: E402
 
 
 from dtune.errors import DtuneError  # noqa: E402
+from dtune.files import output_folder  # noqa: E402
 from dtune.run_dir import RunDir  # noqa: E402
 
 GIB = 1024**3
@@ -412,7 +413,8 @@ this page.</p>
 """
 
 
-def write_report(paths: list[Path], out_dir: Path, metric: str | None = None) -> Path:
+def write_report(paths: list[Path], out_dir: Path, metric: str | None = None,
+                 force: bool = False) -> Path:
     """Write `out_dir/report.html` and its PNG plots for the runs under `paths`."""
     runs = [load_run(path, label) for path, label in find_runs(paths)]
     swept = mark_swept(runs)
@@ -420,18 +422,19 @@ def write_report(paths: list[Path], out_dir: Path, metric: str | None = None) ->
         metric = "eval_loss" if any(r.final("eval_loss") is not None for r in runs) \
             else "final_loss"
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plots = {
-        "loss": plot_loss(runs, out_dir),
-        "lr": plot_step_metric(runs, out_dir, "lr", "Learning rate", "lr"),
-        "tokens_per_s": plot_step_metric(runs, out_dir, "tokens_per_s", "Throughput",
-                                         "tokens/s"),
-        "sweep": plot_sweep(runs, swept, metric, out_dir) if swept else None,
-    }
-    page = out_dir / "report.html"
-    page.write_text(render_html(runs, swept, metric, plots, out_dir, list(map(Path, paths))),
-                    encoding="utf-8")
-    return page
+    # Built beside out_dir and renamed into place: a link planted in a run's report/ folder
+    # redirects nothing, and a folder dtune did not write is refused.
+    with output_folder(out_dir, {"kind": "report"}, force, option="--out") as building:
+        plots = {
+            "loss": plot_loss(runs, building),
+            "lr": plot_step_metric(runs, building, "lr", "Learning rate", "lr"),
+            "tokens_per_s": plot_step_metric(runs, building, "tokens_per_s", "Throughput",
+                                             "tokens/s"),
+            "sweep": plot_sweep(runs, swept, metric, building) if swept else None,
+        }
+        page = render_html(runs, swept, metric, plots, building, list(map(Path, paths)))
+        (building / "report.html").write_text(page, encoding="utf-8")
+    return out_dir / "report.html"
 
 
 def find_chromium() -> str | None:

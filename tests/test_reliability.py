@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, TINY, compose, one_line, run_dtune, train
 from dtune.check import step_losses
-from dtune.checkpoint import valid_checkpoints
+from dtune.checkpoint import seal, valid_checkpoints
 from dtune.errors import DtuneError
 
 FULL = [*TINY, "+method=full", "train.lr=1e-3", "eval.exact_match_samples=0"]
@@ -61,10 +61,17 @@ def test_a_huge_learning_rate_stops_the_cli_run_with_a_clear_message(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_a_damaged_checkpoint_is_reported_not_loaded(tmp_path):
+def test_a_damaged_checkpoint_is_skipped_or_reported_never_loaded(tmp_path, caplog):
     train(tmp_path, *FULL, "train.max_steps=2", "train.save_every=1")
-    newest = tmp_path / "checkpoints" / "step-2" / "optimizer.pt"
-    newest.write_bytes(b"\0" * newest.stat().st_size)  # same size: the manifest still matches
+    newest = tmp_path / "checkpoints" / "step-2"
+    optimizer = newest / "optimizer.pt"
+    optimizer.write_bytes(b"\0" * optimizer.stat().st_size)  # same size, other bytes
+    result = train(tmp_path, *FULL, "train.max_steps=3", "train.resume=true",
+                   "train.save_every=0")
+    assert result.summary["resumed_from"].endswith("step-1")  # its SHA-256 no longer matches
+    assert "step-2: its manifest is missing or does not match" in caplog.text
+    shutil.rmtree(tmp_path / "checkpoints" / "step-3", ignore_errors=True)
+    seal(newest, 2)  # a manifest that matches the damage: loading it must fail cleanly
     with pytest.raises(DtuneError, match=r"step-2 is damaged.*Delete that folder"):
         train(tmp_path, *FULL, "train.max_steps=3", "train.resume=true")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +23,38 @@ from dtune.engines.base import (StepResult, StepStatus, adamw, lr_lambda, move_b
                                 param_groups, process_device)
 from dtune.errors import DtuneError
 from dtune.methods import is_adapter
+
+
+class WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine, loading through torch's weights-only unpickler.
+
+    DeepSpeed unpickles its checkpoints with weights_only=False, so a run directory someone
+    else wrote could run code on `train.resume=true`. Its files hold tensors, plain Python
+    values and the few DeepSpeed records below; nothing else may be rebuilt from them."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):  # saving, commit, naming: DeepSpeed's own
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location=None):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        records = [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
+        try:
+            with torch.serialization.safe_globals(records):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise DtuneError(
+                f"the checkpoint file {path} asks to rebuild objects other than tensors and "
+                f"DeepSpeed's checkpoint records ({' '.join(str(exc).split())[:300]}), so dtune "
+                "will not load it: unpickling them could run code. If you wrote this checkpoint "
+                "yourself with another DeepSpeed version, report it; otherwise delete that "
+                "checkpoint folder, or set train.resume=false."
+            ) from None
 
 
 @dataclass
@@ -55,6 +88,7 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
+        engine.checkpoint_engine = WeightsOnlyLoads(engine.checkpoint_engine)
         stage = cfg.parallelism.zero_stage
         return cls(engine, engine.module, process_device(ranks), ranks, stage,
                    synced_forward=stage == 3, config=ds_config)
