@@ -23,6 +23,9 @@ def exit_with(error: DtuneError, code: int = 2) -> None:
     if show_tracebacks():
         raise error
     text = " ".join(str(error).split())
-    print("\n".join(textwrap.wrap(f"dtune: error: {text}", width=100)), file=sys.stderr)
+    # Paths and commands stay whole on one line, so that they can be copied.
+    lines = textwrap.wrap(f"dtune: error: {text}", width=100, break_on_hyphens=False,
+                          break_long_words=False)
+    print("\n".join(lines), file=sys.stderr)
     print("(set HYDRA_FULL_ERROR=1 to see the traceback)", file=sys.stderr)
     sys.exit(code)

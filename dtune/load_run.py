@@ -6,6 +6,7 @@ only the user's own `--trust-remote-code` does, and every load says so to transf
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -46,10 +47,10 @@ def load_run_config(run_dir: Path, trust_remote_code: bool = False) -> Config:
 
 def say_base(cfg: Config, run_dir: Path) -> None:
     revision = f" at revision {cfg.model.revision}" if cfg.model.revision else ""
-    log.info("Loading the base model %s%s, as %s names it%s.", cfg.model.name_or_path,
-             revision, RunDir(run_dir).config_file,
-             " (remote code allowed: --trust-remote-code)" if cfg.model.trust_remote_code
-             else "")
+    allowed = " (remote code allowed: --trust-remote-code)" if cfg.model.trust_remote_code else ""
+    # stderr, always: what is about to be loaded matters more than the logging level
+    print(f"Loading the base model {cfg.model.name_or_path}{revision}, as "
+          f"{RunDir(run_dir).config_file} names it{allowed}.", file=sys.stderr, flush=True)
 
 
 def load_final_model(run_dir: Path, trust_remote_code: bool = False):
@@ -74,7 +75,16 @@ def load_final_model(run_dir: Path, trust_remote_code: bool = False):
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise custom_code_refused(folder) from None
+        raise DtuneError(
+            f"{folder} holds no tokenizer that transformers can load "
+            f"({' '.join(str(exc).split())[:200]}); the folder needs the files "
+            "tokenizer.save_pretrained writes."
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -86,11 +96,15 @@ def load_model_folder(folder: Path, trust_remote_code: bool = False):
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
-        raise DtuneError(
-            f"{folder} holds a model that needs custom code from its folder, and dtune runs "
-            "no code from a model folder unless you allow it. Read that code first; pass "
-            "--trust-remote-code only if you trust whoever wrote the folder."
-        ) from None
+        raise custom_code_refused(folder) from None
+
+
+def custom_code_refused(folder: Path) -> DtuneError:
+    return DtuneError(
+        f"{folder} holds a model that needs custom Python code from its folder, and dtune runs "
+        "no code from a model folder unless you allow it. Read that code first; pass "
+        "--trust-remote-code only if you trust whoever wrote the folder."
+    )
 
 
 def load_for_generation(path: Path, trust_remote_code: bool = False):
@@ -103,8 +117,8 @@ def load_for_generation(path: Path, trust_remote_code: bool = False):
         return model, tokenizer, cfg.data.system_prompt
     if (path / "config.json").is_file():
         quiet_libraries()
-        tokenizer = load_tokenizer(path, trust_remote_code)
-        return load_model_folder(path, trust_remote_code).eval(), tokenizer, None
+        model = load_model_folder(path, trust_remote_code).eval()
+        return model, load_tokenizer(path, trust_remote_code), None
     raise DtuneError(
         f"{path} is neither a dtune run directory (no .hydra/config.yaml) nor a model folder "
         "(no config.json); pass a training run's directory or a folder written by dtune merge."

@@ -87,11 +87,7 @@ def load_weights(folder: str, cfg: ModelConfig, kwargs: dict):
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise DtuneError(
-                f"model.name_or_path={cfg.name_or_path!r} needs custom code from its repository. "
-                "dtune does not run remote code unless you allow it: set "
-                "model.trust_remote_code=true if you trust that repository."
-            ) from None
+            raise remote_code_refused(cfg) from None
         if "Unrecognized configuration class" in str(exc) or "AutoModelForCausalLM" in str(exc):
             raise DtuneError(
                 f"model.name_or_path={cfg.name_or_path!r} is not a causal language model "
@@ -127,13 +123,22 @@ def keep_4bit_layout_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def remote_code_refused(cfg: ModelConfig) -> DtuneError:
+    return DtuneError(
+        f"model.name_or_path={cfg.name_or_path!r} needs custom Python code from its repository "
+        "or folder, and dtune runs none unless you allow it. If you trust its author, set "
+        "model.trust_remote_code=true when training, or pass --trust-remote-code to dtune "
+        "eval/generate/merge (a run directory's saved config never turns it on)."
+    )
+
+
 def check_causal_lm(folder: str, cfg: ModelConfig, kwargs: dict) -> None:
     """Refuse an encoder or other non-causal model before loading any weight."""
     try:
         config = AutoConfig.from_pretrained(folder, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            return  # reported with its fix when the model loads
+            raise remote_code_refused(cfg) from None
         raise DtuneError(
             f"model.name_or_path={cfg.name_or_path!r}: its config.json is not one transformers "
             f"understands ({' '.join(str(exc).split())[:160]}); point it at a causal LM."
