@@ -5,6 +5,7 @@ The launcher the config names (`launcher._target_`) runs the training: here
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 
 from dtune.compose import check_moved, check_overrides, config_dir, register_schema, to_config
 from dtune.errors import DtuneError, exit_with
+from dtune.redaction import MaskSecrets, take_env_secrets
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -34,6 +36,9 @@ def train_app(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     register_schema()
+    # Before Hydra parses the command line: what it parses, it saves under RUN_DIR/.hydra.
+    sys.argv[1:] = take_env_secrets(sys.argv[1:])
+    logging.getLogger("dtune").addFilter(MaskSecrets())
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
         # Worker ranks (and srun's tasks on other nodes) share rank 0's run dir: only rank 0
         # writes Hydra's files and log.

@@ -85,11 +85,13 @@ def train_layout(layout: Layout, work_dir: Path, steps: int,
                  precision: str = "fp32") -> list[float]:
     suffix = "" if precision == "fp32" else f"-{precision}"
     run_dir = work_dir / f"{layout.name.replace(' ', '_')}{suffix}"
+    # The folder goes by the environment: in an override, a --work-dir with a space, a comma
+    # or '=' would break the command line or turn the run into a sweep.
     command = [sys.executable, "-m", "dtune", *BASE, *layout.overrides, f"precision={precision}",
-               f"train.max_steps={steps}", f"hydra.run.dir={run_dir}"]
+               f"train.max_steps={steps}", "hydra.run.dir=${oc.env:DTUNE_RUN_DIR}"]
     # On a GPU, deterministic kernels: a difference is then the layout's, not atomics' order.
     env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-           "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+           "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "DTUNE_RUN_DIR": str(run_dir)}
     done = subprocess.run(command + ["train.deterministic=true"], capture_output=True,
                           text=True, env=env)
     if done.returncode != 0:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from dtune.config import Config, MethodConfig
 from dtune.errors import DtuneError
 from dtune.methods import METHODS
+from dtune.redaction import mask_text, refuse_secret_overrides
 
 SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
 # The modules `_target_` paths named before dtune's launchers moved into the package.
@@ -67,6 +68,7 @@ def hydra_context():
 
 def compose_dict(overrides: list[str], with_hydra: bool = False) -> DictConfig:
     register_schema()
+    refuse_secret_overrides(overrides)
     try:
         with hydra_context():
             return compose("config", overrides=overrides, return_hydra_config=with_hydra)
@@ -78,10 +80,12 @@ def check_overrides(overrides: list[str]) -> None:
     """Compose as `python -m dtune` will, and refuse in words what Hydra would refuse in its
     own. In a sweep each swept key takes its first value (interval sweeps are left to the
     sweeper); `_target_` paths of modules that moved get their new name."""
+    refuse_secret_overrides(overrides)  # before the grammar, whose errors quote the text
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as exc:  # Hydra's grammar errors are clear enough; pass them through
-        raise DtuneError(f"could not parse the command-line overrides: {exc}") from None
+        raise DtuneError(mask_text(f"could not parse the command-line overrides: {exc}",
+                                   overrides)) from None
     plain = []
     for override in parsed:
         value = override.value() if override.is_sweep_override() else None
@@ -105,7 +109,12 @@ def check_moved(key: str, target: str) -> None:
 
 
 def explain(exc: Exception, overrides: list[str], with_hydra: bool) -> DtuneError:
-    """One paragraph for a failed composition: the override, the key, the value, the fix."""
+    """One paragraph for a failed composition: the override, the key, the value, the fix,
+    with the value of any secret-looking override masked, wherever Hydra's text echoed it."""
+    return DtuneError(mask_text(str(explain_unmasked(exc, overrides, with_hydra)), overrides))
+
+
+def explain_unmasked(exc: Exception, overrides: list[str], with_hydra: bool) -> DtuneError:
     text = str(exc)
     missing = re.search(r"Could not find '([^']+)'", text)
     if missing:

@@ -7,6 +7,7 @@ with a method) read the method specs and live in `dtune/compose.py`.
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
@@ -28,6 +29,19 @@ def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise DtuneError(f"{key}={value!r} is out of range; it must be {bound}.")
+
+
+def check_no_control_characters(key: str, value: Any) -> None:
+    """A newline (or another control character) in a setting that becomes a line of a batch
+    script (`#SBATCH --job-name=...`) would start a line of its own: a flag or a command."""
+    text = str(value)
+    bad = sorted({c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")})
+    if bad:
+        raise DtuneError(
+            f"{key}={text!r} holds the control character(s) {', '.join(map(repr, bad))}, "
+            "which would end a line of the SLURM batch script and start another: a flag or "
+            f"a command of its own. Remove them from {key} (sbatch settings are one line each)."
+        )
 
 
 def check_fraction(key: str, value: float) -> None:
@@ -275,7 +289,9 @@ class ParallelismConfig:
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "auto"  # "auto": this host, or the first node of a SLURM job
-    master_port: int = 0  # 0: a free port (one node) or 29500
+    # The port of master_addr where several nodes meet. 0: the SLURM job's own (derived from
+    # its id); outside SLURM several nodes must name one. One machine uses no port at all.
+    master_port: int = 0
     backend: str = "auto"  # "auto": nccl on GPUs, gloo on CPU
     timeout_minutes: int = 30
     # raw DeepSpeed config keys merged over the generated config (experts only)
@@ -380,6 +396,14 @@ class LauncherConfig:
         check_positive("launcher.signal_delay_s", self.signal_delay_s, allow_zero=True)
         if self.cpus_per_task is not None:
             check_positive("launcher.cpus_per_task", self.cpus_per_task)
+        # every setting here can reach the batch script submitit writes, refused before then
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, str):
+                check_no_control_characters(f"launcher.{item.name}", value)
+        for flag, value in self.sbatch_extra.items():
+            check_no_control_characters("launcher.sbatch_extra", flag)
+            check_no_control_characters(f"launcher.sbatch_extra.{flag}", value)
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -85,16 +84,10 @@ def wanted_processes(cfg: ParallelismConfig) -> int:
     return processes_per_node(cfg) * cfg.nnodes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def die_with_parent(signal_number: int = 9) -> None:
-    """Ask Linux to send this process `signal_number` when its parent dies. torch's launcher
-    starts each worker in a session of its own, so without this a killed run leaves its
-    workers training on as orphans."""
+    """Ask Linux to send this process `signal_number` when its parent dies. dtune's starter
+    and torch's launcher start each worker in a session of its own, so without this a killed
+    run leaves its workers training on as orphans."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal_number)  # PR_SET_PDEATHSIG
 
@@ -153,13 +146,15 @@ def init_process_group(cfg: ParallelismConfig, ranks: Ranks) -> None:
     if torch.cuda.is_available():
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
-    # A lone process (ZeRO in one process) rendezvous through a file in a private folder: it
-    # listens on no port, and leaves the environment alone for the processes it starts.
-    lone = {} if ranks.distributed else {
-        "init_method": "file://" + os.path.join(tempfile.mkdtemp(prefix="dtune-group-"), "store")}
+    # A lone process (ZeRO in one process), and the workers dtune starts on one machine
+    # (DTUNE_STORE_FILE, dtune/launch.py), rendezvous through a file in a private folder:
+    # they listen on no port. A lone one leaves the environment alone for what it starts.
+    store = os.environ.get("DTUNE_STORE_FILE") if ranks.distributed else \
+        os.path.join(tempfile.mkdtemp(prefix="dtune-group-"), "store")
     dist.init_process_group(backend=backend, rank=ranks.rank, world_size=ranks.world_size,
                             timeout=timedelta(minutes=cfg.timeout_minutes),
-                            device_id=device if backend == "nccl" else None, **lone)
+                            device_id=device if backend == "nccl" else None,
+                            **({"init_method": "file://" + store} if store else {}))
 
 
 def collective_device() -> torch.device:
@@ -191,10 +186,31 @@ def all_reduce_max(value: float) -> float:
     return float(tensor.item())
 
 
-def gather(value) -> list:
-    """Every rank's `value`, in rank order (just [value] when not distributed)."""
+def gather(value: int | float | torch.Tensor) -> list:
+    """Every rank's `value`, in rank order (just [value] when not distributed): a number
+    (an int comes back an int, exact below 2**53), or a tensor of rows whose count may differ
+    between ranks (each comes back as its own float64 rows, on the CPU).
+
+    Only numbers cross between ranks: torch's *_object collectives unpickle what another rank
+    sends, which runs the code of whoever reaches the group's sockets.
+    """
     if not dist.is_initialized():
         return [value]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
+    tensor = torch.as_tensor(value, dtype=torch.float64)
+    rows = tensor.reshape(1) if tensor.dim() == 0 else tensor
+    device = collective_device()
+    count = torch.tensor([rows.shape[0]], dtype=torch.float64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    longest = int(max(c.item() for c in counts))
+    if longest == 0:  # no rank has a row (an empty all_gather is not every backend's)
+        return [torch.zeros_like(rows, device="cpu") for _ in counts]
+    padded = torch.zeros((longest, *rows.shape[1:]), dtype=torch.float64, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    parts = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    parts = [part[: int(c.item())].cpu() for part, c in zip(parts, counts)]
+    if tensor.dim() > 0:
+        return parts
+    kind = int if isinstance(value, int) else float
+    return [kind(part.item()) for part in parts]

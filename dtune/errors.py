@@ -5,6 +5,11 @@ import os
 import sys
 import textwrap
 
+MASK = "***"
+# Secret values typed on this command line (dtune/redaction.py adds them): masked in every
+# error printed, whatever message they got into.
+SEEN_SECRETS: set[str] = set()
+
 
 class DtuneError(Exception):
     """A problem with the user's input or environment, explained in words they can act on.
@@ -23,6 +28,8 @@ def exit_with(error: DtuneError, code: int = 2) -> None:
     if show_tracebacks():
         raise error
     text = " ".join(str(error).split())
+    for secret in sorted(SEEN_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, MASK)
     # Paths and commands stay whole on one line, so that they can be copied.
     lines = textwrap.wrap(f"dtune: error: {text}", width=100, break_on_hyphens=False,
                           break_long_words=False)

@@ -109,24 +109,28 @@ def generate(engine, tokenizer, prompts: list[str], max_new_tokens: int, batch_s
 
 def exact_match(engine, tokenizer, records: list[dict], fmt: str, system_prompt: str | None,
                 samples: int, max_new_tokens: int, batch_size: int) -> dict | None:
-    """Share of held-out records whose greedy answer equals the reference, overall and per task."""
+    """Share of held-out records whose greedy answer equals the reference, overall and per task.
+    `examples` holds every record's reference and verdict, and the answer where this rank
+    generated it (None for another rank's)."""
     pairs = [(r, prompt_and_reference(r, fmt, tokenizer, system_prompt)) for r in records[:samples]]
     pairs = [(r, pr) for r, pr in pairs if pr is not None]
     if not pairs:
         return None
-    mine = []
+    answers: dict[int, str] = {}
     for indices in my_batches(len(pairs), batch_size, engine.ranks, engine.synced_forward):
         prompts = [pairs[i][1][0] for i in (indices or [0])]
-        answers = generate(engine, tokenizer, prompts, max_new_tokens, batch_size,
-                           add_special_tokens=fmt != "chat")
-        mine += [(i, answer) for i, answer in zip(indices, answers)]
+        answers.update(zip(indices, generate(engine, tokenizer, prompts, max_new_tokens,
+                                             batch_size, add_special_tokens=fmt != "chat")))
+    # Each rank scores its own answers; only (index, correct) numbers cross between ranks.
+    mine = torch.tensor([(i, answer == pairs[i][1][1].strip()) for i, answer in answers.items()],
+                        dtype=torch.float64).reshape(-1, 2)
     hits: dict[str, list[bool]] = defaultdict(list)
     examples = []
-    for index, answer in sorted(pair for part in gather(mine) for pair in part):
+    for index, ok in sorted((int(i), bool(ok)) for part in gather(mine) for i, ok in part.tolist()):
         record, (_, reference) = pairs[index]
-        ok = answer == reference.strip()
         hits[record.get("task", "all")].append(ok)
-        examples.append({"reference": reference, "answer": answer, "correct": ok})
+        # another rank's answer text stays on that rank
+        examples.append({"reference": reference, "answer": answers.get(index), "correct": ok})
     flat = [ok for oks in hits.values() for ok in oks]
     return {
         "exact_match": sum(flat) / len(flat),

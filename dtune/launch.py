@@ -5,11 +5,17 @@ SLURM job runs on each of its tasks (dtune/launchers/slurm.py).
 """
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +25,7 @@ from dtune.config import Config, ParallelismConfig
 from dtune.errors import DtuneError
 from dtune.plan import resolve_auto
 from dtune.run_dir import RunDir
+from dtune.signals import STOP_SIGNALS
 
 log = logging.getLogger("dtune")
 
@@ -68,25 +75,165 @@ def check_process_count(cfg: ParallelismConfig) -> None:
 
 
 def launch_workers(cfg: ParallelismConfig, run_dir: str, overrides: list[str]) -> int:
-    """Re-run this command as `nproc_per_node` workers through torch's elastic launcher
-    (what `torchrun` runs), all writing into the same run directory; return its exit code."""
+    """Re-run this command as `nproc_per_node` workers, all writing into the same run
+    directory: on one machine through dtune's own starter, across several through torch's
+    elastic launcher (what `torchrun` runs). Returns the exit code (0 when all succeeded)."""
     nnodes, node_rank = cfg.nnodes, cfg.node_rank
     if "SLURM_NNODES" in os.environ:  # one SLURM task per node: the job decides the nodes
         nnodes = int(os.environ["SLURM_NNODES"])
         node_rank = int(os.environ.get("SLURM_NODEID", node_rank))
+    kept = [o for o in overrides if not o.startswith("hydra.run.dir=")]
+    # The run dir travels in the environment: as an override, a path with a space, a comma
+    # or '=' would break the workers' command line or turn the run into a sweep.
+    env = {**os.environ, "DTUNE_DIE_WITH_PARENT": "1", "DTUNE_RUN_DIR": run_dir}
+    args = ["-m", "dtune", *kept, "hydra.run.dir=${oc.env:DTUNE_RUN_DIR}"]
+    per_node = distributed.processes_per_node(cfg)
+    if nnodes == 1:
+        return run_local_workers(per_node, args, env)
+    env.pop("DTUNE_STORE_FILE", None)  # a store of another run's: these meet through torch's
     master_addr = cfg.master_addr
     if master_addr == "auto":
         master_addr = distributed.slurm_hosts()[0] if "SLURM_JOB_NODELIST" in os.environ \
             else "127.0.0.1"
-    port = cfg.master_port or (distributed.free_port() if nnodes == 1 else 29500)
-    kept = [o for o in overrides if not o.startswith("hydra.run.dir=")]
-    env = {**os.environ, "DTUNE_DIE_WITH_PARENT": "1"}
+    port = master_port(cfg, nnodes)
+    if node_rank == 0:
+        check_port_free(master_addr, port)
     command = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={distributed.processes_per_node(cfg)}", f"--nnodes={nnodes}",
-        f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={port}",
-        "-m", "dtune", *kept, f"hydra.run.dir={run_dir}",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={per_node}",
+        f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
+        f"--master-port={port}", *args,
     ]
     # If this process is killed (kill -9, OOM), the launcher goes too, and it stops the workers.
     return subprocess.call(command, env=env,
                            preexec_fn=lambda: distributed.die_with_parent(15))
+
+
+def master_port(cfg: ParallelismConfig, nnodes: int) -> int:
+    """The rendezvous port every node of a multi-node run must agree on without talking."""
+    if cfg.master_port:
+        return cfg.master_port
+    if "SLURM_JOB_ID" in os.environ:
+        return distributed.slurm_port()
+    raise DtuneError(
+        f"parallelism.nnodes={nnodes} runs on several machines, which meet on one port of the "
+        "first node (parallelism.master_addr), and parallelism.master_port=0 names none: "
+        "outside a SLURM job (where dtune derives it from the job id) no node can guess the "
+        "port the others chose. Set parallelism.master_port to a free port of the first node, "
+        "the same on every node, e.g. parallelism.master_port=29500."
+    )
+
+
+# Seconds the other workers get to stop on SIGTERM once one has failed, before SIGKILL.
+STOP_GRACE_S = 15
+
+
+def run_local_workers(count: int, args: list[str], env: dict) -> int:
+    """Start one machine's `count` workers and wait for them; the first failure's exit code.
+
+    dtune keeps its own starter here rather than torch.distributed.run because torch's
+    launcher always serves its rendezvous TCPStore on every interface, without
+    authentication, so that anyone who reaches this machine could join or disrupt the run.
+    These workers meet through a file store in a private folder instead, and gloo's and
+    NCCL's sockets stay on loopback: a one-machine run listens on nothing beyond it.
+    """
+    store = tempfile.mkdtemp(prefix="dtune-group-")  # mode 0700: this user's alone
+    common = {**env, "WORLD_SIZE": str(count), "LOCAL_WORLD_SIZE": str(count),
+              "MASTER_ADDR": "127.0.0.1", "GROUP_RANK": "0",
+              "DTUNE_STORE_FILE": os.path.join(store, "store")}
+    for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        common.setdefault(key, "lo")
+    # As torchrun does: one thread per worker, or the workers' threads fight over the cores.
+    common.setdefault("OMP_NUM_THREADS", "1")
+    started: list[subprocess.Popen] = []
+    previous = {}
+
+    def forward(signum, frame) -> None:
+        for worker in started:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    try:
+        for signum in STOP_SIGNALS:
+            try:
+                previous[signum] = signal.signal(signum, forward)
+            except ValueError:  # not the main thread (a notebook's worker): no forwarding
+                break
+        for rank in range(count):
+            # A session of its own: a Ctrl-C reaches each worker once, through `forward`;
+            # and a worker whose parent dies (kill -9, OOM) goes too.
+            started.append(subprocess.Popen(
+                [sys.executable, *args], env={**common, "RANK": str(rank),
+                                              "LOCAL_RANK": str(rank)},
+                start_new_session=True, preexec_fn=distributed.die_with_parent))
+        return wait_for_workers(started)
+    finally:
+        for worker in started:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def wait_for_workers(started: list[subprocess.Popen]) -> int:
+    """Wait for every worker; once one fails, stop the others (SIGTERM, then SIGKILL), since
+    they would wait for it in their next collective until the group's timeout."""
+    failure, stopping_since = 0, None
+    while any(worker.poll() is None for worker in started):
+        if stopping_since is None:
+            failure = next((exit_code(w) for w in started if w.poll()), 0)
+            if failure:
+                stopping_since = time.monotonic()
+                for worker in started:
+                    if worker.poll() is None:
+                        worker.terminate()
+        elif time.monotonic() - stopping_since > STOP_GRACE_S:
+            for worker in started:
+                if worker.poll() is None:
+                    worker.kill()
+        time.sleep(0.1)
+    return failure or next((exit_code(w) for w in started if w.returncode), 0)
+
+
+def exit_code(worker: subprocess.Popen) -> int:
+    """A worker's exit status as a shell reports it: 128 + N for death by signal N."""
+    return 128 - worker.returncode if worker.returncode < 0 else worker.returncode
+
+
+def check_port_free(address: str, port: int) -> None:
+    """On the first node, refuse a rendezvous port another program holds, in words, before
+    any worker starts (torch would fail later with a traceback, or meet the wrong program)."""
+    if not is_this_machine(address):
+        return  # the first node is another machine: only it can tell
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))  # torch's store binds every interface
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise DtuneError(
+                    f"parallelism.master_port={port}: port {port} is already in use on this "
+                    f"machine, the first node (parallelism.master_addr={address}), so the "
+                    "nodes cannot meet there. Stop the program that holds it (`ss -ltnp "
+                    f"sport = :{port}` names it) or choose another free port with "
+                    "parallelism.master_port=<port>, the same on every node."
+                ) from None
+            # no IPv6 here, or the like: nothing to learn from this family
+
+
+def is_this_machine(address: str) -> bool:
+    """Whether `address` names this machine: only this machine can bind it."""
+    try:
+        infos = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False  # torch will say the address does not resolve
+    for family, _, _, _, sockaddr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((sockaddr[0], 0))
+                return True
+        except OSError:
+            pass
+    return False

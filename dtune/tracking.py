@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from dtune.config import Config
+from dtune.redaction import is_secret_key, masked_argv
 from dtune.run_dir import RunDir
 
 log = logging.getLogger("dtune")
@@ -70,7 +71,8 @@ class WandbTracker(Tracker):
             # W&B looks for git in its dir, the run dir; point it at the launch repository.
             repo = git_root()
             settings = wandb.Settings(silent=True, git_root=repo, disable_git=repo is None)
-            run = wandb.init(**args, mode=mode, settings=settings)
+            with masked_argv():  # W&B uploads the command line as the run's `args`
+                run = wandb.init(**args, mode=mode, settings=settings)
         except Exception as exc:  # a bad key, no network, a server error: keep training
             if mode == "offline":
                 log.warning("W&B could not start offline either (%s); tracking is off for "
@@ -235,7 +237,8 @@ def has_credentials(env) -> bool:
 
 
 def secret_values(env) -> list[str]:
-    return [v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 8]
+    return [v for k, v in env.items()
+            if (SECRET_NAME.search(k) or is_secret_key(k)) and len(v) >= 8]
 
 
 def redact(value, secret_list: list[str]):

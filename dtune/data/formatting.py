@@ -11,6 +11,12 @@ from dataclasses import dataclass
 from dtune.errors import DtuneError
 
 IGNORE = -100
+# How many characters of a record are rendered and tokenized per token of data.max_seq_len.
+# Text averages 3 to 5 characters per token, and the longest entries of common vocabularies
+# (runs of spaces or dashes) hold a few dozen, so max_seq_len * 64 characters always reach
+# past the max_seq_len-th token: what lies beyond them would be truncated away anyway, and a
+# 100 MB row costs no more than a normal one.
+CHARS_PER_TOKEN = 64
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides "
@@ -62,9 +68,44 @@ def render(record: dict, fmt: str, tokenizer, system_prompt: str | None = None):
     return text, spans
 
 
+def bound_record(record: dict, fmt: str, max_seq_len: int) -> tuple[dict, bool]:
+    """(record with about 2 * max_seq_len * CHARS_PER_TOKEN characters of text, counted in the
+    order the fields are rendered, and whether anything was cut). A chat keeps at most
+    max_seq_len messages: each renders at least its role marker, one token or more."""
+    budget = 2 * max_seq_len * CHARS_PER_TOKEN
+
+    def take(value):
+        nonlocal budget
+        if not isinstance(value, str):
+            return value
+        # One character at least: templates branch on whether a field is empty (alpaca's
+        # "### Input:"), and that choice shows in the text before the cut.
+        kept, budget = value[:max(budget, 1)], budget - len(value)
+        return kept
+
+    if fmt == "chat":
+        messages = []
+        for message in record["messages"][:max_seq_len]:
+            if budget <= 0:
+                break
+            messages.append({**message, "content": take(message.get("content"))})
+        return ({**record, "messages": messages},
+                budget < 0 or len(messages) < len(record["messages"]))
+    columns = ("text",) if fmt == "text" else ("instruction", "input", "output")
+    bounded = {**record, **{c: take(record[c]) for c in columns if c in record}}
+    return bounded, budget < 0
+
+
 def tokenize(record: dict, fmt: str, tokenizer, max_seq_len: int, train_on_inputs: bool,
              system_prompt: str | None = None) -> Example:
+    record, cut = bound_record(record, fmt, max_seq_len)
     text, spans = render(record, fmt, tokenizer, system_prompt)
+    if cut:
+        # Keep only a prefix of what the whole record renders to, so that a cut prompt never
+        # brings its response, the chat template's closing or the EOS token forward into the
+        # window. Fields were cut at twice this length: templates that trim a message's
+        # whitespace cannot pull the next field before this point.
+        text = text[: max_seq_len * CHARS_PER_TOKEN]
     encoded = tokenizer(
         text, add_special_tokens=fmt != "chat", return_offsets_mapping=True, truncation=False
     )

@@ -16,6 +16,7 @@ from dtune.data import builtin
 from dtune.errors import DtuneError
 
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv")  # read as UTF-8 text; parquet is binary
 ROLES = ("system", "user", "assistant")
 
 
@@ -63,6 +64,8 @@ def read_records(path_str: str, fmt: str, key: str) -> list[dict]:
         )
     if path.stat().st_size == 0:
         raise DtuneError(f"{key}={path_str!r} is empty; it must hold at least one record.")
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        _check_utf8(path)
     if path.suffix.lower() == ".jsonl":
         _check_jsonl_lines(path)
     rows = _load_with_datasets(path, loader)
@@ -71,6 +74,25 @@ def read_records(path_str: str, fmt: str, key: str) -> list[dict]:
     for index, row in enumerate(rows):
         validate_record(row, fmt, _where(path, index))
     return rows
+
+
+def _check_utf8(path: Path) -> None:
+    # Line by line in bytes: a newline byte never occurs inside a UTF-8 character, so the line
+    # and byte offset of the first bad byte come out exact, in bounded memory per line.
+    offset = 0
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DtuneError(
+                    f"{path}, line {number}: the byte 0x{line[exc.start]:02x} at byte offset "
+                    f"{offset + exc.start} of the file is not UTF-8 ({exc.reason}); dtune "
+                    f"reads {path.suffix} files as UTF-8. "
+                    f"Re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > "
+                    f"{path.with_name(path.stem + '.utf8' + path.suffix)}` if it is Latin-1."
+                ) from None
+            offset += len(line)
 
 
 def _check_jsonl_lines(path: Path) -> None:
