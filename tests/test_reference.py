@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_dtune
+from dtune.files import OUTPUT_MARKER
 from reference.record import VOLATILE, describe
 
 REFERENCE = json.loads((Path(__file__).parent / "reference" / "runs.json").read_text())
@@ -39,5 +40,7 @@ def test_a_run_computes_and_leaves_what_it_did_before_the_change(tmp_path, name)
         assert close(now[key], before[key]), (key, now[key], before[key])
     assert now["step_keys"] == before["step_keys"]
     assert set(before["summary_keys"]) <= set(now["summary_keys"])
-    assert now["files"] == before["files"]
+    # Added since: the marker that says dtune wrote final/ (see "Security model")
+    assert [f for f in now["files"] if not f.endswith(OUTPUT_MARKER)] == before["files"]
+    assert f"final/{OUTPUT_MARKER}" in now["files"]
     assert set(VOLATILE) <= set(now["summary_keys"])
