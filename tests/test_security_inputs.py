@@ -122,20 +122,8 @@ def wandb_args(folder: Path, env: dict) -> list[str]:
     return sent[0]
 
 
-@pytest.fixture
-def offline_wandb_env(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("WANDB_") and k not in ("NETRC", "HF_TOKEN")}
-    home = tmp_path / "home"
-    home.mkdir()
-    env.update(HOME=str(home), WANDB_CONFIG_DIR=str(home / "wandb-config"),
-               WANDB_CACHE_DIR=str(home / "wandb-cache"),
-               WANDB_DATA_DIR=str(home / "wandb-data"), WANDB_MODE="offline")
-    return env
-
-
 def test_secrets_typed_on_the_command_line_reach_no_file_and_no_upload(tmp_path,
-                                                                       offline_wandb_env):
+                                                                       wandb_env):
     """A real run: the env secrets are moved into the environment, so the saved .hydra files,
     W&B's offline run (config and command-line metadata) and the logs never hold them."""
     run_dir = tmp_path / "run"
@@ -143,32 +131,32 @@ def test_secrets_typed_on_the_command_line_reach_no_file_and_no_upload(tmp_path,
         [sys.executable, "-m", "dtune", *TINY, "train.max_steps=2", "eval.exact_match_samples=0",
          "tracker=wandb", f"+hydra.job.env_set.WANDB_API_KEY={SECRET}",
          f"+hydra.job.env_set.HF_TOKEN={SECRET_2}", f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, env=offline_wandb_env, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=wandb_env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, result.stderr[-3000:]
     saved = {p.name for p in (run_dir / ".hydra").iterdir()}
     assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= saved
     assert not files_holding(run_dir, [SECRET, SECRET_2])
-    assert "train.max_steps=2" in wandb_args(run_dir, offline_wandb_env)  # args were sent
+    assert "train.max_steps=2" in wandb_args(run_dir, wandb_env)  # args were sent
     assert SECRET not in output and SECRET_2 not in output
     assert "export WANDB_API_KEY" in one_line(output) and "export HF_TOKEN" in one_line(output)
 
 
-def test_wandb_never_records_a_secret_left_in_sys_argv(tmp_path, monkeypatch, offline_wandb_env):
+def test_wandb_never_records_a_secret_left_in_sys_argv(tmp_path, monkeypatch, wandb_env):
     """Programs that call dtune in-process keep their own command line: W&B's `args` get it
     masked."""
     from dtune.tracking import WandbTracker
 
     for name in [k for k in os.environ if k.startswith("WANDB_")]:
         monkeypatch.delenv(name)
-    for name, value in offline_wandb_env.items():
+    for name, value in wandb_env.items():
         if name.startswith("WANDB_"):
             monkeypatch.setenv(name, value)
     monkeypatch.setattr(sys, "argv", ["train.py", f"+x.password={SECRET_3}", "train.lr=1e-3"])
     tracker = WandbTracker(compose(*TINY, "tracker=wandb"), tmp_path, resumed=False)
     tracker.log({"step": 1, "loss": 1.0})
     tracker.finish()
-    assert wandb_args(tmp_path, offline_wandb_env) == ["+x.password=***", "train.lr=1e-3"]
+    assert wandb_args(tmp_path, wandb_env) == ["+x.password=***", "train.lr=1e-3"]
     assert not files_holding(tmp_path, [SECRET_3])
 
 

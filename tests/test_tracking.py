@@ -23,19 +23,6 @@ FAKE_KEY = "0123456789abcdef0123456789abcdef0dtune42"  # 40 characters, like a r
 FAKE_HF_TOKEN = "hf_dtuneFakeTokenThatMustNotLeak1234"
 
 
-@pytest.fixture
-def wandb_env(tmp_path):
-    """An environment where wandb finds no login and writes nothing outside tmp_path."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("WANDB_") and k not in ("NETRC", "HF_TOKEN")}
-    home = tmp_path / "home"
-    home.mkdir()
-    env.update(HOME=str(home), WANDB_CONFIG_DIR=str(home / "wandb-config"),
-               WANDB_CACHE_DIR=str(home / "wandb-cache"),
-               WANDB_DATA_DIR=str(home / "wandb-data"), WANDB_MODE="offline")
-    return env
-
-
 def run_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     from conftest import ROOT
 
