@@ -26,6 +26,9 @@ from dtune.redaction import mask_text, refuse_secret_overrides
 SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
 # The modules `_target_` paths named before dtune's launchers moved into the package.
 MOVED_MODULES = {"launchers.": "dtune.launchers."}
+# Free-form mappings: their keys are the user's (flags, column names), so Hydra's struct mode,
+# which refuses keys the schema lacks, is off beneath them.
+OPEN_MAPPINGS = ("data.columns", "launcher.sbatch_extra", "parallelism.deepspeed_overrides")
 # conf/config.yaml carries LoRA's values as the default method; they stay in every composed
 # config, so they cannot count as "set by the user" for other methods.
 PRIMARY_METHOD_VALUES = {"r", "alpha", "dropout", "target_modules"}
@@ -33,7 +36,10 @@ PRIMARY_METHOD_VALUES = {"r", "alpha", "dropout", "target_modules"}
 
 def register_schema() -> None:
     """Make the schema available to conf/config.yaml as `dtune_schema`."""
-    ConfigStore.instance().store(name="dtune_schema", node=Config)
+    schema = OmegaConf.structured(Config)
+    for key in OPEN_MAPPINGS:
+        OmegaConf.set_struct(OmegaConf.select(schema, key), False)
+    ConfigStore.instance().store(name="dtune_schema", node=schema)
 
 
 def config_dir() -> str:

@@ -119,3 +119,16 @@ def test_sweep_overrides_are_checked_by_their_first_value():
     check_overrides(["train.lr=interval(1e-5,1e-2)"])  # interval sweeps: the sweeper's to check
     with pytest.raises(DtuneError, match="Did you mean train.lr"):
         check_overrides(["train.lrr=1e-4,3e-4"])
+
+
+def test_free_form_mappings_take_the_users_keys_as_the_readme_writes_them():
+    """data.columns, launcher.sbatch_extra and parallelism.deepspeed_overrides hold keys the
+    schema cannot know; Hydra's struct mode refused every one of them before."""
+    cfg = compose("data.columns={instruction: question, output: answer}",
+                  "launcher.sbatch_extra={exclusive: true}",
+                  "parallelism.deepspeed_overrides={zero_optimization: {reduce_bucket_size: 5}}")
+    assert cfg.data.columns == {"instruction": "question", "output": "answer"}
+    assert cfg.launcher.sbatch_extra == {"exclusive": True}
+    assert cfg.parallelism.deepspeed_overrides == {"zero_optimization": {"reduce_bucket_size": 5}}
+    with pytest.raises(DtuneError, match="unknown config key 'data.typo'"):
+        compose("data.typo=3")  # the rest of the schema stays strict
