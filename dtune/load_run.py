@@ -20,7 +20,7 @@ from dtune.logs import quiet_libraries
 from dtune.methods import load_options
 from dtune.models import load_model_and_tokenizer
 from dtune.precision import resolve
-from dtune.run_dir import RunDir
+from dtune.run_dir import RunDir, resume_overrides
 
 log = logging.getLogger("dtune")
 
@@ -61,7 +61,7 @@ def load_final_model(run_dir: Path, trust_remote_code: bool = False):
     if not run.final.is_dir():
         raise DtuneError(
             f"{run.final} does not exist: the run has not finished. Resume it with "
-            f"`python -m dtune hydra.run.dir={run_dir} train.resume=true` plus its overrides."
+            f"`python -m dtune {resume_overrides(run_dir)}` plus its overrides."
         )
     tokenizer = load_tokenizer(run.final, trust_remote_code)
     if run.final_is_adapter():

@@ -11,12 +11,26 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from dtune.files import write_atomically
 
 log = logging.getLogger("dtune")
+
+
+def resume_overrides(run_dir) -> str:
+    """`hydra.run.dir=RUN_DIR train.resume=true` as a shell command line must spell it: a
+    path with spaces, commas or quotes is quoted for Hydra's grammar (where a comma would make
+    a sweep) and then for the shell, so the suggested command runs as printed."""
+    path = str(run_dir)
+    if not re.fullmatch(r"[\w./~+@%-]+", path):
+        # Hydra unescapes a backslash only before a quote or at the end of a quoted value.
+        path = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, path)
+        path = "'" + path.replace("'", "\\'") + "'"
+    return f"{shlex.quote('hydra.run.dir=' + path)} train.resume=true"
 
 
 @dataclass(frozen=True)

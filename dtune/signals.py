@@ -15,6 +15,7 @@ import sys
 
 from dtune.distributed import all_reduce_max
 from dtune.errors import DtuneError
+from dtune.run_dir import resume_overrides
 
 log = logging.getLogger("dtune")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -85,8 +86,8 @@ def stop_after_checkpoint(flag: StopFlag, run_dir, step: int, is_main: bool) -> 
     raise DtuneError(
         f"stopped by {name} after step {step}; a complete checkpoint is in "
         f"{run_dir}/checkpoints. Resume it with the same overrides plus "
-        f"`hydra.run.dir={run_dir} train.resume=true`, e.g. `python -m dtune ... "
-        f"hydra.run.dir={run_dir} train.resume=true`."
+        f"`{resume_overrides(run_dir)}`, e.g. `python -m dtune ... "
+        f"{resume_overrides(run_dir)}`."
     )
 
 

@@ -1,9 +1,12 @@
 """A stop signal checkpoints at a step boundary and the resumed run equals an unbroken one."""
 import json
+import shlex
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from conftest import ROOT, TINY, one_line, run_dtune
 from dtune.check import step_losses
@@ -99,3 +102,17 @@ def test_a_signal_after_the_last_step_lets_the_final_eval_and_save_finish(tmp_pa
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
     assert "Received SIGUSR1 after the last step" in caplog.text
     assert signal.getsignal(signal.SIGUSR1) is before  # handlers restored once run() is done
+
+
+@pytest.mark.parametrize("path", ["/runs/plain-1", "/tmp/my runs/a,b", "/tmp/it's [x]=y",
+                                  "/tmp/back\\slash {z}", "/tmp/q\\'s", "/tmp/end\\"])
+def test_the_printed_resume_command_reaches_hydra_with_the_exact_run_dir(path):
+    """The resume hint is pasted into a shell; Hydra must then see the very same path (a bare
+    comma would make a sweep, a space or quote would split or break the override)."""
+    from dtune.compose import compose_dict
+    from dtune.run_dir import resume_overrides
+
+    overrides = shlex.split(resume_overrides(path))
+    assert overrides[1] == "train.resume=true"
+    composed = compose_dict(["model=tiny-llama", *overrides], with_hydra=True)
+    assert composed.hydra.run.dir == path and composed.train.resume is True
