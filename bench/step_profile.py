@@ -40,9 +40,9 @@ def build(cfg):
     if cfg.parallelism.zero_stage is not None:  # DeepSpeed wants a group even for one process
         init_process_group(cfg.parallelism, ranks)
     torch.manual_seed(cfg.train.seed)
-    train_records, eval_records = load_splits(cfg.data)
+    sources = load_splits(cfg.data)
     model, tokenizer, _ = load_model_and_tokenizer(cfg.model, load_options(cfg.method))
-    examples, _ = prepare_data(cfg, tokenizer, ranks, train_records, eval_records)
+    examples = prepare_data(cfg, tokenizer, ranks, sources).train
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = apply_method(model, cfg.method, tokenizer)

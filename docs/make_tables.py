@@ -18,7 +18,7 @@ START, END = "<!-- methods table: docs/make_tables.py -->", "<!-- end of methods
 # What the user sets for each config field, in the README's words.
 KEY_NOTES = {
     "dropout": "`dropout` (default 0)",
-    "target_modules": "`target_modules` (`all-linear`, `attention`, `default`, or a list)",
+    "target_modules": "`target_modules` (`all-linear`, `attention`, `mlp`, `default`, or a list)",
     "compute_dtype": "`compute_dtype` (`fp32`/`bf16`/`fp16`)",
     "quant_type": "`quant_type` (`nf4`/`fp4`)",
     "init_text": "`init_text` (start from a text's embeddings)",

@@ -7,14 +7,19 @@ folder's build lock builds it, the others wait and then find it ready.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
+from dtune.errors import DtuneError
 from dtune.files import refuse_symlink
+
+log = logging.getLogger("dtune")
 
 
 def cache_dir() -> Path:
@@ -50,3 +55,57 @@ def atomic_dir(final: Path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     os.rename(tmp, final)
+
+
+def build_once(outputs: list[Path], build, local_rank: int, what: str,
+               poll_s: float = 1.0, report_s: float = 30.0) -> None:
+    """Make sure every file of `outputs` exists: local rank 0 of each machine runs `build`
+    under the build lock (on a shared filesystem the first machine to take it builds, the
+    others then find the files); every other rank polls for the files.
+
+    Nobody waits inside a collective: a build of an hour is not a gloo/NCCL timeout, and the
+    waiting ranks say every `report_s` seconds what they wait for. A failed build leaves a
+    `.failed` note beside the first output, and the waiting ranks raise its message.
+    """
+    outputs = [Path(p) for p in outputs]
+    failed = outputs[0].with_name(outputs[0].name + ".failed")
+    started = time.time()
+    if local_rank != 0:
+        _wait_for(outputs, failed, what, started, poll_s, report_s)
+        return
+    lock = build_lock(outputs[0])
+    while True:
+        try:
+            lock.acquire(timeout=report_s)
+            break
+        except Timeout:
+            log.info("waiting for another machine to finish %s (%.0f s)", what,
+                     time.time() - started)
+    try:
+        if all(p.exists() for p in outputs):
+            return
+        failed.unlink(missing_ok=True)
+        try:
+            build()
+        except BaseException as exc:
+            refuse_symlink(failed)
+            failed.write_text(str(exc) if isinstance(exc, DtuneError) else
+                              f"local rank 0 failed while {what} ({type(exc).__name__}: "
+                              f"{exc}); its log has the details.")
+            raise
+    finally:
+        lock.release()
+
+
+def _wait_for(outputs: list[Path], failed: Path, what: str, started: float, poll_s: float,
+              report_s: float) -> None:
+    reported = started
+    while not all(p.exists() for p in outputs):
+        # A note older than this wait is a previous run's, which rank 0 is replacing.
+        if failed.is_file() and failed.stat().st_mtime >= started - 1:
+            raise DtuneError(failed.read_text())
+        now = time.time()
+        if now - reported >= report_s:
+            log.warning("waiting for rank 0 to finish %s (%.0f s)", what, now - started)
+            reported = now
+        time.sleep(poll_s)

@@ -167,13 +167,16 @@ def run_eval(args) -> None:
 
     model, tokenizer, cfg = load_final_model(args.run_dir, args.trust_remote_code)
     engine = Inference.place(model)
-    _, eval_records = load_splits(cfg.data)
+    sources = load_splits(cfg.data)
+    # the first source's format (a mixture of several formats: its rows of that format)
+    fmt = sources[0].format
+    eval_records = [row for source in sources if source.format == fmt for row in source.eval]
     if not eval_records:
         raise DtuneError(f"the run in {args.run_dir} has no held-out split to evaluate on.")
-    examples = tokenize_records(eval_records, cfg, tokenizer, "eval")
+    examples = tokenize_records(eval_records, cfg, tokenizer, "eval", fmt=fmt)
     result = {"eval_loss": eval_loss(engine, examples, cfg.eval.batch_size,
                                      tokenizer.pad_token_id)}
-    em = exact_match(engine, tokenizer, eval_records, cfg.data.format, cfg.data.system_prompt,
+    em = exact_match(engine, tokenizer, eval_records, fmt, cfg.data.system_prompt,
                      args.samples or len(eval_records),
                      args.max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.batch_size)
     if em is not None:

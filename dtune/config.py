@@ -86,6 +86,9 @@ class GgufConfig:
     package: str = ""
     file: str = ""
     pip_spec: str = ""
+    # the model.name_or_path whose weights the file holds: a model group's GGUF must not
+    # stand in for another model named on the command line (empty: any name)
+    holds: str = ""
 
 
 ATTENTION_KERNELS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
@@ -121,8 +124,9 @@ class MethodConfig:
     # 0 by default (as in torchtune): on CPU, drawing dropout masks for every adapted layer's
     # input took 13% of a LoRA step (bench/results/profile-lora-old-defaults.md)
     dropout: float = 0.0
-    # "all-linear", "attention" (q/k/v/o projections), "default" (peft's choice for the
-    # architecture), or a list of module names such as [q_proj, v_proj]
+    # "all-linear", "attention", "mlp" (resolved from the model's own layer names, by family:
+    # dtune/families.py), "default" (peft's choice for the architecture), or a list of module
+    # names such as [q_proj, v_proj]
     target_modules: Any = "all-linear"
     modules_to_save: Optional[List[str]] = None
     # quantised bases (qlora: 4-bit; lora_int8: 8-bit)
@@ -143,7 +147,7 @@ class MethodConfig:
         if not isinstance(self.target_modules, (str, list)) or not self.target_modules:
             raise DtuneError(
                 f"method.target_modules={self.target_modules!r} must be 'all-linear', "
-                "'attention', 'default' or a non-empty list of module names, e.g. "
+                "'attention', 'mlp', 'default' or a non-empty list of module names, e.g. "
                 "method.target_modules=[q_proj,v_proj]."
             )
         if isinstance(self.target_modules, str) and self.target_modules not in TARGET_ALIASES:
@@ -154,7 +158,7 @@ class MethodConfig:
             )
 
 
-TARGET_ALIASES = ("all-linear", "attention", "default")
+TARGET_ALIASES = ("all-linear", "attention", "mlp", "default")
 
 
 @dataclass

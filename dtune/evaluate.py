@@ -56,9 +56,16 @@ def my_batches(count: int, batch_size: int, ranks: Ranks, lockstep: bool) -> lis
     return batches
 
 
-@torch.no_grad()
 def eval_loss(engine, examples, batch_size: int, pad_id: int) -> float:
     """Mean next-token loss over every loss-carrying token of `examples`."""
+    total, count = eval_loss_sum(engine, examples, batch_size, pad_id)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def eval_loss_sum(engine, examples, batch_size: int, pad_id: int) -> tuple[float, int]:
+    """(summed next-token loss, loss-carrying tokens) of `examples`, over every rank: several
+    eval sets (a mixture's sources) combine into one mean by adding these."""
     model = engine.module
     was_training = model.training
     model.eval()
@@ -71,7 +78,7 @@ def eval_loss(engine, examples, batch_size: int, pad_id: int) -> float:
         if indices:
             total, count = total + float(loss), count + tokens
     model.train(was_training)
-    return all_reduce_sum(total) / max(all_reduce_sum(count), 1)
+    return all_reduce_sum(total), int(all_reduce_sum(count))
 
 
 @torch.no_grad()

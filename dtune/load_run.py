@@ -21,6 +21,7 @@ from dtune.methods import load_options
 from dtune.models import load_model_and_tokenizer
 from dtune.precision import resolve
 from dtune.run_dir import RunDir, resume_overrides
+from dtune.tokenizer_setup import set_up_tokenizer
 
 log = logging.getLogger("dtune")
 
@@ -85,8 +86,9 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
             f"({' '.join(str(exc).split())[:200]}); the folder needs the files "
             "tokenizer.save_pretrained writes."
         ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    # final/ carries the template and pad token training set; a plain model folder may lack
+    # a pad token, and gets one as training would pick it.
+    set_up_tokenizer(tokenizer)
     return tokenizer
 
 

@@ -1,6 +1,9 @@
 """Next-token cross-entropy, summed, so callers choose the normaliser."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +24,9 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0
 
     With `chunk_size` > 0 the model returns its final hidden states and the LM head plus
     cross-entropy run `chunk_size` tokens at a time (`chunked_lm_loss`): the full
-    [tokens x vocabulary] fp32 logits never exist at once.
+    [tokens x vocabulary] fp32 logits never exist at once. What the model does to its logits
+    after the head (`logit_transform`) is applied there too; `chunked_loss_mismatch` says
+    when a model does something else, and the run then takes this plain path.
     """
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
@@ -35,7 +40,8 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0
         hidden = out.hidden_states[-1][:, -length:-1]
         head = _output_layer(model)
         return chunked_lm_loss(hidden.reshape(-1, hidden.size(-1)), head.weight,
-                               batch["labels"][:, 1:].reshape(-1), chunk_size)
+                               batch["labels"][:, 1:].reshape(-1), chunk_size,
+                               logit_transform(model))
     logits = model(**inputs).logits
     labels = batch["labels"][:, 1:]
     # Prompt tuning prepends virtual tokens to the output; score only the real positions.
@@ -55,22 +61,92 @@ def has_plain_lm_head(model) -> bool:
         return False
 
 
-def _output_layer(model) -> torch.nn.Linear:
-    module = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
-    head = module.get_output_embeddings()
+def _unwrap(model):
+    return getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+
+
+def _output_layer_problem(model) -> Optional[str]:
+    head = _unwrap(model).get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None:
-        raise DtuneError(
-            f"train.loss_chunk_size needs a plain bias-free linear LM head, but this model's is "
-            f"{type(head).__name__} (an adapter on lm_head, or modules_to_save?); set "
-            "train.loss_chunk_size=0."
-        )
-    return head
+        return (f"train.loss_chunk_size needs a plain bias-free linear LM head, but this "
+                f"model's is {type(head).__name__} (an adapter on lm_head, or modules_to_save?)")
+    return None
+
+
+def _output_layer(model) -> torch.nn.Linear:
+    problem = _output_layer_problem(model)
+    if problem:
+        raise DtuneError(f"{problem}; set train.loss_chunk_size=0.")
+    return _unwrap(model).get_output_embeddings()
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward does to `hidden @ head.T` before its loss:
+    logits = softcap * tanh(scale * x / softcap), or scale * x without a soft cap."""
+
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def logit_transform(model) -> LogitTransform:
+    """The transforms transformers' causal LMs apply after the LM head, read from the config:
+    Gemma 2/3's final_logit_softcapping, Cohere's logit_scale (a factor), Granite's
+    logits_scaling (a divisor). The same field name means different things elsewhere
+    (HyperCLOVA X multiplies by its logits_scaling), so only these model types are trusted;
+    `chunked_loss_mismatch` catches the rest."""
+    config = _unwrap(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(config, "model_type", "")
+    scale = 1.0
+    if model_type.startswith("cohere") and getattr(config, "logit_scale", None):
+        scale = float(config.logit_scale)
+    elif model_type.startswith("granite") and getattr(config, "logits_scaling", None):
+        scale = 1.0 / float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return LogitTransform(scale, float(softcap) if softcap else None)
+
+
+@torch.no_grad()
+def chunked_loss_mismatch(model, input_ids: torch.Tensor) -> Optional[str]:
+    """Why the chunked loss would not reproduce this model's own logits, or None when it does.
+
+    One short forward: the model's logits at the last position against the LM head and
+    `logit_transform` applied to its final hidden state, so any step of a forward dtune does
+    not know about (a scale, a cap, a bias) is seen before training, never a silent mismatch."""
+    problem = _output_layer_problem(model)
+    if problem:
+        return problem
+    out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True,
+                logits_to_keep=1)
+    theirs = out.logits[:, -1].float()
+    head = _output_layer(model)
+    ours = logit_transform(model)((out.hidden_states[-1][:, -1] @ head.weight.t()).float())
+    # fp32 agrees to rounding; 16-bit weights or autocast can reduce in another order
+    exact = head.weight.dtype == out.hidden_states[-1].dtype == torch.float32 and not any(
+        torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+    tol = 1e-5 if exact else 1e-2
+    diff = (ours - theirs).abs().max().item()
+    if diff > tol * max(1.0, theirs.abs().max().item()):
+        config = _unwrap(model).config
+        return (f"this {getattr(config, 'model_type', type(model).__name__)} model's forward "
+                f"changes its logits after the LM head in a way dtune's chunked loss does not "
+                f"reproduce (they differ by up to {diff:.3g})")
+    return None
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    chunk_size: int) -> torch.Tensor:
-    """sum(cross_entropy(hidden @ weight.T, labels)), computed `chunk_size` rows at a time."""
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+                    chunk_size: int, transform: LogitTransform = LogitTransform()
+                    ) -> torch.Tensor:
+    """sum(cross_entropy(transform(hidden @ weight.T), labels)), `chunk_size` rows at a time."""
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size, transform)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -79,7 +155,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     in backward (the idea of Liger's fused linear cross-entropy)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):
+    def forward(ctx, hidden, weight, labels, chunk_size, transform):
         keep = labels != IGNORE
         rows = keep.nonzero().squeeze(1)  # only tokens that carry loss need logits at all
         grad_hidden = torch.zeros_like(hidden)
@@ -91,12 +167,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             index = rows[start : start + chunk_size]
             h = hidden.index_select(0, index)
             target = labels.index_select(0, index)
-            logits = (h @ weight.t()).float()
+            logits = transform((h @ weight.t()).float())
             log_z = torch.logsumexp(logits, dim=-1)
             total += (log_z - logits.gather(1, target[:, None]).squeeze(1)).sum()
             # d(sum CE)/d logits = softmax - one_hot
             grad_logits = torch.exp(logits - log_z[:, None])
             grad_logits[torch.arange(index.numel(), device=index.device), target] -= 1
+            if transform.softcap:  # d(c tanh(z / c))/dz = 1 - tanh^2 = 1 - (logits / c)^2
+                grad_logits *= 1 - (logits / transform.softcap) ** 2
+            if transform.scale != 1.0:
+                grad_logits *= transform.scale
             grad_logits = grad_logits.to(weight.dtype)
             grad_hidden.index_copy_(0, index, (grad_logits @ weight).to(hidden.dtype))
             if need_weight_grad:
@@ -109,4 +189,4 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_w = None if grad_weight is None else (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_w, None, None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_w, None, None, None

@@ -12,12 +12,13 @@ validation reads these specs before anything heavy is loaded, so a typo is refus
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from dtune.config import MethodConfig
 
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+log = logging.getLogger("dtune")
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,13 @@ def full(model, cfg: MethodConfig, tokenizer):
 def lora(model, cfg: MethodConfig, tokenizer, use_dora: bool = False):
     """LoRA (Hu et al., 2021): frozen base, trainable low-rank updates on the chosen layers."""
     from peft import LoraConfig, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
 
+    modules, experts = _targets(cfg, model, PEFT, with_experts=not use_dora)
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                        target_modules=_targets(cfg), modules_to_save=cfg.modules_to_save,
-                        use_dora=use_dora, task_type="CAUSAL_LM")
+                        target_modules=modules, target_parameters=experts,
+                        modules_to_save=cfg.modules_to_save, use_dora=use_dora,
+                        task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -92,11 +96,16 @@ def quantized_lora(model, cfg: MethodConfig, tokenizer):
 def ia3(model, cfg: MethodConfig, tokenizer):
     """IA3: learned per-channel scales on keys, values and the MLP down-projection."""
     from peft import IA3Config, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as PEFT
 
-    targets = _targets(cfg)
+    # all-linear goes to peft as the name, as before presets resolved by family: peft picks
+    # each layer's feed-forward side itself then (an explicit list needs them named)
+    targets = "all-linear" if cfg.target_modules == "all-linear" else \
+        _targets(cfg, model, PEFT, with_experts=False)[0]
     feedforward = None
     if targets not in (None, "all-linear"):
-        feedforward = [t for t in targets if "down" in t or "mlp" in t or "fc" in t]
+        feedforward = [t for t in targets if any(word in t.rsplit(".", 1)[-1]
+                                                 for word in ("down", "mlp", "fc"))]
     config = IA3Config(target_modules=targets, feedforward_modules=feedforward,
                        modules_to_save=cfg.modules_to_save, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
@@ -164,14 +173,18 @@ def load_options(cfg: MethodConfig, device=None) -> dict:
     return METHODS[cfg.name].load_options(cfg, device)
 
 
-def _targets(cfg: MethodConfig):
-    if cfg.target_modules == "attention":
-        return list(ATTENTION)
-    if cfg.target_modules == "default":
-        return None  # peft's per-architecture default
-    if isinstance(cfg.target_modules, str):
-        return cfg.target_modules
-    return list(cfg.target_modules)
+def _targets(cfg: MethodConfig, model, peft_defaults: dict, with_experts: bool = True):
+    """(target_modules, target_parameters): the preset resolved from the model's own layer
+    names (dtune/families.py). Without `with_experts` (DoRA: peft's wrapper of a fused
+    expert weight refuses it) an MoE's experts stay frozen, and the log says so."""
+    from dtune.families import fused_experts, resolve_targets
+
+    modules, experts = resolve_targets(model, cfg.target_modules, peft_defaults, with_experts)
+    if not with_experts and cfg.target_modules in ("all-linear", "mlp") and fused_experts(model):
+        log.info("method.target_modules=%s: the fused MoE expert weights stay frozen (peft "
+                 "adapts them with LoRA only); attention and the shared expert are adapted",
+                 cfg.target_modules)
+    return modules, experts
 
 
 def is_adapter(model) -> bool:

@@ -18,8 +18,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
-                          PreTrainedTokenizerFast)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
                                                     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
@@ -27,6 +26,8 @@ from dtune.cache import atomic_dir, build_lock, cache_dir, safe_name
 from dtune.config import ModelConfig, RandomInitConfig
 from dtune.data.builtin import corpus_for_tokenizer
 from dtune.errors import DtuneError
+from dtune.families import family_config
+from dtune.tokenizer_setup import set_up_tokenizer
 
 log = logging.getLogger("dtune")
 
@@ -39,12 +40,13 @@ CHATML_TEMPLATE = (
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, load_options: dict | None = None,
-                             weights_context=None):
+                             weights_context=None, chat_template: str | None = None):
     """Return (model, tokenizer, where the weights came from).
 
     `load_options` go to from_pretrained: a method's bitsandbytes quantization and placement,
     `dtype` (fp32 unless given; "auto" keeps the checkpoint's own). `weights_context` is
     entered around the weights' load alone (ZeRO-3 partitions them as they load).
+    `chat_template` is data.chat_template (dtune/tokenizer_setup.py).
     """
     folder, source = resolve_model(cfg)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -59,11 +61,12 @@ def load_model_and_tokenizer(cfg: ModelConfig, load_options: dict | None = None,
             f"from {folder} ({' '.join(str(exc).split())[:200]}); the folder needs the "
             "tokenizer files that tokenizer.save_pretrained writes."
         ) from None
+    # Before the weights (a bad template fails fast) and before anything tokenizes (the
+    # tokenization cache's key reads the template).
+    set_up_tokenizer(tokenizer, chat_template)
     options = {"dtype": torch.float32, **(load_options or {}), **attention_option(cfg)}
     with weights_context or contextlib.nullcontext():
         model = load_weights(folder, cfg, {**kwargs, **options})
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if "quantization_config" in options:
         keep_4bit_layout_trainable(model)
         release_checkpoint_mapping(model)
@@ -183,7 +186,10 @@ def resolve_model(cfg: ModelConfig) -> tuple[str, str]:
         else:
             looked.append("the hub (not reachable)")
 
-    if cfg.gguf is not None and cfg.gguf.package:
+    if cfg.gguf is not None and cfg.gguf.holds and cfg.gguf.holds != cfg.name_or_path:
+        looked.append(f"the GGUF file {cfg.gguf.file} (skipped: it holds {cfg.gguf.holds}, "
+                      "not this model; set model.gguf=null or model.gguf.holds to silence)")
+    elif cfg.gguf is not None and cfg.gguf.package:
         converted = cache_dir() / "converted" / safe_name(cfg.name_or_path)
         if (converted / "config.json").exists():
             return str(converted), f"GGUF conversion cached in {converted}"
@@ -245,8 +251,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def build_random_model(name: str, arch: RandomInitConfig) -> Path:
-    """Build (once) a small Llama with random weights and an offline tokenizer; return its folder."""
-    key = hashlib.sha256(json.dumps(asdict(arch), sort_keys=True).encode()).hexdigest()[:12]
+    """Build (once) a small model of `arch.family` with random weights and an offline
+    tokenizer; return its folder."""
+    fields = asdict(arch)
+    if fields["family"] == "llama":  # the key from before families existed: caches stay valid
+        del fields["family"]
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir() / "random-init" / f"{safe_name(name)}-{key}"
     with build_lock(folder):
         if not (folder / "config.json").exists():
@@ -256,16 +266,13 @@ def build_random_model(name: str, arch: RandomInitConfig) -> Path:
 
 def random_model_config(arch: RandomInitConfig, tokenizer=None):
     """The transformers config of a random-init model (what `dtune plan` reads, too)."""
-    special = {} if tokenizer is None else dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    return LlamaConfig(
-        vocab_size=arch.vocab_size if tokenizer is None else len(tokenizer),
-        hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_kv_heads,
-        max_position_embeddings=arch.max_position_embeddings, tie_word_embeddings=False,
-        **special)
+    # Without the tokenizer (dtune plan counts parameters) no special ids: some config classes
+    # default them past the tiny vocabulary (Phi-3's pad id 32000 must index the embeddings).
+    special = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id")) \
+        if tokenizer is None else dict(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id)
+    return family_config(arch, arch.vocab_size if tokenizer is None else len(tokenizer), special)
 
 
 def _write_random_model(folder: Path, arch: RandomInitConfig) -> None:

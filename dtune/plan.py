@@ -36,6 +36,7 @@ from dtune.compose import conf_group
 from dtune.config import Config, ModelConfig, loss_chunk_size
 from dtune.distributed import wanted_processes
 from dtune.errors import DtuneError
+from dtune.families import resolve_targets
 from dtune.methods import METHODS
 from dtune.models import random_model_config
 
@@ -72,7 +73,8 @@ def layouts() -> dict[str, Layout]:
 class ModelShape:
     params: int  # every parameter, tied weights counted once
     linear_params: int  # weights of the decoder's linear layers (what LoRA/quantisation touch)
-    lora_params_per_rank: int  # sum of (in + out) over those layers: LoRA adds r x this
+    lora_params_per_rank: int  # sum of (in + out) over the adapted layers: LoRA adds r x this
+    lora_outputs: int  # sum of out over them: DoRA's magnitude vectors
     hidden: int
     intermediate: int
     layers: int
@@ -122,11 +124,35 @@ def model_shape(cfg: Config) -> ModelShape:
                                   for m in model.modules()),
         params=sum(p.numel() for p in model.parameters()),
         linear_params=sum(m.weight.numel() for m in linear),
-        lora_params_per_rank=sum(m.in_features + m.out_features for m in linear),
+        **dict(zip(("lora_params_per_rank", "lora_outputs"), lora_width(model, cfg, linear))),
         hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
         layers=text.num_hidden_layers, vocab=text.vocab_size,
         kv_hidden=text.hidden_size // heads * kv,
     )
+
+
+def lora_width(model, cfg: Config, linear: list) -> tuple[int, int]:
+    """(sum of in + out, sum of out) over the layers a LoRA-family method adapts: its
+    target_modules resolved as training resolves them (dtune/families.py), a fused MoE expert
+    weight [experts, out, in] counting experts x (in + out). Other methods: every linear."""
+    if "r" not in METHODS[cfg.method.name].fields:
+        return sum(m.in_features + m.out_features for m in linear), 0
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
+
+    modules, experts = resolve_targets(model, cfg.method.target_modules, PEFT,
+                                       with_experts=cfg.method.name != "dora")
+    if modules is None:  # "default": peft's names for the architecture
+        modules = PEFT[model.config.model_type]
+    width, outputs = 0, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(
+                name == t or name.endswith(f".{t}") for t in modules):
+            width += module.in_features + module.out_features
+            outputs += module.out_features
+    for name, param in model.named_parameters():
+        if any(name.endswith(f".{t}") for t in experts or ()):
+            width += param.shape[0] * (param.shape[1] + param.shape[2])
+    return width, outputs
 
 
 def _hf_config(model_cfg: ModelConfig, auto_config):
@@ -182,7 +208,8 @@ def trainable_params(cfg: Config, shape: ModelShape) -> int:
     if not spec.adapter:
         return shape.params
     if "r" in spec.fields:  # the LoRA family: r x (in + out) per adapted layer
-        return cfg.method.r * shape.lora_params_per_rank
+        magnitude = shape.lora_outputs if cfg.method.name == "dora" else 0
+        return cfg.method.r * shape.lora_params_per_rank + magnitude
     return shape.hidden * shape.layers * 3  # ia3, soft prompts: small
 
 

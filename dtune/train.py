@@ -23,16 +23,18 @@ from dtune.checkpoint import TrainState, load_checkpoint, save_checkpoint, valid
 from dtune.config import Config, loss_chunk_size
 from dtune.data.batching import BatchStream, loss_token_count
 from dtune.data.loading import load_splits
-from dtune.data.prepare import ExampleTable, prepare_data
+from dtune.data import streaming
+from dtune.data.prepare import PreparedData, prepare_data, tokenize_records
 from dtune.distributed import (Ranks, all_reduce_sum, barrier, die_with_parent, gather,
                                launched_ranks, process_group)
 from dtune import precision
 from dtune.engines import Engine, build_engine, run_context
 from dtune.engines.base import StepStatus, process_device
 from dtune.errors import DtuneError
-from dtune.evaluate import eval_loss, exact_match
+from dtune.evaluate import eval_loss_sum, exact_match
 from dtune.logs import quiet_libraries
-from dtune.loss import has_plain_lm_head, summed_token_loss
+from dtune.families import check_packing
+from dtune.loss import chunked_loss_mismatch, has_plain_lm_head, summed_token_loss
 from dtune.methods import apply_method, count_parameters, is_adapter, load_options
 from dtune.metrics import (TrainingPeakMemory, peak_host_memory_bytes, peak_memory_bytes,
                            peak_reserved_bytes, release_free_heap)
@@ -40,6 +42,7 @@ from dtune.models import load_model_and_tokenizer
 from dtune.reporter import SilentReporter, create_reporter
 from dtune.run_dir import RunDir
 from dtune.signals import StopFlag, slurm_restarted, stop_after_checkpoint
+from dtune.tokenizer_setup import template_changed_error
 
 log = logging.getLogger("dtune")
 
@@ -53,15 +56,16 @@ class Recipe:
     ranks: Ranks
     engine: Engine
     tokenizer: Any
-    stream: BatchStream
-    eval_records: list
-    eval_examples: ExampleTable
+    stream: BatchStream  # or streaming.StreamingBatches (data.streaming), the same interface
+    eval_records: list  # the first eval rows, for exact match
+    eval_examples: dict  # eval set name (a mixture: each source's) -> ExampleTable
     total_steps: int
     chunk_size: int  # of the chunked loss; 0: the plain full-logits loss
     params: tuple[int, int]  # trainable, total
     model_source: str
     started: float
     resumed_from: Optional[Path] = None
+    eval_format: str = "chat"  # the format of eval_records
 
 
 @dataclass
@@ -113,47 +117,85 @@ def set_up(cfg: Config, run_dir: RunDir, ranks: Ranks, started: float) -> Recipe
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     # Records first: a bad row is reported before minutes go into loading the model.
-    train_records, eval_records = load_splits(cfg.data)
+    if cfg.data.streaming:  # train rows are read as training goes (dtune/data/streaming.py)
+        sources, eval_records = None, streaming.eval_records(cfg)
+    else:  # every source, Arrow-backed; local rank 0 checks, the others wait for it
+        sources, eval_records = load_splits(cfg.data, ranks.local_rank), None
     options = {**load_options(cfg.method, process_device(ranks)),
                "dtype": precision.base_dtype(cfg)}
-    model, tokenizer, source = load_model_and_tokenizer(cfg.model, options)
+    model, tokenizer, source = load_model_and_tokenizer(cfg.model, options,
+                                                        chat_template=cfg.data.chat_template)
     check_context_length(cfg, model)
+    check_packing(cfg, model)  # before minutes go into tokenizing
     log.info("Model %s from %s", cfg.model.name_or_path, source)
     if any(hasattr(p, "ds_numel") for p in model.parameters()):  # ZeRO-3 loads partitioned
         held = sum(p.ds_tensor.numel() for p in model.parameters())
         log.info("Loaded partitioned: rank %d holds %s of the %s weight values", ranks.rank,
                  f"{held:,}", f"{sum(p.ds_numel for p in model.parameters()):,}")
-    train_examples, eval_examples = prepare_data(cfg, tokenizer, ranks, train_records,
-                                                 eval_records)
+    stream, data, train_count = batch_stream(cfg, tokenizer, ranks, sources, eval_records)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = apply_method(model, cfg.method, tokenizer)
     precision.keep_trainable_fp32(model, cfg)
     trainable, total = count_parameters(model)
-    stream = BatchStream(train_examples, cfg.train.micro_batch_size, cfg.train.seed,
-                         tokenizer.pad_token_id, ranks.rank, ranks.world_size,
-                         pack_len=cfg.data.max_seq_len if cfg.data.packing else 0,
-                         one_row=cfg.model.attn_implementation == "flash_attention_2")
     total_steps = planned_steps(cfg, stream)
     engine = build_engine(cfg, model, ranks, total_steps)
     chunk_size = loss_chunk_size(cfg.train, cfg.parallelism.zero_stage)
     if cfg.train.loss_chunk_size is None and not has_plain_lm_head(engine.model):
         chunk_size = 0  # the default falls back quietly; an explicit size is an error there
+    chunk_size = checked_chunk_size(engine, tokenizer, chunk_size)
     log.info(
-        "Method %s, %s on %d process(es): %s trainable of %s parameters (%.2f%%); %d training "
+        "Method %s, %s on %d process(es): %s trainable of %s parameters (%.2f%%); %s training "
         "and %d eval examples; %d steps of %d sequences", cfg.method.name,
         cfg.parallelism.name, ranks.world_size, f"{trainable:,}", f"{total:,}",
-        100 * trainable / total, len(train_examples), len(eval_records), total_steps,
+        100 * trainable / total, train_count, sum(map(len, data.evals.values())), total_steps,
         global_batch_size(cfg, ranks))
-    return Recipe(cfg, run_dir, ranks, engine, tokenizer, stream, eval_records, eval_examples,
-                  total_steps, chunk_size, (trainable, total), source, started)
+    return Recipe(cfg, run_dir, ranks, engine, tokenizer, stream, data.eval_records, data.evals,
+                  total_steps, chunk_size, (trainable, total), source, started,
+                  eval_format=data.eval_format)
+
+
+def batch_stream(cfg: Config, tokenizer, ranks: Ranks, sources, eval_records):
+    """(the batch stream, the prepared data (eval sets and records), the training examples'
+    count for the log): the sources tokenized into the cache up front, or with
+    data.streaming tokenized as they come."""
+    if cfg.data.streaming:
+        fmt = streaming.row_format(streaming.stream_specs(cfg))
+        eval_examples = tokenize_records(eval_records[: cfg.eval.max_loss_samples], cfg,
+                                         tokenizer, "eval", fmt=fmt)
+        return (streaming.open_stream(cfg, tokenizer, ranks.rank, ranks.world_size),
+                PreparedData(None, {"eval": eval_examples}, eval_records, fmt), "streamed")
+    data = prepare_data(cfg, tokenizer, ranks, sources)
+    stream = BatchStream(data.train, cfg.train.micro_batch_size, cfg.train.seed,
+                         tokenizer.pad_token_id, ranks.rank, ranks.world_size,
+                         pack_len=cfg.data.max_seq_len if cfg.data.packing else 0,
+                         one_row=cfg.model.attn_implementation == "flash_attention_2")
+    return stream, data, len(data.train)
+
+
+def checked_chunk_size(engine: Engine, tokenizer, chunk_size: int) -> int:
+    """`chunk_size`, or 0 (the plain loss, from the model's own logits) for a model whose
+    forward does something to its logits the chunked loss does not reproduce; said once."""
+    if not chunk_size:
+        return 0
+    probe = tokenizer("dtune checks its loss against the model's own logits.",
+                      return_tensors="pt")["input_ids"]
+    with engine.eval_context():
+        why = chunked_loss_mismatch(engine.model, engine.to_device({"input_ids": probe})
+                                    ["input_ids"])
+    if why:
+        log.warning("train.loss_chunk_size=%d is not used: %s. The loss comes from the model's "
+                    "full logits instead (more memory, the same result).", chunk_size, why)
+        return 0
+    return chunk_size
 
 
 def resume_or_start(recipe: Recipe) -> TrainState:
     """A fresh state, or the newest complete checkpoint's when resuming."""
     cfg = recipe.cfg
     identity = {"model": cfg.model.name_or_path, "method": cfg.method.name}
-    state = TrainState(identity=identity, data=recipe.stream.state_dict())
+    template = recipe.tokenizer.chat_template
+    state = TrainState(identity=identity, data=recipe.stream.state_dict(), chat_template=template)
     if not (cfg.train.resume or slurm_restarted()):  # a requeued SLURM job always resumes
         return state
     checkpoints = valid_checkpoints(recipe.run_dir.path)
@@ -163,6 +205,10 @@ def resume_or_start(recipe: Recipe) -> TrainState:
         return state
     recipe.resumed_from = checkpoints[0]
     state = load_checkpoint(checkpoints[0], recipe.engine, identity)
+    changed = template_changed_error(checkpoints[0], state.chat_template, template)
+    if changed:
+        raise changed
+    state.chat_template = template  # a checkpoint written before templates were saved: None
     recipe.stream.load_state_dict(state.data)
     log.info("Resumed from %s (step %d)", checkpoints[0], state.step)
     return state
@@ -229,6 +275,8 @@ def train_step(recipe: Recipe, state: TrainState) -> dict:
               "loss_tokens": state.loss_tokens, "epoch": recipe.stream.epoch,
               "step_time_s": seconds, "skipped_steps": state.skipped_steps,
               "nonfinite_steps": state.nonfinite_steps}
+    # a mixture's examples and tokens per source so far: {"examples/<source>": n, ...}
+    record.update(getattr(recipe.stream, "source_totals", dict)())
     if engine.loss_scale is not None:
         record["loss_scale"] = engine.loss_scale
     return record
@@ -273,11 +321,15 @@ def evaluate(recipe: Recipe, step: int, with_generation: bool) -> dict:
     """Held-out loss, and with `with_generation` exact match, shared across every rank."""
     cfg, engine, tokenizer = recipe.cfg, recipe.engine, recipe.tokenizer
     record = {"step": step, "split": "eval"}
-    if len(recipe.eval_examples):
-        record["eval_loss"] = eval_loss(engine, recipe.eval_examples, cfg.eval.batch_size,
-                                        tokenizer.pad_token_id)
+    sums = {name: eval_loss_sum(engine, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
+            for name, examples in recipe.eval_examples.items() if len(examples)}
+    if sums:  # one mean over every eval token, and a mixture's per source
+        record["eval_loss"] = sum(t for t, _ in sums.values()) / \
+            max(sum(c for _, c in sums.values()), 1)
+    if len(recipe.eval_examples) > 1:
+        record.update({f"eval_loss/{name}": t / max(c, 1) for name, (t, c) in sums.items()})
     if with_generation and cfg.eval.exact_match_samples:
-        em = exact_match(engine, tokenizer, recipe.eval_records, cfg.data.format,
+        em = exact_match(engine, tokenizer, recipe.eval_records, recipe.eval_format,
                          cfg.data.system_prompt, cfg.eval.exact_match_samples,
                          cfg.eval.max_new_tokens, cfg.eval.batch_size)
         if em is not None:
@@ -304,6 +356,7 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
         "global_batch_size": global_batch_size(cfg, recipe.ranks),
         "final_loss": loop.last_step.get("loss"),
         "eval_loss": final_eval.get("eval_loss"),
+        **source_summary(recipe, final_eval),
         "exact_match_before": state.exact_match_before,
         "exact_match_after": final_eval.get("exact_match"),
         "exact_match_after_by_task": {k.split("/", 1)[1]: v for k, v in final_eval.items()
@@ -324,6 +377,18 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
     }
     reporter.finish(summary)
     return RunResult(summary, engine.module, recipe.tokenizer)
+
+
+def source_summary(recipe: Recipe, final_eval: dict) -> dict:
+    """A mixture's examples, tokens and final eval loss per source ({} for one source)."""
+    totals = getattr(recipe.stream, "source_totals", dict)()
+    if not totals:
+        return {}
+    per = {kind: {k.split("/", 1)[1]: v for k, v in totals.items() if k.startswith(kind + "/")}
+           for kind in ("examples", "tokens")}
+    return {"examples_per_source": per["examples"], "tokens_per_source": per["tokens"],
+            "eval_loss_per_source": {k.split("/", 1)[1]: v for k, v in final_eval.items()
+                                     if k.startswith("eval_loss/")}}
 
 
 def parameter_bytes(model, frozen: bool = False) -> int:

@@ -216,7 +216,7 @@ def test_prompt_tuning_can_start_from_a_text(tmp_path, constant_answer_data):
     (["+method=prompt_tuning", "data.max_seq_len=16", "method.num_virtual_tokens=20"],
      "leaves no room"),
     (["+method=lora", "method.init_text=hello"], "method.init_text='hello' has no effect"),
-    (["+method=lora", "method.target_modules=mlp"], "method.target_modules='mlp'"),
+    (["+method=lora", "method.target_modules=ffn"], "method.target_modules='ffn'"),
     (["+method=qlora", "method.quant_type=int3"], "nf4, fp4"),
 ])
 def test_combinations_that_cannot_work_are_refused_up_front(overrides, message):

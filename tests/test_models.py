@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import compose
+from conftest import compose, one_line
 from dtune.config import GgufConfig, ModelConfig
 from dtune.errors import DtuneError
 from dtune.models import load_model_and_tokenizer, resolve_model
@@ -44,3 +44,16 @@ def test_random_init_model_is_the_same_every_time():
 
 def test_remote_code_stays_off_unless_configured():
     assert compose().model.trust_remote_code is False
+
+
+def test_another_model_named_on_the_command_line_never_loads_the_default_gguf(monkeypatch):
+    """`model.name_or_path=Qwen/...` keeps the default group's GGUF section; offline, that
+    file (SmolLM2) was converted and trained under Qwen's name."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose("model.name_or_path=acme/not-smollm2").model
+    assert cfg.gguf is not None and cfg.gguf.holds  # the default group's section is still here
+    with pytest.raises(DtuneError) as caught:
+        resolve_model(cfg)
+    message = one_line(str(caught.value))
+    assert "acme/not-smollm2" in message and "was not found" in message
+    assert "skipped: it holds HuggingFaceTB/SmolLM2-135M-Instruct" in message

@@ -89,7 +89,8 @@ class BatchStream:
     With `pack_len` > 0 a micro-batch is `micro_batch_size` rows of up to `pack_len` tokens,
     filled with the next examples of the same global order (see `pack_rows`).
     The position (epoch, cursor) is all a checkpoint needs to continue with the same batches,
-    on any number of ranks.
+    on any number of ranks. Over a mixture (dtune/data/mixture.py) it also counts the examples
+    and tokens each source has given, for every rank's micro-batches (each rank walks them all).
     """
 
     examples: Sequence[Example]  # a list, or the ExampleTable of dtune/data/prepare.py
@@ -108,6 +109,10 @@ class BatchStream:
         self._lengths = [len(e.input_ids) for e in self.examples] if lengths is None \
             else lengths.tolist()
         self._order = self._permutation(self.epoch)
+        self._source_of = getattr(self.examples, "sources", None)
+        self.source_names = list(getattr(self.examples, "names", None) or [])
+        self.source_examples = [0] * len(self.source_names)
+        self.source_tokens = [0] * len(self.source_names)
 
     def _permutation(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + epoch)
@@ -149,6 +154,7 @@ class BatchStream:
         mine = []
         for index in range(accum * self.world_size):
             rows = self._next_rows()
+            self._count_sources(rows)
             if index // accum != self.rank:
                 continue
             if self.pack_len:
@@ -158,9 +164,32 @@ class BatchStream:
                 mine.append(collate([self.examples[row[0]] for row in rows], self.pad_id))
         return mine
 
+    def _count_sources(self, rows: list[list[int]]) -> None:
+        if self._source_of is None:
+            return
+        for row in rows:
+            for i in row:
+                source = int(self._source_of[i])
+                self.source_examples[source] += 1
+                self.source_tokens[source] += int(self._lengths[i])
+
+    def source_totals(self) -> dict:
+        """Examples and tokens drawn so far from each source (a mixture's only)."""
+        if len(self.source_names) < 2:
+            return {}
+        return {**{f"examples/{n}": c for n, c in zip(self.source_names, self.source_examples)},
+                **{f"tokens/{n}": c for n, c in zip(self.source_names, self.source_tokens)}}
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        state = {"epoch": self.epoch, "cursor": self.cursor}
+        if len(self.source_names) > 1:
+            state.update(source_examples=list(self.source_examples),
+                         source_tokens=list(self.source_tokens))
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self._order = self._permutation(self.epoch)
+        if "source_examples" in state:  # a mixture's counts go on from the checkpoint's
+            self.source_examples = list(state["source_examples"])
+            self.source_tokens = list(state["source_tokens"])

@@ -143,8 +143,10 @@ def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
 def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise DtuneError(
-            "data.format=chat needs a tokenizer with a chat template, and this model's tokenizer "
-            "has none; use data.format=alpaca, or a chat/instruct model."
+            "data.format=chat (and sharegpt) needs a tokenizer with a chat template, and this "
+            "model's tokenizer has none (data.chat_template is unset); set one, e.g. "
+            "data.chat_template=chatml (bundled: chatml, llama3, zephyr) or the path of a "
+            ".jinja file, or use data.format=alpaca."
         )
     if not messages:
         return ""

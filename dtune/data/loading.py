@@ -1,79 +1,184 @@
-"""Read dataset files through `datasets` and check every row before any training starts.
+"""Read every source of the run through `datasets` and check every row before training starts.
 
-Errors name the file and the line (JSONL, CSV) or row (JSON, Parquet) of the bad record.
+Rows stay Arrow tables (memory-mapped, never a list of dicts) and are checked batch by batch.
+Errors name the file and the line (JSONL, CSV) or record (JSON, Parquet, hub, saved) of the
+bad row. A source checked once is not checked again while its files are unchanged.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-import random
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow.parquet as pq
 
+from dtune.cache import build_once, cache_dir
 from dtune.config import DataConfig
 from dtune.data import builtin
+from dtune.data.sources import (SourceSpec, load_arguments, open_source, saved_to_disk,
+                                source_specs)
 from dtune.errors import DtuneError
 
-LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv")  # read as UTF-8 text; parquet is binary
 ROLES = ("system", "user", "assistant")
+CHECK_VERSION = 1
+BATCH = 1000  # rows turned into Python objects at a time while checking
+HERE = "\x00where\x00"  # stands for a row's location in messages until an error needs it
 
 
-def load_splits(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
-    """Return (train records, eval records), each validated for `cfg.format`."""
-    if cfg.path == "builtin":
-        if cfg.format != "chat":
+@dataclass
+class SourceRows:
+    """One source's checked rows: train and eval, Arrow-backed, in dtune's fields."""
+
+    spec: SourceSpec
+    train: datasets.Dataset
+    eval: datasets.Dataset  # may hold no rows
+
+    @property
+    def format(self) -> str:
+        return self.spec.row_format
+
+
+def load_splits(cfg: DataConfig, local_rank: int = 0) -> list[SourceRows]:
+    """Every source `cfg` names, with its train and eval rows checked for its format.
+
+    On a machine with several ranks, local rank 0 checks each source and the others wait
+    for it and then open the same (now cached) rows."""
+    if cfg.sources and cfg.eval_path:
+        raise DtuneError(
+            f"data.eval_path={cfg.eval_path!r} is one file, and data.sources is a mixture; "
+            "give each source its own eval_path (or eval_split), so eval loss is reported per "
+            "source, or leave them unset to hold out data.eval_fraction of each.")
+    return [load_source(spec, cfg, local_rank) for spec in source_specs(cfg)]
+
+
+def load_source(spec: SourceSpec, cfg: DataConfig, local_rank: int = 0) -> SourceRows:
+    if spec.path == "builtin":
+        if spec.format != "chat":
             raise DtuneError(
-                f"data.format={cfg.format!r} does not fit data.path=builtin, whose records are "
-                "chat conversations; use data.format=chat."
-            )
+                f"data.format={spec.format!r} does not fit data.path=builtin, whose records "
+                "are chat conversations; use data.format=chat.")
         b = cfg.builtin
-        return builtin.generate(list(b.tasks), b.train_size, b.eval_size, b.seed)
-    train = read_records(cfg.path, cfg.format, "data.path")
-    if cfg.eval_path:
-        return train, read_records(cfg.eval_path, cfg.format, "data.eval_path")
+        train, held = builtin.generate(list(b.tasks), b.train_size, b.eval_size, b.seed)
+        return SourceRows(spec, datasets.Dataset.from_list(train),
+                          datasets.Dataset.from_list(held))
+    train = read_rows(spec, spec.split, local_rank)
+    eval_key = spec.key.replace(".path", ".eval_path")
+    if spec.eval_path:
+        eval_spec = replace(spec, path=spec.eval_path, key=eval_key)
+        return SourceRows(spec, train, read_rows(eval_spec, spec.eval_split or "train",
+                                                 local_rank))
+    if spec.eval_split:
+        return SourceRows(spec, train, read_rows(spec, spec.eval_split, local_rank))
     if cfg.eval_fraction == 0:
-        return train, []
-    # A fixed shuffle, independent of train.seed, so every run of a sweep holds out the same rows.
-    order = list(range(len(train)))
-    random.Random(0).shuffle(order)
-    n_eval = max(1, int(len(train) * cfg.eval_fraction))
-    if n_eval >= len(train):
-        raise DtuneError(
-            f"data.eval_fraction={cfg.eval_fraction} leaves no training rows from the "
-            f"{len(train)} in {cfg.path}; lower it or give data.eval_path."
-        )
-    eval_ids = set(order[:n_eval])
-    return (
-        [r for i, r in enumerate(train) if i not in eval_ids],
-        [r for i, r in enumerate(train) if i in eval_ids],
-    )
+        return SourceRows(spec, train, train.select([]))
+    return SourceRows(spec, *hold_out(train, cfg.eval_fraction, spec))
 
 
-def read_records(path_str: str, fmt: str, key: str) -> list[dict]:
-    path = Path(path_str).expanduser()
-    if not path.is_file():
-        raise DtuneError(f"{key}={path_str!r}: no such file. Check the path (relative paths are "
-                         f"taken from the directory you ran dtune in).")
-    loader = LOADERS.get(path.suffix.lower())
-    if loader is None:
+def hold_out(rows: datasets.Dataset, fraction: float, spec: SourceSpec):
+    """(train, eval): a fixed-seed `fraction` of the rows held out, as Arrow selections."""
+    n_eval = max(1, int(len(rows) * fraction))
+    if n_eval >= len(rows):
         raise DtuneError(
-            f"{key}={path_str!r} has the extension {path.suffix!r}, which dtune cannot read; "
-            f"use one of {', '.join(LOADERS)}."
-        )
+            f"data.eval_fraction={fraction} leaves no training rows from the "
+            f"{len(rows)} in {spec.path}; lower it or give data.eval_path.")
+    # A fixed shuffle, independent of train.seed, so every run of a sweep holds out the same
+    # rows; each part keeps the file's order.
+    held = np.zeros(len(rows), dtype=bool)
+    held[np.random.default_rng(0).permutation(len(rows))[:n_eval]] = True
+    base = rows._fingerprint
+    return (rows.select(np.flatnonzero(~held), new_fingerprint=_digest(base, fraction, "train")),
+            rows.select(np.flatnonzero(held), new_fingerprint=_digest(base, fraction, "eval")))
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def read_records(path_str: str, fmt: str, key: str) -> datasets.Dataset:
+    """The checked rows of one file, folder or hub dataset (its train split)."""
+    spec = SourceSpec(name="data", path=path_str, format=fmt, key=key)
+    return read_rows(spec, "train")
+
+
+def read_rows(spec: SourceSpec, split: str, local_rank: int = 0) -> datasets.Dataset:
+    """`split` of `spec`, every row checked for `spec.format` (once per unchanged source)."""
+    arguments = None if _is_saved(spec) else load_arguments(spec, split)
+    files = _local_files(arguments)
+    checked = cache_dir() / "checked" / f"{_check_key(spec, split, files)}.ok"
+
+    def check() -> None:
+        for path in files:
+            _check_text_file(path, spec)
+        rows = _opened(spec, split)
+        validate_rows(rows, spec, split, files)
+        checked.write_text("ok\n")
+
+    if not checked.is_file():
+        build_once([checked], check, local_rank, f"checking {spec.path}")
+    return _opened(spec, split)
+
+
+def _is_saved(spec: SourceSpec) -> bool:
+    path = Path(spec.path).expanduser()
+    return path.is_dir() and saved_to_disk(path)
+
+
+def _local_files(arguments: dict | None) -> list[Path]:
+    if not arguments or "data_files" not in arguments:
+        return []
+    return [Path(f) for files in arguments["data_files"].values() for f in files]
+
+
+def _check_key(spec: SourceSpec, split: str, files: list[Path]) -> str:
+    """Changes whenever the rows could: the source's settings, and each local file's size and
+    modification time (a save_to_disk folder: its state; a hub dataset: its id and revision)."""
+    stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    path = Path(spec.path).expanduser()
+    for name in ("state.json", "dataset_dict.json", "dataset_info.json"):
+        if path.is_dir() and (path / name).is_file():
+            stats.append([name, (path / name).read_text()])
+    fields = {k: v for k, v in asdict(spec).items() if k not in ("name", "weight", "fraction")}
+    return _digest(CHECK_VERSION, fields, split, stats)
+
+
+def _opened(spec: SourceSpec, split: str) -> datasets.Dataset:
+    rows = open_source(spec, split)
+    if not len(rows):
+        raise DtuneError(f"{spec.key}={spec.path!r} holds no records"
+                         f"{'' if split == 'train' else f' in its {split!r} split'}.")
+    return rows
+
+
+def _check_text_file(path: Path, spec: SourceSpec) -> None:
     if path.stat().st_size == 0:
-        raise DtuneError(f"{key}={path_str!r} is empty; it must hold at least one record.")
+        raise DtuneError(f"{spec.key}={spec.path!r}: {path} is empty; it must hold at least "
+                         "one record.")
     if path.suffix.lower() in TEXT_SUFFIXES:
         _check_utf8(path)
     if path.suffix.lower() == ".jsonl":
         _check_jsonl_lines(path)
-    rows = _load_with_datasets(path, loader)
-    if not rows:
-        raise DtuneError(f"{key}={path_str!r} holds no records.")
-    for index, row in enumerate(rows):
-        validate_record(row, fmt, _where(path, index))
-    return rows
+
+
+def validate_rows(rows: datasets.Dataset, spec: SourceSpec, split: str,
+                  files: list[Path]) -> None:
+    """Check every row for `spec.format`, `BATCH` rows at a time; an error names the row's
+    file and line (or record)."""
+    fmt = "sharegpt" if spec.format == "sharegpt" else spec.row_format
+    for start in range(0, len(rows), BATCH):
+        batch = rows[start : start + BATCH]
+        columns = list(batch)
+        for offset in range(len(batch[columns[0]]) if columns else 0):
+            row = {c: batch[c][offset] for c in columns}
+            try:
+                validate_record(row, fmt, HERE)
+            except DtuneError as exc:
+                where = _where(spec, split, files, start + offset)
+                raise DtuneError(str(exc).replace(HERE, where)) from None
 
 
 def _check_utf8(path: Path) -> None:
@@ -115,33 +220,38 @@ def _check_jsonl_lines(path: Path) -> None:
                 )
 
 
-def _load_with_datasets(path: Path, loader: str) -> list[dict]:
-    datasets.disable_progress_bars()
-    # CSV has no types: read every cell as text, so "42" stays the answer "42" and "" stays "".
-    extra = {}
-    if loader == "csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            header = next(csv.reader(handle), [])
-        extra = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
-                 "keep_default_na": False}
-    try:
-        table = datasets.load_dataset(loader, data_files=str(path), split="train", **extra)
-    except Exception as exc:  # datasets/Arrow raise many types; the user needs the file name
-        cause = " ".join(str(exc).split())[:300]
-        raise DtuneError(
-            f"{path} could not be read as {loader}: {cause}. Check that every record has the "
-            "same fields with the same types."
-        ) from None
-    return table.to_list()
-
-
-def _where(path: Path, index: int) -> str:
+def _where(spec: SourceSpec, split: str, files: list[Path], index: int) -> str:
+    """Where row `index` of the split came from: file and line, or record. Counted only when a
+    row is bad, so a good dataset costs no second read."""
+    if not files or "[" in split:
+        return f"{spec.path} (split {split}), record {index + 1}"
+    for path in files:
+        count = _row_count(path)
+        if index < count:
+            break
+        index -= count
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return f"{path}, line {_jsonl_line_number(path, index)}"
     if suffix == ".csv":
         return f"{path}, line {index + 2}"  # line 1 is the header
     return f"{path}, record {index + 1}"
+
+
+def _row_count(path: Path) -> int:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            return sum(1 for line in handle if line.strip())
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            return max(sum(1 for _ in csv.reader(handle)) - 1, 0)
+    if suffix == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    if suffix == ".arrow":
+        return len(datasets.Dataset.from_file(str(path)))
+    value = json.loads(path.read_text(encoding="utf-8"))
+    return len(value) if isinstance(value, list) else 1
 
 
 def _jsonl_line_number(path: Path, index: int) -> int:
@@ -182,19 +292,22 @@ def validate_record(row: dict, fmt: str, where: str) -> None:
         _require_string(row, "output", where, fmt)
         if row.get("input") is not None:
             _require_string(row, "input", where, fmt, allow_empty=True)
-    elif fmt == "chat":
+    elif fmt in ("chat", "sharegpt"):  # sharegpt rows arrive converted to chat
         messages = row.get("messages")
         if not isinstance(messages, list) or not messages:
             raise DtuneError(
-                f"{where}: data.format=chat needs a non-empty 'messages' list of "
-                "{role, content} objects."
+                f"{where}: data.format={fmt} needs a non-empty "
+                f"{'conversations' if fmt == 'sharegpt' else 'messages'!r} list of "
+                f"{'{from, value}' if fmt == 'sharegpt' else '{role, content}'} objects."
             )
         for turn, message in enumerate(messages, start=1):
             role = message.get("role") if isinstance(message, dict) else None
             if role not in ROLES:
+                accepted = "human, gpt, system (or user, assistant)" if fmt == "sharegpt" \
+                    else ", ".join(ROLES)
                 raise DtuneError(
                     f"{where}: message {turn} has the role {role!r}; roles must be one of "
-                    f"{', '.join(ROLES)}."
+                    f"{accepted}."
                 )
             _require_string(message, "content", f"{where}, message {turn}", fmt,
                             allow_empty=role != "assistant")

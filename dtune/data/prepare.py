@@ -1,30 +1,37 @@
-"""Records to training examples: tokenized through `datasets.map` into an Arrow file in
-dtune's cache, once per machine.
+"""Records to training examples: each source tokenized through `datasets.map` (with
+data.num_proc processes) into Arrow files in dtune's cache, once per machine.
 
-With several processes, local rank 0 of each node tokenizes and writes the cache while the
-others wait at a barrier, then memory-map it: the work is not repeated per rank, and no rank
-races another to write the same file. A later run with the same data, tokenizer and settings
-maps the file and tokenizes nothing.
+Local rank 0 of each node tokenizes and writes the cache while the other ranks poll for it
+(see `build_once`: no collective is waited in, so a long tokenization is not a timeout), then
+every rank memory-maps the files. A later run with the same rows, tokenizer, chat template and
+settings maps the files and tokenizes nothing. A mixture tokenizes each source on its own and
+combines them afterwards (dtune/data/mixture.py), so changing one source's weight
+re-tokenizes nothing.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 
-from dtune.cache import build_lock, cache_dir
+from dtune.cache import atomic_dir, build_once, cache_dir
 from dtune.config import Config
 from dtune.data.formatting import IGNORE, Example, tokenize
+from dtune.data.loading import SourceRows
+from dtune.data.mixture import MixedExamples, mix
 from dtune.distributed import Ranks, barrier
 from dtune.errors import DtuneError
 
 log = logging.getLogger("dtune")
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                              "labels": datasets.Sequence(datasets.Value("int32")),
+                              "length": datasets.Value("int32")})
 
 
 class ExampleTable:
@@ -33,8 +40,9 @@ class ExampleTable:
 
     def __init__(self, table: datasets.Dataset):
         self.table = table
-        self.lengths = np.asarray(table["length"], dtype=np.int64) if len(table) else \
-            np.zeros(0, dtype=np.int64)
+        # Straight from the Arrow column: `table["length"]` decodes row by row (9 s a million).
+        self.lengths = table.select_columns(["length"]).with_format("arrow")[:]["length"] \
+            .to_numpy().astype(np.int64) if len(table) else np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -44,33 +52,72 @@ class ExampleTable:
         return Example(row["input_ids"], row["labels"])
 
 
-def prepare_data(cfg: Config, tokenizer, ranks: Ranks, train_records: list[dict],
-                 eval_records: list[dict]) -> tuple[ExampleTable, ExampleTable]:
-    """Tokenized (train examples, eval examples) of the records `load_splits` returned."""
-    key = fingerprint(cfg, tokenizer)
-    splits = {"train": (train_records, "training"),
-              "eval": (eval_records[: cfg.eval.max_loss_samples], "eval")}
-    paths = {name: cache_dir() / "tokenized" / f"{key}-{name}.arrow" for name in splits}
-    if ranks.local_rank == 0:
-        with build_lock(paths["train"]):
-            for name, (records, split) in splits.items():
-                if not paths[name].is_file():
-                    tokenize_records(records, cfg, tokenizer, split, paths[name])
-    barrier()
-    return tuple(ExampleTable(datasets.Dataset.from_file(str(paths[name]))) for name in splits)
+@dataclass
+class PreparedData:
+    train: MixedExamples
+    evals: dict  # source name -> its eval ExampleTable (possibly empty)
+    eval_records: list  # the first eval rows as dicts, for exact match
+    eval_format: str  # their format
 
 
-def tokenize_records(records: list[dict], cfg: Config, tokenizer, split: str,
-                     cache_file: Path | None = None) -> ExampleTable:
-    """Tokenize `records`; with `cache_file`, write the Arrow table there."""
+def prepare_data(cfg: Config, tokenizer, ranks: Ranks,
+                 sources: list[SourceRows]) -> PreparedData:
+    """Tokenized train (the mixture) and eval examples of the sources `load_splits` read."""
+    tables, evals = [], {}
+    for source in sources:
+        key = fingerprint(cfg, tokenizer, source)
+        folders = {name: cache_dir() / "tokenized" / f"{key}-{name}" for name in ("train", "eval")}
+        splits = {"train": (source.train, "training"),
+                  "eval": (source.eval.select(range(min(len(source.eval),
+                                                        cfg.eval.max_loss_samples))), "eval")}
+
+        def build(source=source, folders=folders, splits=splits) -> None:
+            for name, (rows, split) in splits.items():
+                if not folders[name].is_dir():  # renamed into place once complete
+                    tokenize_records(rows, cfg, tokenizer, split, folders[name], source.format)
+
+        build_once(list(folders.values()), build, ranks.local_rank,
+                   f"tokenizing {source.spec.name} ({len(source.train):,} rows)")
+        tables.append(load_tokenized(folders["train"]))
+        evals[source.spec.name] = load_tokenized(folders["eval"])
+    barrier()  # every rank has its tables: the waiting is over, this one is quick
+    specs = [s.spec for s in sources]
+    train = mix(tables, [s.name for s in specs], [s.weight for s in specs],
+                [s.fraction for s in specs], cfg.train.seed)
+    fmt = sources[0].format
+    records = []
+    for source in sources:  # exact match reads one format: the first source's
+        if source.format == fmt and len(records) < cfg.eval.exact_match_samples:
+            wanted = min(len(source.eval), cfg.eval.exact_match_samples - len(records))
+            records += [row if len(sources) == 1 else {"task": source.spec.name, **row}
+                        for row in source.eval.select(range(wanted))]
+    return PreparedData(train, evals, records, fmt)
+
+
+def load_tokenized(folder: Path) -> ExampleTable:
+    """The examples a finished `tokenize_records` left in `folder` (one file per process)."""
+    files = json.loads((folder / "done.json").read_text())["files"]
+    if not files:
+        return ExampleTable(datasets.Dataset.from_dict(
+            {"input_ids": [], "labels": [], "length": []}, features=FEATURES))
+    parts = [datasets.Dataset.from_file(str(folder / name)) for name in files]
+    return ExampleTable(datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0])
+
+
+def tokenize_records(records, cfg: Config, tokenizer, split: str, folder: Path | None = None,
+                     fmt: str | None = None) -> ExampleTable:
+    """Tokenize `records` (a `datasets.Dataset` or a list of dicts) in `fmt` (default:
+    data.format) with data.num_proc processes; with `folder`, write the Arrow files there,
+    completed by `done.json`."""
     datasets.disable_progress_bars()
     d = cfg.data
+    fmt = fmt or ("chat" if d.format == "sharegpt" else d.format)
 
     def tokenize_batch(batch: dict) -> dict:
         out = {"input_ids": [], "labels": [], "length": []}
         for index in range(len(next(iter(batch.values())))):
             record = {column: values[index] for column, values in batch.items()}
-            example = tokenize(record, d.format, tokenizer, d.max_seq_len, d.train_on_inputs,
+            example = tokenize(record, fmt, tokenizer, d.max_seq_len, d.train_on_inputs,
                                d.system_prompt)
             if all(label == IGNORE for label in example.labels[1:]):
                 continue  # truncation cut off the whole response
@@ -79,47 +126,69 @@ def tokenize_records(records: list[dict], cfg: Config, tokenizer, split: str,
             out["length"].append(len(example.input_ids))
         return out
 
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "labels": datasets.Sequence(datasets.Value("int32")),
-                                  "length": datasets.Value("int32")})
-    if not records:
+    if not isinstance(records, datasets.Dataset):
+        records = datasets.Dataset.from_list(list(records))
+    if not len(records):  # an empty eval split
+        if folder is not None:
+            with atomic_dir(folder) as tmp:
+                (tmp / "done.json").write_text(json.dumps({"files": [], "rows": 0}))
+            return load_tokenized(folder)
         return ExampleTable(datasets.Dataset.from_dict(
-            {"input_ids": [], "labels": [], "length": []}, features=features))
-    source = datasets.Dataset.from_list(records)
-    table = source.map(tokenize_batch, batched=True, remove_columns=source.column_names,
-                       features=features, new_fingerprint=fingerprint(cfg, tokenizer) + split,
-                       cache_file_name=str(cache_file) if cache_file else None,
-                       keep_in_memory=cache_file is None)
+            {"input_ids": [], "labels": [], "length": []}, features=FEATURES))
+    table = _map(records, tokenize_batch, cfg, folder)
     emptied = len(records) - len(table)
     if emptied:
         log.warning("%d of %d %s examples lost their whole response to data.max_seq_len=%d "
                     "and were dropped.", emptied, len(records), split, d.max_seq_len)
-    if not len(table):
+    if not len(table) and split != "eval":
         raise DtuneError(
             f"every {split} example is longer than data.max_seq_len={d.max_seq_len} "
             "before its response starts, so nothing would be trained; raise data.max_seq_len."
         )
-    return ExampleTable(table)
+    return table
 
 
-def fingerprint(cfg: Config, tokenizer) -> str:
-    """Changes whenever the data, its files, the tokenizer or the formatting would."""
-    files = {}
-    for key in ("path", "eval_path"):
-        value = getattr(cfg.data, key)
-        if value and value != "builtin" and Path(value).is_file():
-            stat = Path(value).stat()
-            files[key] = [str(Path(value).resolve()), stat.st_size, stat.st_mtime_ns]
+def _map(records: datasets.Dataset, tokenize_batch, cfg: Config, folder: Path | None):
+    # Fewer rows than processes would leave processes with nothing to do (datasets refuses).
+    num_proc = max(1, min(cfg.data.num_proc, len(records)))
+    common = dict(batched=True, remove_columns=records.column_names, features=FEATURES,
+                  num_proc=num_proc if num_proc > 1 else None)
+    if folder is None:
+        return ExampleTable(records.map(tokenize_batch, keep_in_memory=True, **common))
+    with atomic_dir(folder) as tmp:
+        # datasets names each process's file part_0000N_of_0000M.arrow
+        _write(records.map(tokenize_batch, cache_file_name=str(tmp / "part.arrow"),
+                           load_from_cache_file=False, **common), tmp)
+    return load_tokenized(folder)
+
+
+def _write(table: datasets.Dataset, folder: Path) -> datasets.Dataset:
+    files = sorted(Path(f["filename"]).name for f in table.cache_files)
+    (folder / "done.json").write_text(json.dumps({"files": files, "rows": len(table)}))
+    return table
+
+
+def fingerprint(cfg: Config, tokenizer, source: SourceRows) -> str:
+    """Changes whenever a source's tokenized examples could: its rows (datasets' own
+    fingerprint of them, which follows the files, the hub revision and every selection), how
+    they are read (format, columns, split), the tokenizer and its chat template, and the
+    formatting settings."""
+    d = cfg.data
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(),
                                                                      sort_keys=True)
+    spec = {k: v for k, v in asdict(source.spec).items() if k not in ("weight", "fraction")}
     payload = json.dumps({
         "version": CACHE_VERSION,
-        "data": asdict(cfg.data),
+        "source": spec,
+        "rows": [source.train._fingerprint, source.eval._fingerprint],
+        "builtin": asdict(d.builtin) if source.spec.path == "builtin" else None,
+        "settings": {"max_seq_len": d.max_seq_len, "train_on_inputs": d.train_on_inputs,
+                     "system_prompt": d.system_prompt, "chat_template": d.chat_template},
         "max_loss_samples": cfg.eval.max_loss_samples,
-        "files": files,
         "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
+        "tokenizer_class": type(tokenizer).__name__,
         "chat_template": getattr(tokenizer, "chat_template", None),
-        "eos": tokenizer.eos_token,
+        "special_tokens": [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token],
     }, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
