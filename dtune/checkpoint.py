@@ -42,6 +42,7 @@ class TrainState:
     skipped_steps: int = 0  # fp16 overflows
     nonfinite_steps: int = 0  # NaN/inf steps skipped
     exact_match_before: Optional[float] = None
+    preference_accuracy_before: Optional[float] = None  # preference objectives
     # the tokenizer's chat template: a resume refuses to go on with another one
     chat_template: Optional[str] = None
     engine: dict = field(default_factory=dict)  # the engine's own (loss scaler, ZeRO ranks)

@@ -18,9 +18,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Glob, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
-from dtune.config import Config, MethodConfig
+from dtune.config import Config, MethodConfig, ObjectiveConfig
 from dtune.errors import DtuneError
 from dtune.methods import METHODS
+from dtune.objectives import OBJECTIVES, resolve_reference
 from dtune.redaction import mask_text, refuse_secret_overrides
 
 SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -235,6 +236,7 @@ def check_combination(cfg: Config) -> None:
             "parallelism=single trains in one process; choose parallelism=ddp or a ZeRO "
             "stage such as parallelism=zero2.")
     check_sequence_layout(cfg, spec)
+    check_objective(cfg)
 
 
 def check_sequence_layout(cfg: Config, spec) -> None:
@@ -267,3 +269,100 @@ def check_method_fields(method: MethodConfig) -> None:
             raise DtuneError(
                 f"method.{key}={getattr(method, key)!r} has no effect with method.name="
                 f"{method.name}; it applies to {users}. Remove it.")
+
+
+def check_objective_fields(objective: ObjectiveConfig) -> None:
+    """Refuse an objective field set to something other than its default when the chosen
+    objective ignores it (`objective.gamma` with DPO, say): it would silently do nothing."""
+    defaults = ObjectiveConfig.__dataclass_fields__
+    every_field = set().union(*(spec.fields for spec in OBJECTIVES.values()))
+    for key in sorted(every_field - OBJECTIVES[objective.name].fields):
+        if getattr(objective, key) != defaults[key].default:
+            users = ", ".join(o for o, spec in OBJECTIVES.items() if key in spec.fields)
+            raise DtuneError(
+                f"objective.{key}={getattr(objective, key)!r} has no effect with objective="
+                f"{objective.name}; it applies to {users}. Remove it.")
+
+
+def training_formats(cfg: Config) -> set[str]:
+    """The formats of the rows a run trains on: data.format, or each mixture source's."""
+    if not cfg.data.sources:
+        return {cfg.data.format}
+    return {source.format or cfg.data.format for source in cfg.data.sources}
+
+
+def check_objective(cfg: Config) -> None:
+    """An objective with the data, method and layout it trains under."""
+    objective, method = cfg.objective, cfg.method
+    check_objective_fields(objective)
+    spec, formats = OBJECTIVES[objective.name], training_formats(cfg)
+    if not spec.pairs:
+        if "preference" in formats:
+            raise DtuneError(
+                "data.format=preference with objective=sft: SFT would train on the rejected "
+                "responses as well as the chosen ones. Choose a preference objective "
+                "(objective=dpo, objective=orpo or objective=simpo), or train SFT on the "
+                "chosen responses as chat rows (data.format=chat).")
+        return
+    if formats != {"preference"}:
+        raise DtuneError(
+            f"objective={objective.name} trains on chosen/rejected pairs, but the data is "
+            f"data.format={'/'.join(sorted(formats))}. Set data.format=preference, with rows "
+            "holding prompt (or messages), chosen and rejected; or use objective=sft.")
+    check_pair_layout(cfg)
+    if objective.loss_type == "ipo" and objective.label_smoothing:
+        raise DtuneError(
+            f"objective.label_smoothing={objective.label_smoothing} has no effect with "
+            "objective.loss_type=ipo: label smoothing (cDPO) is a form of the sigmoid loss. "
+            "Remove it, or use objective.loss_type=sigmoid.")
+    if spec.reference:
+        check_reference(cfg, METHODS[method.name].adapter)
+
+
+def check_pair_layout(cfg: Config) -> None:
+    """What the preference objectives do not support, before anything loads."""
+    name, method = cfg.objective.name, cfg.method.name
+    if METHODS[method].soft_prompt:
+        raise DtuneError(
+            f"+method={method} with objective={name} is not supported: its virtual tokens "
+            "would have to be scored in front of each chosen and rejected response, which "
+            "dtune does not do yet. Use an adapter method such as +method=lora, or "
+            "+method=full.")
+    if cfg.data.packing:
+        raise DtuneError(
+            f"data.packing=true with objective={name} is not supported: a pair's chosen and "
+            "rejected responses go through one forward as rows of one batch, padded. Set "
+            "data.packing=false.")
+    if cfg.train.loss_chunk_size:
+        raise DtuneError(
+            f"train.loss_chunk_size={cfg.train.loss_chunk_size} has no effect with objective="
+            f"{name}: its loss weighs each sequence by a factor known only once both of a pair "
+            "are scored, so it comes from the full logits. Remove train.loss_chunk_size.")
+
+
+def check_reference(cfg: Config, adapter: bool) -> None:
+    """DPO's reference (dtune/reference.py) with the method and layout."""
+    chosen, _ = resolve_reference(cfg.objective, adapter, cfg.data.streaming)
+    method, setting = cfg.method.name, f"objective.reference={cfg.objective.reference}"
+    if chosen == "adapter_disabled" and not adapter:
+        raise DtuneError(
+            f"{setting} with +method={method}: full fine-tuning has no adapters to disable, so "
+            "the reference would be the policy itself. Use objective.reference=precomputed "
+            "(least memory) or frozen_copy, or auto.")
+    if chosen == "frozen_copy" and adapter:
+        raise DtuneError(
+            f"{setting} with +method={method}: an adapter method's reference is its own base "
+            "with the adapters disabled, with no second copy in memory. Use "
+            "objective.reference=adapter_disabled (or auto).")
+    if chosen == "frozen_copy" and cfg.parallelism.zero_stage == 3:
+        why = " (auto picks it for streamed data, which cannot be precomputed)" \
+            if cfg.objective.reference == "auto" else ""
+        raise DtuneError(
+            f"a frozen reference copy{why} with parallelism={cfg.parallelism.name}: dtune "
+            "does not shard a second model under ZeRO-3 yet. Use "
+            "objective.reference=precomputed (with data.streaming=false), or parallelism=zero2.")
+    if chosen == "precomputed" and cfg.data.streaming:
+        raise DtuneError(
+            f"{setting} with data.streaming=true: a stream has no end to precompute the "
+            "reference over before training. Use objective.reference=frozen_copy, or "
+            "data.streaming=false.")

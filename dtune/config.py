@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional
 from dtune.errors import DtuneError
 
 WANDB_MODES = ("online", "offline", "disabled")
-DATA_FORMATS = ("alpaca", "chat", "text", "sharegpt")
+# preference: prompt, chosen and rejected (the preference objectives; data/preference.py)
+DATA_FORMATS = ("alpaca", "chat", "text", "sharegpt", "preference")
 # Architectures a random-init model can take (dtune/families.py builds each from transformers'
 # own config class; tests/test_families.py runs every one).
 MODEL_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt_neox",
@@ -160,6 +161,39 @@ class MethodConfig:
 
 TARGET_ALIASES = ("all-linear", "attention", "mlp", "default")
 
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")  # dtune/objectives.py holds one spec for each
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+REFERENCES = ("auto", "adapter_disabled", "frozen_copy", "precomputed")
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the loss optimises: next-token cross-entropy (`sft`) or a preference objective on
+    chosen/rejected pairs. One flat record like MethodConfig: each objective reads its own
+    fields (its spec in dtune/objectives.py lists them); setting a field the chosen objective
+    ignores is refused. conf/objective/*.yaml hold each objective's recommended values."""
+
+    name: str = "sft"
+    # dpo: the KL strength (the reward scale); orpo: the odds-ratio weight (lambda);
+    # simpo: the reward scale of the length-normalised log-probs
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # dpo: "sigmoid" (Rafailov et al.) or "ipo" (Azar et al.)
+    label_smoothing: float = 0.0  # dpo sigmoid: the assumed chance a label is flipped (cDPO)
+    # dpo: where the reference log-probs come from (see dtune/reference.py); "auto": the
+    # adapter-disabled model for adapter methods, precomputed log-probs for full fine-tuning
+    reference: str = "auto"
+    gamma: float = 0.5  # simpo: the target reward margin
+
+    def __post_init__(self) -> None:
+        check_choice("objective.name", self.name, OBJECTIVES)
+        check_positive("objective.beta", self.beta)
+        check_choice("objective.loss_type", self.loss_type, DPO_LOSS_TYPES)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise DtuneError(f"objective.label_smoothing={self.label_smoothing!r} is out of "
+                             "range; it must be in [0, 0.5) (0.5 would make the labels noise).")
+        check_choice("objective.reference", self.reference, REFERENCES)
+        check_positive("objective.gamma", self.gamma, allow_zero=True)
+
 
 @dataclass
 class BuiltinDataConfig:
@@ -241,6 +275,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_choice("data.format", self.format, DATA_FORMATS)
+        if self.format == "preference" and self.train_on_inputs:
+            raise DtuneError(
+                "data.train_on_inputs=true does not apply to data.format=preference: a pair is "
+                "scored on its two responses, and the prompt they share carries no loss. Set "
+                "data.train_on_inputs=false.")
         check_positive("data.max_seq_len", self.max_seq_len)
         if self.max_seq_len < 8:
             raise DtuneError(f"data.max_seq_len={self.max_seq_len} is too short; use at least 8.")
@@ -474,6 +513,7 @@ class LauncherConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

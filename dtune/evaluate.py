@@ -17,7 +17,7 @@ from dtune.data.batching import collate, loss_token_count
 from dtune.data.formatting import prompt_and_reference
 from dtune.distributed import Ranks, all_reduce_sum, gather
 from dtune.engines.base import move_batch
-from dtune.loss import summed_token_loss
+from dtune.loss import sequence_logps, summed_token_loss
 
 
 @dataclass
@@ -145,3 +145,43 @@ def exact_match(engine, tokenizer, records: list[dict], fmt: str, system_prompt:
         "n": len(flat),
         "examples": examples,
     }
+
+
+@torch.no_grad()
+def pair_logps(engine, stream) -> torch.Tensor:
+    """[pairs, 2] float64: the summed log-prob of every pair's chosen and rejected response
+    under the model as it is now (eval mode), row i for example index i, over every rank.
+
+    One epoch of `stream` (a preference batch stream: rows 0..n-1 chosen, n..2n-1 rejected,
+    `pair_index` naming each pair), drawn from its start and put back where it was. Every
+    rank steps through the same number of micro-batches (ZeRO-3 needs each in every forward);
+    a pair the last window draws twice is kept once, so nothing is counted twice."""
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    saved = stream.state_dict()
+    stream.load_state_dict({**saved, "epoch": 0, "cursor": 0})
+    rows = [torch.zeros((0, 3), dtype=torch.float64)]
+    for _ in range(-(-stream.batches_per_epoch // stream.world_size)):
+        for batch in stream.next_window(1):
+            with engine.eval_context():
+                logps = sequence_logps(model, engine.to_device(batch)).double().cpu()
+            n = len(batch["pair_index"])
+            rows.append(torch.stack([batch["pair_index"].double(), logps[:n], logps[n:]], 1))
+    stream.load_state_dict(saved)
+    model.train(was_training)
+    table = torch.full((len(stream.examples), 2), float("nan"), dtype=torch.float64)
+    for part in reversed(gather(torch.cat(rows))):  # where two ranks scored a pair, rank 0's
+        table[part[:, 0].long()] = part[:, 1:]
+    return table
+
+
+def preference_accuracy(engine, streams: list) -> float | None:
+    """Held-out preference accuracy: the share of eval pairs whose chosen response has a
+    higher summed log-prob under the policy than the rejected one. The policy's own
+    likelihoods, not DPO's implicit reward: it needs no reference (so it means the same for
+    every objective) and is not a tie at step 0, where the policy is its own reference."""
+    tables = [pair_logps(engine, s) for s in streams]
+    table = torch.cat(tables) if tables else torch.zeros((0, 2), dtype=torch.float64)
+    table = table[~torch.isnan(table[:, 0])]
+    return float((table[:, 0] > table[:, 1]).double().mean()) if len(table) else None

@@ -52,6 +52,24 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0
     )
 
 
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The summed log-probability of each row's labelled tokens: a [rows] fp32 tensor, with
+    grad when the model has it (the preference objectives' per-sequence score).
+
+    Always from the model's full logits, never the chunked loss: that one computes its
+    gradients inside its forward, for a plain sum of token losses, while a preference loss
+    weighs each sequence by a factor known only once both of a pair are scored.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "use_cache": False}
+    length = batch["labels"].size(1)
+    logits = model(**inputs).logits[:, -length:-1].float()
+    labels = batch["labels"][:, 1:]
+    token_logps = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                   ignore_index=IGNORE, reduction="none")
+    return token_logps.view(labels.shape).sum(1)
+
+
 def has_plain_lm_head(model) -> bool:
     """Whether the chunked loss can read the LM head directly (see `_output_layer`)."""
     try:

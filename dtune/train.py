@@ -22,6 +22,7 @@ import torch
 from dtune.checkpoint import TrainState, load_checkpoint, save_checkpoint, valid_checkpoints
 from dtune.config import Config, loss_chunk_size
 from dtune.data.batching import BatchStream, loss_token_count
+from dtune.data.formatting import IGNORE
 from dtune.data.loading import load_splits
 from dtune.data import streaming
 from dtune.data.prepare import PreparedData, prepare_data, tokenize_records
@@ -31,14 +32,17 @@ from dtune import precision
 from dtune.engines import Engine, build_engine, run_context
 from dtune.engines.base import StepStatus, process_device
 from dtune.errors import DtuneError
-from dtune.evaluate import eval_loss_sum, exact_match
+from dtune.evaluate import eval_loss_sum, exact_match, preference_accuracy
 from dtune.logs import quiet_libraries
 from dtune.families import check_packing
-from dtune.loss import chunked_loss_mismatch, has_plain_lm_head, summed_token_loss
+from dtune.loss import (chunked_loss_mismatch, has_plain_lm_head, sequence_logps,
+                        summed_token_loss)
 from dtune.methods import apply_method, count_parameters, is_adapter, load_options
 from dtune.metrics import (TrainingPeakMemory, peak_host_memory_bytes, peak_memory_bytes,
                            peak_reserved_bytes, release_free_heap)
 from dtune.models import load_model_and_tokenizer
+from dtune.objectives import OBJECTIVES, ObjectiveSpec, objective_spec, pair_loss
+from dtune.reference import build_reference
 from dtune.reporter import SilentReporter, create_reporter
 from dtune.run_dir import RunDir
 from dtune.signals import StopFlag, slurm_restarted, stop_after_checkpoint
@@ -66,6 +70,9 @@ class Recipe:
     started: float
     resumed_from: Optional[Path] = None
     eval_format: str = "chat"  # the format of eval_records
+    objective: ObjectiveSpec = OBJECTIVES["sft"]
+    reference: Any = None  # DPO's reference log-probs (dtune/reference.py); NoReference else
+    eval_pairs: list = None  # preference objectives: a batch stream over each eval set
 
 
 @dataclass
@@ -150,9 +157,18 @@ def set_up(cfg: Config, run_dir: RunDir, ranks: Ranks, started: float) -> Recipe
         cfg.parallelism.name, ranks.world_size, f"{trainable:,}", f"{total:,}",
         100 * trainable / total, train_count, sum(map(len, data.evals.values())), total_steps,
         global_batch_size(cfg, ranks))
+    objective = objective_spec(cfg.objective)
+    # Before any checkpoint loads: the reference is the starting model (dtune/reference.py).
+    reference = build_reference(cfg, engine, stream, tokenizer, run_dir,
+                                resuming=cfg.train.resume or slurm_restarted())
+    eval_pairs = [BatchStream(examples, cfg.eval.batch_size, cfg.train.seed,
+                              tokenizer.pad_token_id, ranks.rank, ranks.world_size)
+                  for examples in data.evals.values() if len(examples)] \
+        if objective.pairs else None
     return Recipe(cfg, run_dir, ranks, engine, tokenizer, stream, data.eval_records, data.evals,
                   total_steps, chunk_size, (trainable, total), source, started,
-                  eval_format=data.eval_format)
+                  eval_format=data.eval_format, objective=objective, reference=reference,
+                  eval_pairs=eval_pairs)
 
 
 def batch_stream(cfg: Config, tokenizer, ranks: Ranks, sources, eval_records):
@@ -219,8 +235,12 @@ def evaluate_before_training(recipe: Recipe, state: TrainState, reporter) -> Non
     before = evaluate(recipe, step=0, with_generation=True)
     reporter.log_eval(before)
     state.exact_match_before = before.get("exact_match")
+    state.preference_accuracy_before = before.get("preference_accuracy")
     if "exact_match" in before:
         log.info("Held-out exact match before training: %.1f%%", 100 * before["exact_match"])
+    if "preference_accuracy" in before:
+        log.info("Held-out preference accuracy before training: %.1f%%",
+                 100 * before["preference_accuracy"])
 
 
 def train(recipe: Recipe, state: TrainState, reporter, stop: StopFlag) -> LoopResult:
@@ -257,7 +277,12 @@ def train_step(recipe: Recipe, state: TrainState) -> dict:
     started = time.perf_counter()
     window = recipe.stream.next_window(accum)
     lr = engine.lr()
-    loss, loss_tokens = accumulate_gradients(engine, window, recipe.chunk_size)
+    pair_metrics = {}  # the objective decides the loss and its normaliser
+    if recipe.objective.pairs:  # per pair: the mean over every pair of the global window
+        loss, loss_tokens, pair_metrics = accumulate_pair_gradients(
+            engine, window, recipe.cfg.objective, recipe.reference)
+    else:  # per token: the mean over every loss-carrying token of the global window
+        loss, loss_tokens = accumulate_gradients(engine, window, recipe.chunk_size)
     result = engine.step(loss_finite=math.isfinite(loss))
     state.step += 1
     state.skipped_steps += result.status is StepStatus.OVERFLOW
@@ -277,6 +302,7 @@ def train_step(recipe: Recipe, state: TrainState) -> dict:
               "nonfinite_steps": state.nonfinite_steps}
     # a mixture's examples and tokens per source so far: {"examples/<source>": n, ...}
     record.update(getattr(recipe.stream, "source_totals", dict)())
+    record.update(pair_metrics)
     if engine.loss_scale is not None:
         record["loss_scale"] = engine.loss_scale
     return record
@@ -297,6 +323,33 @@ def accumulate_gradients(engine: Engine, window: list[dict], chunk_size: int = 0
         engine.backward(loss)
         total += loss.detach().double()
     return all_reduce_sum(float(total)), window_tokens
+
+
+def accumulate_pair_gradients(engine: Engine, window: list[dict], objective,
+                              reference) -> tuple[float, int, dict]:
+    """A preference objective's forward, loss and backward for each micro-batch of a window
+    (chosen and rejected rows of n pairs in one forward), on every rank, as one batch: the
+    loss and each metric are means over every pair of the global window, not means of
+    per-micro-batch means. Returns (that loss, the window's response tokens, {metric: its
+    mean, "pairs": the pair count}). The reference log-probs (DPO) come first, without grad."""
+    # Counted on the host copies, both in one collective: no GPU sync.
+    counts = torch.tensor([[sum(len(b["pair_index"]) for b in window),
+                            sum(loss_token_count(b) for b in window)]], dtype=torch.float64)
+    window_pairs, loss_tokens = (int(c) for c in torch.cat(gather(counts)).sum(0))
+    names = ("loss", *objective_spec(objective).metrics)
+    totals = torch.zeros(len(names), dtype=torch.float64, device=engine.device)
+    for index, batch in enumerate(window):
+        tokens = (batch["labels"][:, 1:] != IGNORE).sum(1).float()  # on the host: no sync
+        on_device = engine.to_device({**batch, "response_tokens": tokens})
+        ref_logps = reference.logps(engine, batch, on_device)
+        with engine.forward_context(last_in_window=index == len(window) - 1):
+            logps = sequence_logps(engine.model, on_device)
+            loss, metrics = pair_loss(objective, logps, on_device["response_tokens"], ref_logps)
+        engine.backward(loss / max(window_pairs, 1))
+        totals += torch.stack([loss.detach(), *(metrics[k] for k in names[1:])]).double()
+    sums = torch.stack(gather(totals.cpu())).sum(0) / max(window_pairs, 1)
+    return float(sums[0]), loss_tokens, {**dict(zip(names[1:], sums[1:].tolist())),
+                                         "pairs": window_pairs}
 
 
 def handle_nonfinite(recipe: Recipe, state: TrainState, loss: float, grad_norm: float) -> None:
@@ -321,6 +374,9 @@ def evaluate(recipe: Recipe, step: int, with_generation: bool) -> dict:
     """Held-out loss, and with `with_generation` exact match, shared across every rank."""
     cfg, engine, tokenizer = recipe.cfg, recipe.engine, recipe.tokenizer
     record = {"step": step, "split": "eval"}
+    if recipe.objective.pairs:  # pairs have no exact match or token loss: their accuracy
+        accuracy = preference_accuracy(engine, recipe.eval_pairs)
+        return record if accuracy is None else {**record, "preference_accuracy": accuracy}
     sums = {name: eval_loss_sum(engine, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
             for name, examples in recipe.eval_examples.items() if len(examples)}
     if sums:  # one mean over every eval token, and a mixture's per source
@@ -361,6 +417,7 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
         "exact_match_after": final_eval.get("exact_match"),
         "exact_match_after_by_task": {k.split("/", 1)[1]: v for k, v in final_eval.items()
                                       if k.startswith("exact_match/")},
+        **objective_summary(recipe, state, loop, final_eval),
         "trainable_params": recipe.params[0], "total_params": recipe.params[1],
         "trained_tokens": state.trained_tokens, "loss_tokens": state.loss_tokens,
         "tokens_per_s": state.trained_tokens / max(state.train_seconds, 1e-9),
@@ -377,6 +434,18 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
     }
     reporter.finish(summary)
     return RunResult(summary, engine.module, recipe.tokenizer)
+
+
+def objective_summary(recipe: Recipe, state: TrainState, loop: LoopResult,
+                      final_eval: dict) -> dict:
+    """A preference objective's: its name, DPO's reference, held-out preference accuracy
+    before and after, the last step's rewards ({} for SFT, whose summary stays as it was)."""
+    if not recipe.objective.pairs:
+        return {}
+    return {"objective": recipe.objective.name, "reference": recipe.reference.kind,
+            "preference_accuracy_before": state.preference_accuracy_before,
+            "preference_accuracy_after": final_eval.get("preference_accuracy"),
+            **{f"final_{k}": v for k, v in loop.last_step.items() if "/" in k}}
 
 
 def source_summary(recipe: Recipe, final_eval: dict) -> dict:

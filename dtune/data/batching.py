@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 
 from dtune.data.formatting import IGNORE, Example
+from dtune.data.preference import PairExample
+from dtune.errors import DtuneError
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -20,6 +22,17 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def collate_pairs(pairs: list[PairExample], pad_id: int,
+                  indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """n preference pairs as one batch of 2n rows, for one forward pass: rows 0..n-1 the chosen
+    sequences, rows n..2n-1 the rejected ones in the same pair order, right padded to the
+    longest of all 2n (labels IGNORE on prompt and padding). `pair_index` ([n]) holds each
+    pair's index in its table (`indices`), which keys the precomputed reference log-probs."""
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch["pair_index"] = torch.tensor(list(indices), dtype=torch.long)
+    return batch
 
 
 def collate_packed(rows: list[list[Example]], pad_id: int,
@@ -91,6 +104,9 @@ class BatchStream:
     The position (epoch, cursor) is all a checkpoint needs to continue with the same batches,
     on any number of ranks. Over a mixture (dtune/data/mixture.py) it also counts the examples
     and tokens each source has given, for every rank's micro-batches (each rank walks them all).
+    Over preference pairs (PairExample) a micro-batch is `micro_batch_size` pairs, collated by
+    `collate_pairs` with `pair_index` the pairs' positions in `examples`; the order, rank
+    blocks and (epoch, cursor) are the same as for examples. Pairs are never packed.
     """
 
     examples: Sequence[Example]  # a list, or the ExampleTable of dtune/data/prepare.py
@@ -105,9 +121,19 @@ class BatchStream:
     cursor: int = 0
 
     def __post_init__(self) -> None:
+        self._pairs = len(self.examples) > 0 and isinstance(self.examples[0], PairExample)
+        if self._pairs and self.pack_len:
+            # Packing would put pairs side by side in a row; the objectives score the chosen
+            # and rejected rows of one batch against each other (see collate_pairs).
+            raise DtuneError(
+                "data.packing=true does not apply to preference pairs (data.format=preference):"
+                " a pair's chosen and rejected sequences go into one batch as two padded rows. "
+                "Set data.packing=false.")
         lengths = getattr(self.examples, "lengths", None)
-        self._lengths = [len(e.input_ids) for e in self.examples] if lengths is None \
-            else lengths.tolist()
+        if lengths is not None:
+            self._lengths = lengths.tolist()
+        else:
+            self._lengths = [e.length if self._pairs else len(e.input_ids) for e in self.examples]
         self._order = self._permutation(self.epoch)
         self._source_of = getattr(self.examples, "sources", None)
         self.source_names = list(getattr(self.examples, "names", None) or [])
@@ -160,6 +186,10 @@ class BatchStream:
             if self.pack_len:
                 mine.append(collate_packed([[self.examples[i] for i in row] for row in rows],
                                            self.pad_id, self.one_row))
+            elif self._pairs:
+                picked = [row[0] for row in rows]
+                mine.append(collate_pairs([self.examples[i] for i in picked], self.pad_id,
+                                          picked))
             else:
                 mine.append(collate([self.examples[row[0]] for row in rows], self.pad_id))
         return mine

@@ -2,6 +2,8 @@
 
 Each family has one right answer per prompt, so held-out exact match measures what a run
 learned. Train and held-out prompts come from separate random streams and never overlap.
+`generate_pairs` turns the same prompts into preference pairs: the right answer chosen, a
+subtly wrong one (off by one, a wrong unit, malformed JSON, two items swapped) rejected.
 """
 from __future__ import annotations
 
@@ -110,8 +112,10 @@ def _stream(tasks: list[str], rng: random.Random) -> Iterator[tuple[str, str, st
             yield task, prompt, answer
 
 
-def generate(tasks: list[str], train_size: int, eval_size: int, seed: int) -> tuple[list, list]:
-    """Return (train records, held-out records) in chat format, disjoint by prompt."""
+def generate(tasks: list[str], train_size: int, eval_size: int, seed: int,
+             make: Callable[[str, str, str], dict] = _record) -> tuple[list, list]:
+    """Return (train records, held-out records) in chat format, disjoint by prompt (`make`
+    builds each record from its task, prompt and answer)."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise DtuneError(
@@ -119,20 +123,77 @@ def generate(tasks: list[str], train_size: int, eval_size: int, seed: int) -> tu
             f"{', '.join(TASKS)}."
         )
     seen: set[str] = set()
-    held_out = _take(tasks, random.Random(f"held-out-{seed}"), eval_size, seen)
-    train = _take(tasks, random.Random(f"train-{seed}"), train_size, seen)
+    held_out = _take(tasks, random.Random(f"held-out-{seed}"), eval_size, seen, make)
+    train = _take(tasks, random.Random(f"train-{seed}"), train_size, seen, make)
     return train, held_out
 
 
-def _take(tasks: list[str], rng: random.Random, count: int, seen: set[str]) -> list[dict]:
-    """`count` records whose prompts are not in `seen` (which grows with them)."""
+# --- preference pairs: the same prompts, the right answer chosen, a subtly wrong one rejected
+
+
+def _off_by_one(rng: random.Random, prompt: str, answer: str) -> str:
+    return str(int(answer) + rng.choice((-1, 1)))
+
+
+def _swap_neighbours(separator: str):
+    """Two neighbouring items of the answer swapped: every item right, the order wrong."""
+    def wrong(rng: random.Random, prompt: str, answer: str) -> str:
+        items = answer.split(separator)
+        i = rng.randrange(len(items) - 1)  # items are distinct (sampled), so the swap shows
+        items[i], items[i + 1] = items[i + 1], items[i]
+        return separator.join(items)
+    return wrong
+
+
+def _wrong_unit(rng: random.Random, prompt: str, answer: str) -> str:
+    value, unit = answer.split(" ", 1)
+    source = next(src for src, dst, _ in UNITS if dst == unit)  # each target unit is one row's
+    return f"{value} {source}"  # the right number in the unit converted from
+
+
+def _malformed_json(rng: random.Random, prompt: str, answer: str) -> str:
+    breaks = (
+        lambda text: text[:-1],  # the closing brace missing
+        lambda text: text.replace('"', "'"),  # single quotes
+        lambda text: text.replace(", ", " ", 1),  # a comma missing
+    )
+    return rng.choice(breaks)(answer)
+
+
+# For each task, a wrong answer close to the right one; the seed and the prompt fix it.
+WRONG: dict[str, Callable[[random.Random, str, str], str]] = {
+    "add": _off_by_one,
+    "reverse_words": _swap_neighbours(" "),
+    "convert_units": _wrong_unit,
+    "extract_json": _malformed_json,
+    "sort_numbers": _swap_neighbours(", "),
+}
+
+
+def generate_pairs(tasks: list[str], train_size: int, eval_size: int,
+                   seed: int) -> tuple[list, list]:
+    """(train pairs, held-out pairs) for data.format=preference: the prompts `generate` gives
+    for the same seed (as chat messages ending in the user turn), the right answer as
+    `chosen` and a subtly wrong one (see WRONG) as `rejected`."""
+    def pair(task: str, prompt: str, answer: str) -> dict:
+        rng = random.Random(f"rejected-{seed}-{prompt}")
+        return {"task": task, "messages": _record(task, prompt, answer)["messages"][:2],
+                "chosen": answer, "rejected": WRONG[task](rng, prompt, answer)}
+
+    return generate(tasks, train_size, eval_size, seed, pair)
+
+
+def _take(tasks: list[str], rng: random.Random, count: int, seen: set[str],
+          make: Callable[[str, str, str], dict] = _record) -> list[dict]:
+    """`count` records (`make(task, prompt, answer)`) whose prompts are not in `seen` (which
+    grows with them)."""
     records: list[dict] = []
     for task, prompt, answer in _stream(tasks, rng):
         if len(records) == count:
             break
         if prompt not in seen:
             seen.add(prompt)
-            records.append(_record(task, prompt, answer))
+            records.append(make(task, prompt, answer))
     return records
 
 

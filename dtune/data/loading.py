@@ -58,12 +58,14 @@ def load_splits(cfg: DataConfig, local_rank: int = 0) -> list[SourceRows]:
 
 def load_source(spec: SourceSpec, cfg: DataConfig, local_rank: int = 0) -> SourceRows:
     if spec.path == "builtin":
-        if spec.format != "chat":
+        if spec.format not in ("chat", "preference"):
             raise DtuneError(
                 f"data.format={spec.format!r} does not fit data.path=builtin, whose records "
-                "are chat conversations; use data.format=chat.")
+                "are chat conversations (data.format=chat, data=builtin) or preference pairs "
+                "(data.format=preference, data=builtin_preference); use one of those.")
         b = cfg.builtin
-        train, held = builtin.generate(list(b.tasks), b.train_size, b.eval_size, b.seed)
+        make = builtin.generate_pairs if spec.format == "preference" else builtin.generate
+        train, held = make(list(b.tasks), b.train_size, b.eval_size, b.seed)
         return SourceRows(spec, datasets.Dataset.from_list(train),
                           datasets.Dataset.from_list(held))
     train = read_rows(spec, spec.split, local_rank)
@@ -316,3 +318,48 @@ def validate_record(row: dict, fmt: str, where: str) -> None:
                 f"{where}: the conversation has no assistant message, so nothing would be "
                 "trained; add one or drop the row."
             )
+    elif fmt == "preference":
+        validate_pair(row, where)
+
+
+def validate_pair(row: dict, where: str) -> None:
+    """A preference row: `prompt` or `messages` ending in a user turn, and two different,
+    non-empty string responses."""
+    has_prompt, has_messages = row.get("prompt") is not None, row.get("messages") is not None
+    if has_prompt == has_messages:
+        raise DtuneError(
+            f"{where}: data.format=preference needs the prompt as either a 'prompt' string or "
+            f"chat 'messages' ending in a user turn, and this row has "
+            f"{'both' if has_prompt else 'neither'}; keep one (data.columns maps yours, e.g. "
+            "data.columns={prompt: question}).")
+    if has_prompt:
+        _require_string(row, "prompt", where, "preference")
+    else:
+        _check_prompt_messages(row["messages"], where)
+    for side in ("chosen", "rejected"):
+        _require_string(row, side, where, "preference")
+    if row["chosen"].strip() == row["rejected"].strip():
+        raise DtuneError(
+            f"{where}: 'chosen' and 'rejected' are the same response ({row['chosen'][:80]!r}), "
+            "so the pair prefers nothing; give a different rejected response or drop the row.")
+
+
+def _check_prompt_messages(messages, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DtuneError(
+            f"{where}: data.format=preference needs 'messages' to be a non-empty list of "
+            "{role, content} objects (the prompt), found "
+            f"{type(messages).__name__} {str(messages)[:80]!r}.")
+    for turn, message in enumerate(messages, start=1):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise DtuneError(f"{where}: message {turn} has the role {role!r}; roles must be "
+                             f"one of {', '.join(ROLES)}.")
+        _require_string(message, "content", f"{where}, message {turn}", "preference",
+                        allow_empty=role != "user")
+    if messages[-1]["role"] != "user":
+        raise DtuneError(
+            f"{where}: the prompt 'messages' end with a turn of the role "
+            f"{messages[-1]['role']!r}; for data.format=preference they must end with the "
+            "user turn the responses answer "
+            "(the responses go in 'chosen' and 'rejected', not in 'messages').")

@@ -24,6 +24,7 @@ from dtune.config import Config
 from dtune.data.formatting import IGNORE, Example, tokenize
 from dtune.data.loading import SourceRows
 from dtune.data.mixture import MixedExamples, mix
+from dtune.data.preference import PairExample, tokenize_pair
 from dtune.distributed import Ranks, barrier
 from dtune.errors import DtuneError
 
@@ -32,6 +33,11 @@ CACHE_VERSION = 3
 FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                               "labels": datasets.Sequence(datasets.Value("int32")),
                               "length": datasets.Value("int32")})
+# data.format=preference: both sequences of a pair, and the longer one's length for batching
+PAIR_FEATURES = datasets.Features({
+    **{f"{side}_{column}": datasets.Sequence(datasets.Value("int32"))
+       for side in ("chosen", "rejected") for column in ("input_ids", "labels")},
+    "length": datasets.Value("int32")})
 
 
 class ExampleTable:
@@ -52,10 +58,26 @@ class ExampleTable:
         return Example(row["input_ids"], row["labels"])
 
 
+class PairTable(ExampleTable):
+    """Tokenized preference pairs (PAIR_FEATURES), Arrow-backed like ExampleTable; `lengths`
+    holds each pair's longer sequence."""
+
+    def __getitem__(self, index: int) -> PairExample:
+        row = self.table[int(index)]
+        return PairExample(Example(row["chosen_input_ids"], row["chosen_labels"]),
+                           Example(row["rejected_input_ids"], row["rejected_labels"]))
+
+
+def empty_table(pairs: bool) -> ExampleTable:
+    features = PAIR_FEATURES if pairs else FEATURES
+    table = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    return PairTable(table) if pairs else ExampleTable(table)
+
+
 @dataclass
 class PreparedData:
-    train: MixedExamples
-    evals: dict  # source name -> its eval ExampleTable (possibly empty)
+    train: MixedExamples  # over PairTables with data.format=preference
+    evals: dict  # source name -> its eval ExampleTable or PairTable (possibly empty)
     eval_records: list  # the first eval rows as dicts, for exact match
     eval_format: str  # their format
 
@@ -96,22 +118,49 @@ def prepare_data(cfg: Config, tokenizer, ranks: Ranks,
 
 def load_tokenized(folder: Path) -> ExampleTable:
     """The examples a finished `tokenize_records` left in `folder` (one file per process)."""
-    files = json.loads((folder / "done.json").read_text())["files"]
+    done = json.loads((folder / "done.json").read_text())
+    files, pairs = done["files"], done.get("pairs", False)
     if not files:
-        return ExampleTable(datasets.Dataset.from_dict(
-            {"input_ids": [], "labels": [], "length": []}, features=FEATURES))
+        return empty_table(pairs)
     parts = [datasets.Dataset.from_file(str(folder / name)) for name in files]
-    return ExampleTable(datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0])
+    table = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return PairTable(table) if pairs else ExampleTable(table)
 
 
 def tokenize_records(records, cfg: Config, tokenizer, split: str, folder: Path | None = None,
                      fmt: str | None = None) -> ExampleTable:
     """Tokenize `records` (a `datasets.Dataset` or a list of dicts) in `fmt` (default:
     data.format) with data.num_proc processes; with `folder`, write the Arrow files there,
-    completed by `done.json`."""
+    completed by `done.json`. Preference rows become a PairTable, any other an ExampleTable."""
     datasets.disable_progress_bars()
     d = cfg.data
     fmt = fmt or ("chat" if d.format == "sharegpt" else d.format)
+    pairs = fmt == "preference"
+    if not isinstance(records, datasets.Dataset):
+        records = datasets.Dataset.from_list(list(records))
+    if not len(records):  # an empty eval split
+        if folder is not None:
+            with atomic_dir(folder) as tmp:
+                (tmp / "done.json").write_text(json.dumps({"files": [], "rows": 0,
+                                                           "pairs": pairs}))
+            return load_tokenized(folder)
+        return empty_table(pairs)
+    batch_tokenizer = _pair_batches if pairs else _example_batches
+    table = _map(records, batch_tokenizer(cfg, tokenizer, fmt), cfg, folder, pairs)
+    emptied = len(records) - len(table)
+    if emptied:
+        log.warning("%d of %d %s examples lost their whole response to data.max_seq_len=%d "
+                    "and were dropped.", emptied, len(records), split, d.max_seq_len)
+    if not len(table) and split != "eval":
+        raise DtuneError(
+            f"every {split} example is longer than data.max_seq_len={d.max_seq_len} "
+            "before its response starts, so nothing would be trained; raise data.max_seq_len."
+        )
+    return table
+
+
+def _example_batches(cfg: Config, tokenizer, fmt: str):
+    d = cfg.data
 
     def tokenize_batch(batch: dict) -> dict:
         out = {"input_ids": [], "labels": [], "length": []}
@@ -126,45 +175,49 @@ def tokenize_records(records, cfg: Config, tokenizer, split: str, folder: Path |
             out["length"].append(len(example.input_ids))
         return out
 
-    if not isinstance(records, datasets.Dataset):
-        records = datasets.Dataset.from_list(list(records))
-    if not len(records):  # an empty eval split
-        if folder is not None:
-            with atomic_dir(folder) as tmp:
-                (tmp / "done.json").write_text(json.dumps({"files": [], "rows": 0}))
-            return load_tokenized(folder)
-        return ExampleTable(datasets.Dataset.from_dict(
-            {"input_ids": [], "labels": [], "length": []}, features=FEATURES))
-    table = _map(records, tokenize_batch, cfg, folder)
-    emptied = len(records) - len(table)
-    if emptied:
-        log.warning("%d of %d %s examples lost their whole response to data.max_seq_len=%d "
-                    "and were dropped.", emptied, len(records), split, d.max_seq_len)
-    if not len(table) and split != "eval":
-        raise DtuneError(
-            f"every {split} example is longer than data.max_seq_len={d.max_seq_len} "
-            "before its response starts, so nothing would be trained; raise data.max_seq_len."
-        )
-    return table
+    return tokenize_batch
 
 
-def _map(records: datasets.Dataset, tokenize_batch, cfg: Config, folder: Path | None):
+def _pair_batches(cfg: Config, tokenizer, fmt: str):
+    d = cfg.data
+
+    def tokenize_batch(batch: dict) -> dict:
+        out = {name: [] for name in PAIR_FEATURES}
+        for index in range(len(next(iter(batch.values())))):
+            record = {column: values[index] for column, values in batch.items()}
+            pair = tokenize_pair(record, tokenizer, d.max_seq_len, d.system_prompt)
+            if pair is None:
+                continue  # a response kept no loss-carrying token
+            for side, example in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+                out[f"{side}_input_ids"].append(example.input_ids)
+                out[f"{side}_labels"].append(example.labels)
+            out["length"].append(pair.length)
+        return out
+
+    return tokenize_batch
+
+
+def _map(records: datasets.Dataset, tokenize_batch, cfg: Config, folder: Path | None,
+         pairs: bool = False):
     # Fewer rows than processes would leave processes with nothing to do (datasets refuses).
     num_proc = max(1, min(cfg.data.num_proc, len(records)))
-    common = dict(batched=True, remove_columns=records.column_names, features=FEATURES,
+    common = dict(batched=True, remove_columns=records.column_names,
+                  features=PAIR_FEATURES if pairs else FEATURES,
                   num_proc=num_proc if num_proc > 1 else None)
     if folder is None:
-        return ExampleTable(records.map(tokenize_batch, keep_in_memory=True, **common))
+        table = records.map(tokenize_batch, keep_in_memory=True, **common)
+        return PairTable(table) if pairs else ExampleTable(table)
     with atomic_dir(folder) as tmp:
         # datasets names each process's file part_0000N_of_0000M.arrow
         _write(records.map(tokenize_batch, cache_file_name=str(tmp / "part.arrow"),
-                           load_from_cache_file=False, **common), tmp)
+                           load_from_cache_file=False, **common), tmp, pairs)
     return load_tokenized(folder)
 
 
-def _write(table: datasets.Dataset, folder: Path) -> datasets.Dataset:
+def _write(table: datasets.Dataset, folder: Path, pairs: bool = False) -> datasets.Dataset:
     files = sorted(Path(f["filename"]).name for f in table.cache_files)
-    (folder / "done.json").write_text(json.dumps({"files": files, "rows": len(table)}))
+    (folder / "done.json").write_text(json.dumps({"files": files, "rows": len(table),
+                                                  "pairs": pairs}))
     return table
 
 

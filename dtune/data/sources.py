@@ -31,7 +31,8 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parqu
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The fields each format reads; `data.columns` may map these (and `task`, the exact-match group).
 FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",),
-          "text": ("text",), "sharegpt": ("conversations",)}
+          "text": ("text",), "sharegpt": ("conversations",),
+          "preference": ("prompt", "messages", "chosen", "rejected")}
 # ShareGPT's `from` values, and the chat role each becomes.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
@@ -94,6 +95,13 @@ def source_specs(cfg: DataConfig) -> list[SourceSpec]:
             # data.eval_path is one file for the whole run, not one per source
             eval_path=source.eval_path, eval_split=unset_or(source.eval_split, cfg.eval_split),
             key=f"data.sources[{index}].path")))
+    pairs = [s.name for s in specs if s.format == "preference"]
+    if pairs and len(pairs) < len(specs):
+        # A batch is either pairs (a preference objective) or examples (SFT), never both.
+        raise DtuneError(
+            f"data.sources: {', '.join(pairs)} hold preference pairs (format=preference) and "
+            f"{', '.join(s.name for s in specs if s.format != 'preference')} do not; a run "
+            "trains on one kind. Give every source format=preference, or none.")
     return specs
 
 

@@ -47,6 +47,12 @@ START = {"epoch": 0, "block": None, "row": 0, "offset": 0}
 
 
 def check_streaming(cfg: Config, specs: list[SourceSpec]) -> None:
+    if any(s.format == "preference" for s in specs):
+        raise DtuneError(
+            "data.streaming=true does not read preference pairs (data.format=preference): "
+            "their batches need fixed pair indices (the precomputed reference log-probs are "
+            "stored by them). Set data.streaming=false; pairs are tokenized once into the "
+            "cache and memory-mapped, so a large set still fits.")
     if cfg.train.max_steps <= 0:
         raise DtuneError(
             f"data.streaming=true needs train.max_steps (it is {cfg.train.max_steps}): a stream "

@@ -1,0 +1,425 @@
+"""Preference objectives (DPO, IPO, ORPO, SimPO): the published formulas, per-pair gradient
+accumulation, the reference model, refusals, layouts and resume.
+
+Batches are built by hand in the shape the preference collate gives (rows 0..n-1 chosen,
+n..2n-1 the rejected responses of the same pairs, `pair_index`), so these tests pin the
+objectives whatever the data pipeline does.
+"""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from conftest import TINY, compose, one_line
+from dtune.data.formatting import IGNORE
+from dtune.errors import DtuneError
+from dtune.metrics import read_metrics
+from dtune.objectives import OBJECTIVES, PAIR_METRICS, pair_loss
+
+
+@pytest.fixture(autouse=True)
+def preference_format(monkeypatch):
+    """data.format=preference, whether or not the data pipeline registers it yet."""
+    import dtune.config
+
+    if "preference" not in dtune.config.DATA_FORMATS:
+        monkeypatch.setattr(dtune.config, "DATA_FORMATS",
+                            (*dtune.config.DATA_FORMATS, "preference"))
+
+
+PREF = [*TINY, "data.format=preference", "eval.exact_match_samples=0"]
+
+
+# --- the formulas, against an independent implementation in plain Python -------------------
+
+def logsig(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def reference_losses(name, cfg, c, r, nc, nr, rc, rr):
+    """Per-pair losses written straight from the papers."""
+    out = []
+    for i in range(len(c)):
+        if name == "dpo":
+            h = (c[i] - rc[i]) - (r[i] - rr[i])
+            if cfg.loss_type == "ipo":  # Azar et al. eq. 17
+                out.append((h - 1 / (2 * cfg.beta)) ** 2)
+            else:  # Rafailov et al.; cDPO with label smoothing
+                e = cfg.label_smoothing
+                out.append(-(1 - e) * logsig(cfg.beta * h) - e * logsig(-cfg.beta * h))
+        elif name == "orpo":  # Hong et al.: NLL of chosen + beta * L_OR, length-averaged
+            pc, pr = c[i] / nc[i], r[i] / nr[i]
+            odds = (pc - math.log1p(-math.exp(pc))) - (pr - math.log1p(-math.exp(pr)))
+            out.append(-pc - cfg.beta * logsig(odds))
+        else:  # Meng et al.
+            out.append(-logsig(cfg.beta * c[i] / nc[i] - cfg.beta * r[i] / nr[i] - cfg.gamma))
+    return out
+
+
+CASES = [("dpo", []), ("dpo", ["objective.label_smoothing=0.2"]),
+         ("dpo", ["objective.loss_type=ipo", "objective.beta=0.5"]),
+         ("orpo", []), ("orpo", ["objective.beta=0.5"]), ("simpo", []),
+         ("simpo", ["objective.gamma=0.3", "objective.beta=2.5"])]
+
+
+@pytest.mark.parametrize("name,extra", CASES)
+def test_each_loss_is_the_published_formula(name, extra):
+    cfg = compose(*PREF, f"objective={name}", *extra).objective
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    tokens = torch.randint(3, 40, (2 * n,), generator=g).double()
+    logps = -torch.rand(2 * n, generator=g, dtype=torch.float64) * tokens  # mean in (-1, 0)
+    ref = -torch.rand(2 * n, generator=g, dtype=torch.float64) * tokens
+    loss, metrics = pair_loss(cfg, logps, tokens, ref if name == "dpo" else None)
+    c, r, nc, nr = logps[:n].tolist(), logps[n:].tolist(), tokens[:n].tolist(), tokens[n:].tolist()
+    expected = reference_losses(name, cfg, c, r, nc, nr, ref[:n].tolist(), ref[n:].tolist())
+    assert float(loss) == pytest.approx(sum(expected), abs=1e-6)  # summed over pairs
+    assert set(metrics) == set(OBJECTIVES[name].metrics)
+    assert float(metrics["logps/chosen"]) == pytest.approx(sum(c), abs=1e-9)
+    if name == "dpo":
+        chosen = [cfg.beta * (c[i] - ref[i].item()) for i in range(n)]
+        rejected = [cfg.beta * (r[i] - ref[n + i].item()) for i in range(n)]
+    else:
+        scale = [cfg.beta / nc[i] for i in range(n)], [cfg.beta / nr[i] for i in range(n)]
+        chosen = [c[i] * scale[0][i] for i in range(n)]
+        rejected = [r[i] * scale[1][i] for i in range(n)]
+    assert float(metrics["rewards/chosen"]) == pytest.approx(sum(chosen), abs=1e-9)
+    assert float(metrics["rewards/margin"]) == pytest.approx(sum(chosen) - sum(rejected), abs=1e-9)
+    assert float(metrics["rewards/accuracy"]) == sum(a > b for a, b in zip(chosen, rejected))
+    if name == "orpo":
+        assert float(metrics["nll"]) == pytest.approx(-sum(x / m for x, m in zip(c, nc)), abs=1e-9)
+
+
+def test_the_loss_has_the_gradient_of_the_formula():
+    """Autograd through dtune's loss matches finite differences of the paper's formula."""
+    cfg = compose(*PREF, "objective=orpo").objective
+    logps = torch.tensor([-5.0, -9.0, -7.0, -6.0], dtype=torch.float64, requires_grad=True)
+    tokens = torch.tensor([5.0, 6.0, 7.0, 4.0], dtype=torch.float64)
+    loss, _ = pair_loss(cfg, logps, tokens)
+    loss.backward()
+    for i in range(4):
+        def f(x):
+            v = logps.detach().tolist()
+            v[i] = x
+            return sum(reference_losses("orpo", cfg, v[:2], v[2:], [5, 6], [7, 4], None, None))
+        h = 1e-6
+        numeric = (f(logps[i].item() + h) - f(logps[i].item() - h)) / (2 * h)
+        assert logps.grad[i].item() == pytest.approx(numeric, abs=1e-6)
+
+
+# --- batches in the preference collate's shape ----------------------------------------------
+
+def make_pairs(count: int, seed: int = 0, vocab: int = 512):
+    """(prompt, chosen, rejected) token lists of unequal lengths; every chosen response
+    repeats one token, so there is something to learn in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(count):
+        prompt = torch.randint(3, vocab, (int(torch.randint(3, 9, (1,), generator=g)),),
+                               generator=g).tolist()
+        rejected = torch.randint(3, vocab, (int(torch.randint(2, 7, (1,), generator=g)),),
+                                 generator=g).tolist()
+        chosen = [7] * (len(rejected) + int(torch.randint(-1, 2, (1,), generator=g)))
+        pairs.append((prompt, chosen, rejected))
+    return pairs
+
+
+def collate_pairs(pairs, indices, pad_id: int = 0) -> dict:
+    """The contract: [2n, L] input_ids/labels/attention_mask, chosen rows first, and
+    pair_index [n]."""
+    rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    longest = max(len(p) + len(y) for p, y in rows)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, (p, y) in enumerate(rows):
+        input_ids[i, : len(p) + len(y)] = torch.tensor(p + y)
+        labels[i, len(p) : len(p) + len(y)] = torch.tensor(y)
+        mask[i, : len(p) + len(y)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
+            "pair_index": torch.tensor(indices, dtype=torch.long)}
+
+
+class PairStream:
+    """A stand-in for the preference BatchStream: seeded order, windows split by rank,
+    resumable position."""
+
+    def __init__(self, examples, micro_batch_size, seed, pad_id, rank=0, world_size=1, **_):
+        self.examples, self.micro_batch_size, self.seed = examples, micro_batch_size, seed
+        self.pad_id, self.rank, self.world_size = pad_id, rank, world_size
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch):
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    @property
+    def batches_per_epoch(self):
+        return -(-len(self.examples) // self.micro_batch_size)
+
+    def next_window(self, accum):
+        mine = []
+        for index in range(accum * self.world_size):
+            if self.cursor >= len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            picked = self._order[self.cursor : self.cursor + self.micro_batch_size]
+            self.cursor += len(picked)
+            if index // accum == self.rank:
+                mine.append(collate_pairs([self.examples[i] for i in picked], picked,
+                                          self.pad_id))
+        return mine
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._permutation(self.epoch)
+
+
+@pytest.fixture
+def pair_data(monkeypatch):
+    """Runs train on hand-made pairs: 64 training and 16 held-out."""
+    return use_pair_data(monkeypatch)
+
+
+def use_pair_data(monkeypatch):
+    import dtune.train
+    from dtune.data.prepare import PreparedData
+
+    train_pairs, eval_pairs = make_pairs(64, seed=1), make_pairs(16, seed=2)
+
+    def batch_stream(cfg, tokenizer, ranks, sources, eval_records):
+        stream = PairStream(train_pairs, cfg.train.micro_batch_size, cfg.train.seed,
+                            tokenizer.pad_token_id, ranks.rank, ranks.world_size)
+        return stream, PreparedData(None, {"eval": eval_pairs}, [], "preference"), 64
+
+    monkeypatch.setattr(dtune.train, "load_splits", lambda *a, **k: None)
+    monkeypatch.setattr(dtune.train, "batch_stream", batch_stream)
+    monkeypatch.setattr(dtune.train, "BatchStream", PairStream)
+    return train_pairs
+
+
+def steps(run_dir):
+    return [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
+
+
+def train(run_dir, *overrides):
+    from dtune.train import run
+
+    return run(compose(*PREF, *overrides), run_dir)
+
+
+# --- gradient accumulation: per pair, across micro-batches ----------------------------------
+
+@pytest.mark.parametrize("name", ["dpo", "orpo", "simpo"])
+def test_eight_by_one_equals_one_by_eight_in_loss_metrics_and_gradient(name):
+    from dtune.distributed import Ranks
+    from dtune.engines import build_engine
+    from dtune.models import load_model_and_tokenizer
+    from dtune.reference import NoReference, Precomputed
+    from dtune.train import accumulate_pair_gradients
+
+    cfg = compose(*PREF, "+method=full", f"objective={name}")
+    model, _, _ = load_model_and_tokenizer(cfg.model)
+    engine = build_engine(cfg, model, Ranks(), total_steps=1)
+    pairs = make_pairs(8, seed=3)
+    # a fixed reference table, for DPO: the loss then depends on the reference per pair
+    table = -torch.rand(8, 2, generator=torch.Generator().manual_seed(4)) * 10
+    reference = Precomputed(table) if name == "dpo" else NoReference()
+
+    def grads(window):
+        model.zero_grad()
+        loss, tokens, metrics = accumulate_pair_gradients(engine, window, cfg.objective,
+                                                          reference)
+        return loss, metrics, [p.grad.clone() for p in model.parameters()]
+
+    one_by_eight = grads([collate_pairs([pairs[i]], [i]) for i in range(8)])
+    eight_by_one = grads([collate_pairs(pairs, list(range(8)))])
+    uneven = grads([collate_pairs(pairs[:3], [0, 1, 2]), collate_pairs(pairs[3:], [3, 4, 5, 6, 7])])
+    for loss, metrics, gradients in (one_by_eight, uneven):
+        assert loss == pytest.approx(eight_by_one[0], abs=1e-5)
+        assert metrics["pairs"] == 8
+        for key in OBJECTIVES[name].metrics:
+            assert metrics[key] == pytest.approx(eight_by_one[1][key], abs=1e-5), key
+        for g_a, g_b in zip(gradients, eight_by_one[2]):
+            torch.testing.assert_close(g_a, g_b, rtol=1e-4, atol=1e-7)
+
+
+def test_eight_by_one_and_one_by_eight_runs_follow_the_same_losses(tmp_path, pair_data):
+    common = ["+method=full", "objective=dpo", "train.max_steps=3", "train.lr=3e-3"]
+    train(tmp_path / "a", *common, "train.micro_batch_size=1", "train.grad_accum_steps=8")
+    train(tmp_path / "b", *common, "train.micro_batch_size=8", "train.grad_accum_steps=1")
+    a, b = steps(tmp_path / "a"), steps(tmp_path / "b")
+    for key in ("loss", *PAIR_METRICS):
+        assert [m[key] for m in a] == pytest.approx([m[key] for m in b], abs=1e-5), key
+    assert a[-1]["loss"] != pytest.approx(a[0]["loss"], abs=1e-3)  # it trained
+
+
+# --- training runs: every objective with LoRA and full fine-tuning --------------------------
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("name", ["dpo", "orpo", "simpo"])
+def test_every_objective_trains_with_lora_and_full(tmp_path, pair_data, name, method):
+    result = train(tmp_path, f"+method={method}", f"objective={name}", "train.max_steps=4",
+                   "train.lr=3e-3")
+    records = steps(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("loss", "pairs", *OBJECTIVES[name].metrics):
+        assert all(math.isfinite(r[key]) for r in records), key
+    assert all(r["pairs"] == 4 for r in records)  # micro_batch_size=4 pairs, 8 rows
+    if name == "dpo":  # step 1: the policy is its reference, every log-ratio 0, loss log 2
+        assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert records[0]["rewards/margin"] == pytest.approx(0, abs=1e-5)
+        assert result.summary["reference"] == ("adapter_disabled" if method == "lora"
+                                               else "precomputed")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 <= summary["preference_accuracy_before"] <= 1
+    assert 0 <= summary["preference_accuracy_after"] <= 1
+    assert summary["objective"] == name and "final_rewards/accuracy" in summary
+    evals = [m for m in read_metrics(tmp_path / "metrics.jsonl") if m.get("split") == "eval"]
+    assert [e["step"] for e in evals] == [0, 4] and "preference_accuracy" in evals[0]
+
+
+def test_dpo_with_a_frozen_copy_starts_at_log_two(tmp_path, pair_data):
+    train(tmp_path, "+method=full", "objective=dpo", "objective.reference=frozen_copy",
+          "train.max_steps=2", "train.lr=3e-3")
+    records = steps(tmp_path)
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert records[1]["loss"] != pytest.approx(math.log(2), abs=1e-4)  # the policy moved
+    assert not (tmp_path / "reference_logps.safetensors").exists()
+
+
+def test_dpo_lifts_held_out_preference_accuracy(tmp_path, pair_data):
+    """The chosen responses repeat one token: learnable in a few steps."""
+    result = train(tmp_path, "+method=full", "objective=dpo", "train.max_steps=12",
+                   "train.lr=3e-3", "objective.beta=0.5")
+    before, after = (result.summary[f"preference_accuracy_{k}"] for k in ("before", "after"))
+    assert after >= before + 0.25, (before, after)
+
+
+# --- resume: bitwise, with the precomputed reference read back ------------------------------
+
+def test_resumed_dpo_run_gives_bitwise_the_same_losses(tmp_path, pair_data):
+    common = ["+method=full", "objective=dpo", "objective.reference=precomputed",
+              "train.max_steps=6", "train.save_every=3", "train.lr=3e-3"]
+    train(tmp_path / "whole", *common)
+    reference = tmp_path / "whole" / "reference_logps.safetensors"
+    assert reference.is_file()
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut)
+    shutil.rmtree(cut / "checkpoints" / "step-6")
+    shutil.rmtree(cut / "final")
+    (cut / "checkpoints" / "latest").write_text("step-3")
+    stamp = (cut / "reference_logps.safetensors").stat().st_mtime_ns
+    result = train(cut, *common, "train.resume=true")
+    assert result.summary["resumed_from"].endswith("step-3")
+    assert (cut / "reference_logps.safetensors").stat().st_mtime_ns == stamp  # reused
+    whole, resumed = steps(tmp_path / "whole"), steps(cut)
+    assert [m["step"] for m in resumed] == list(range(1, 7))
+    for key in ("loss", "grad_norm", *PAIR_METRICS):
+        assert [m[key] for m in resumed] == [m[key] for m in whole], key  # bitwise
+    assert result.summary["preference_accuracy_before"] == json.loads(
+        (tmp_path / "whole" / "summary.json").read_text())["preference_accuracy_before"]
+
+
+def test_resume_refuses_a_reference_file_of_other_data(tmp_path, pair_data):
+    common = ["+method=full", "objective=dpo", "train.max_steps=2", "train.save_every=1"]
+    train(tmp_path, *common)
+    with pytest.raises(DtuneError, match="reference log-probs of other training pairs"):
+        train(tmp_path, *common, "train.resume=true", "data.max_seq_len=128")
+
+
+# --- refused before anything loads ----------------------------------------------------------
+
+REFUSED = [
+    (["objective=dpo", "data.format=chat"], "Set data.format=preference"),
+    (["data.format=preference"], "SFT would train on the rejected responses"),
+    (["objective=dpo", "+method=full", "objective.reference=adapter_disabled"],
+     "full fine-tuning has no adapters to disable"),
+    (["objective=dpo", "+method=lora", "objective.reference=frozen_copy"],
+     "Use objective.reference=adapter_disabled"),
+    (["objective=dpo", "+method=full", "objective.reference=frozen_copy", "parallelism=zero3"],
+     "does not shard a second model under ZeRO-3"),
+    (["objective=dpo", "+method=full", "data.streaming=true", "parallelism=zero3"],
+     "auto picks it for streamed data"),
+    (["objective=dpo", "+method=full", "objective.reference=precomputed",
+      "data.streaming=true"], "a stream has no end to precompute"),
+    (["objective=dpo", "objective.loss_type=ipo", "objective.label_smoothing=0.1"],
+     "label smoothing (cDPO) is a form of the sigmoid loss"),
+    (["objective=orpo", "+method=prompt_tuning"], "virtual tokens"),
+    (["objective=simpo", "+method=prefix_tuning"], "virtual tokens"),
+    (["objective=simpo", "data.packing=true"], "Set data.packing=false"),
+    (["objective=dpo", "train.loss_chunk_size=512"], "Remove train.loss_chunk_size"),
+    (["objective=orpo", "objective.reference=precomputed"],
+     "objective.reference='precomputed' has no effect with objective=orpo; it applies to dpo"),
+    (["objective=dpo", "objective.gamma=1.0"], "it applies to simpo"),
+    (["objective.beta=0.5"], "has no effect with objective=sft"),
+    (["objective=kto"], "there is no config 'objective/kto'"),
+]
+
+
+@pytest.mark.parametrize("overrides,words", REFUSED)
+def test_combinations_that_cannot_work_are_refused_in_words(overrides, words):
+    own_format = any(o.startswith("data.format=") for o in overrides)
+    base = [o for o in PREF if not (own_format and o.startswith("data.format="))]
+    with pytest.raises(DtuneError) as refused:
+        compose(*base, *overrides)
+    assert words in one_line(str(refused.value))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["objective=dpo", "+method=qlora"], ["objective=dpo", "+method=full", "parallelism=zero3"],
+    ["objective=dpo", "+method=ia3", "precision=bf16"], ["objective=simpo", "+method=dora"],
+    ["objective=orpo", "+method=full", "precision=bf16_pure"],
+    ["objective=dpo", "+method=full", "data.streaming=true"],
+    ["objective=dpo", "objective.loss_type=ipo"]])
+def test_other_combinations_compose(overrides):
+    compose(*PREF, *overrides)
+
+
+# --- layouts: DDP = one process, ZeRO-2/3 = DDP -------------------------------------------
+
+def run_layout(rank, world, overrides, run_dir, store):
+    """A rank of a run on the hand-made pairs (a torch.multiprocessing.spawn target)."""
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      DTUNE_STORE_FILE=store, GLOO_SOCKET_IFNAME="lo")
+    patch = pytest.MonkeyPatch()
+    import dtune.config
+
+    patch.setattr(dtune.config, "DATA_FORMATS", (*dtune.config.DATA_FORMATS, "preference"))
+    use_pair_data(patch)
+    from dtune.train import run
+
+    run(compose(*PREF, *overrides), run_dir)
+
+
+LAYOUT = ["+method=full", "objective=dpo", "train.max_steps=4", "train.lr=3e-3",
+          "train.micro_batch_size=2"]
+
+
+def test_ddp_matches_one_process_and_zero_matches_ddp(tmp_path, pair_data):
+    """The global batch of 4 pairs: 1 process x 2 micro-batches, 2 ranks x 1 under DDP,
+    ZeRO-2 and ZeRO-3 (the reference precomputed by both ranks together)."""
+    import torch.multiprocessing as mp
+
+    train(tmp_path / "single", *LAYOUT, "train.grad_accum_steps=2")
+    losses = {"single": steps(tmp_path / "single")}
+    for layout in ("ddp", "zero2", "zero3"):
+        overrides = [*LAYOUT, f"parallelism={layout}", "parallelism.nproc_per_node=2"]
+        mp.spawn(run_layout, args=(2, overrides, tmp_path / layout, str(tmp_path / f"{layout}.store")),
+                 nprocs=2)
+        losses[layout] = steps(tmp_path / layout)
+    for layout, reference, tol in (("ddp", "single", 1e-5), ("zero2", "ddp", 1e-4),
+                                   ("zero3", "ddp", 1e-4)):
+        for key in ("loss", "rewards/margin", "logps/chosen"):
+            assert [m[key] for m in losses[layout]] == pytest.approx(
+                [m[key] for m in losses[reference]], abs=tol), (layout, key)
+    assert losses["single"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert losses["single"][-1]["loss"] < losses["single"][0]["loss"]
