@@ -1,4 +1,5 @@
-"""Write the README's method table from the method specs (dtune/methods.py).
+"""Write the README's method and objective tables from the specs (dtune/methods.py,
+dtune/objectives.py).
 
     python docs/make_tables.py          # rewrites the table between the README's markers
 
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dtune.methods import METHODS  # noqa: E402
+from dtune.objectives import OBJECTIVES  # noqa: E402
 
 START, END = "<!-- methods table: docs/make_tables.py -->", "<!-- end of methods table -->"
 # What the user sets for each config field, in the README's words.
@@ -40,10 +42,30 @@ def methods_table() -> str:
     return "\n".join(lines)
 
 
+OBJECTIVES_START = "<!-- objectives table: docs/make_tables.py -->"
+OBJECTIVES_END = "<!-- end of objectives table -->"
+
+
+def objectives_table() -> str:
+    """The README's objective table, from the objective specs (dtune/objectives.py)."""
+    lines = ["| objective | what it optimises | keys | reference model | data.format |",
+             "|---|---|---|---|---|"]
+    for spec in OBJECTIVES.values():
+        keys = ", ".join(f"`{k}`" for k in ("beta", "loss_type", "label_smoothing", "reference",
+                                             "gamma") if k in spec.fields) or "-"
+        lines.append(f"| `{spec.name}` | {spec.what} | {keys} | "
+                     f"{'yes' if spec.reference else 'no'} | "
+                     f"{'`preference`' if spec.pairs else 'any but `preference`'} |")
+    return "\n".join(lines)
+
+
 def render(readme: str) -> str:
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{methods_table()}\n{END}{tail}"
+    for start, end, table in ((START, END, methods_table()),
+                              (OBJECTIVES_START, OBJECTIVES_END, objectives_table())):
+        head, rest = readme.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme = f"{head}{start}\n{table}\n{end}{tail}"
+    return readme
 
 
 if __name__ == "__main__":

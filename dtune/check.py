@@ -2,7 +2,10 @@
 
 It trains the tiny model with the same global batch and seed under several layouts and
 compares the loss at every step: 1 process vs DDP, DDP vs each ZeRO stage, and gradient
-accumulation traded for ranks. A new cluster is validated in minutes.
+accumulation traded for ranks. A new cluster is validated in minutes. `dtune check
+objective=dpo` (or orpo, simpo) runs the same comparisons for a preference objective, on the
+built-in preference pairs, with the micro-batch counted in pairs; DPO's reference is then
+precomputed (full fine-tuning), by every rank of each layout together.
 """
 from __future__ import annotations
 
@@ -81,14 +84,25 @@ TOLERANCES = {"fp32": {"ddp": 1e-5, "zero": 1e-4}, "bf16": {"ddp": 5e-4, "zero":
               "fp16": {"ddp": 1e-4, "zero": 5e-3}}
 
 
+def objective_overrides(overrides: list[str]) -> list[str]:
+    """The user's `dtune check` overrides (an objective and its settings), with the built-in
+    preference pairs added for a preference objective unless a data group is named."""
+    chosen = next((o.split("=", 1)[1] for o in reversed(overrides)
+                   if o.split("=", 1)[0] == "objective"), "sft")
+    if chosen == "sft" or any(o.startswith("data=") for o in overrides):
+        return list(overrides)
+    return ["data=builtin_preference", *overrides]
+
+
 def train_layout(layout: Layout, work_dir: Path, steps: int,
-                 precision: str = "fp32") -> list[float]:
+                 precision: str = "fp32", overrides: tuple = ()) -> list[float]:
     suffix = "" if precision == "fp32" else f"-{precision}"
     run_dir = work_dir / f"{layout.name.replace(' ', '_')}{suffix}"
     # The folder goes by the environment: in an override, a --work-dir with a space, a comma
     # or '=' would break the command line or turn the run into a sweep.
-    command = [sys.executable, "-m", "dtune", *BASE, *layout.overrides, f"precision={precision}",
-               f"train.max_steps={steps}", "hydra.run.dir=${oc.env:DTUNE_RUN_DIR}"]
+    command = [sys.executable, "-m", "dtune", *BASE, *objective_overrides(list(overrides)),
+               *layout.overrides, f"precision={precision}", f"train.max_steps={steps}",
+               "hydra.run.dir=${oc.env:DTUNE_RUN_DIR}"]
     # On a GPU, deterministic kernels: a difference is then the layout's, not atomics' order.
     env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
            "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "DTUNE_RUN_DIR": str(run_dir)}
@@ -105,13 +119,16 @@ def step_losses(run_dir: Path) -> list[float]:
 
 
 def run_check(work_dir: Path, steps: int = 20, micro_batch: int = 4,
-              only: list[str] | None = None, precision: str = "fp32") -> list[Comparison]:
+              only: list[str] | None = None, precision: str = "fp32",
+              overrides: tuple = ()) -> list[Comparison]:
+    """Each comparison of COMPARISONS (those whose candidate is in `only`), every layout run
+    with `overrides` too (an objective, e.g. ["objective=dpo"])."""
     wanted = [c for c in COMPARISONS if only is None or c[1] in only]
     if precision == "fp16" and not torch.cuda.is_available():  # DeepSpeed's fp16: GPUs only
         wanted = [c for c in wanted if c[2] != "zero"]
     needed = {name for ref, cand, _ in wanted for name in (ref, cand)}
     all_layouts = layouts(micro_batch)
-    losses = {name: train_layout(all_layouts[name], work_dir, steps, precision)
+    losses = {name: train_layout(all_layouts[name], work_dir, steps, precision, overrides)
               for name in all_layouts if name in needed}
     results = []
     for reference, candidate, kind in wanted:

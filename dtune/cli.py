@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "dtune/check.py)")
     p_check.add_argument("--work-dir", type=Path, default=None,
                          help="where the runs go (default: a temporary folder)")
+    p_check.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="an objective to check instead of SFT, with its settings, e.g. "
+                              "objective=dpo (on the built-in preference pairs)")
 
     p_report = sub.add_parser("report", help="an HTML dashboard (PNG plots) of runs and sweeps")
     p_report.add_argument("paths", type=Path, nargs="+", metavar="RUN_OR_SWEEP_DIR")
@@ -120,11 +123,14 @@ def add_trust_flag(parser: argparse.ArgumentParser) -> None:
 def run_parity_check(args) -> None:
     import tempfile
 
-    from dtune.check import run_check, table
+    from dtune.check import BASE, objective_overrides, run_check, table
+    from dtune.compose import compose_config
 
+    compose_config([*BASE, *objective_overrides(args.overrides)])  # a typo: refused at once
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="dtune-check-"))
     print(f"Training the tiny model under each layout in {work_dir} ...", flush=True)
-    results = run_check(work_dir, steps=args.steps, precision=args.precision)
+    results = run_check(work_dir, steps=args.steps, precision=args.precision,
+                        overrides=tuple(args.overrides))
     print(table(results, args.steps, args.precision))
     if not all(r.passed for r in results):
         raise DtuneError("dtune check found layouts whose losses differ beyond tolerance "
@@ -174,6 +180,16 @@ def run_eval(args) -> None:
     if not eval_records:
         raise DtuneError(f"the run in {args.run_dir} has no held-out split to evaluate on.")
     examples = tokenize_records(eval_records, cfg, tokenizer, "eval", fmt=fmt)
+    if fmt == "preference":  # pairs: held-out preference accuracy, as training measures it
+        from dtune.data.batching import BatchStream
+        from dtune.evaluate import preference_accuracy
+
+        pairs = BatchStream(examples, cfg.eval.batch_size, cfg.train.seed, tokenizer.pad_token_id)
+        result = {"preference_accuracy": preference_accuracy(engine, [pairs]),
+                  "n": len(examples)}
+        RunDir(args.run_dir).write_json(RunDir(args.run_dir).eval_file, result)
+        print(json.dumps(result, indent=2))
+        return
     result = {"eval_loss": eval_loss(engine, examples, cfg.eval.batch_size,
                                      tokenizer.pad_token_id)}
     em = exact_match(engine, tokenizer, eval_records, fmt, cfg.data.system_prompt,

@@ -6,7 +6,7 @@
   full fine-tuning (twice the weights' memory). Not under ZeRO-3, whose partitioned weights a
   copy would not be sharded with (see dtune/compose.py).
 - `precomputed`: every training pair scored once by the starting model before the first step,
-  written atomically into the run directory (`reference_logps.safetensors`, rows keyed by
+  written atomically into the run directory (`RunDir.reference_logps`, rows keyed by
   example index) with a fingerprint of the data and model, and read back on resume: the least
   memory, one extra forward pass over the data.
 
@@ -39,9 +39,6 @@ from dtune.objectives import objective_spec, resolve_reference
 from dtune.run_dir import RunDir
 
 log = logging.getLogger("dtune")
-
-REFERENCE_FILE = "reference_logps.safetensors"
-
 
 class NoReference:
     """ORPO, SimPO and SFT: no reference log-probs."""
@@ -123,7 +120,7 @@ def precomputed_table(cfg: Config, engine, stream, tokenizer, run_dir: RunDir,
                       resuming: bool) -> torch.Tensor:
     """The run directory's reference log-probs when their fingerprint matches, else one pass
     over every training pair with the starting model, saved atomically."""
-    path, key = run_dir.path / REFERENCE_FILE, fingerprint(cfg, tokenizer, stream)
+    path, key = run_dir.reference_logps, fingerprint(cfg, tokenizer, stream)
     stored = read_table(path) if path.is_file() else None
     if stored is not None and stored[1] != key and resuming:
         raise DtuneError(

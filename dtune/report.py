@@ -62,7 +62,8 @@ class Run:
         """A final figure: from summary.json, else the last record that has it."""
         if self.summary and self.summary.get(metric) is not None:
             return self.summary[metric]
-        key = {"final_loss": "loss", "exact_match_after": "exact_match"}.get(metric, metric)
+        key = {"final_loss": "loss", "exact_match_after": "exact_match",
+               "preference_accuracy_after": "preference_accuracy"}.get(metric, metric)
         values = [m[key] for m in self.metrics if m.get(key) is not None]
         return values[-1] if values else None
 
@@ -287,6 +288,13 @@ COLUMNS = [
     ("exact match before", lambda r, s: _fmt(s.get("exact_match_before"), "pct")),
     ("exact match after", lambda r, s: _fmt(r.final("exact_match_after"), "pct")),
     ("task accuracy (before → after)", lambda r, s: (task_accuracy(r), "")),
+    ("objective", lambda r, s: (s.get("objective") or r.config.get("objective.name")
+                                or "sft", "")),
+    # preference objectives: held-out pairs whose chosen response the policy finds likelier
+    ("preference accuracy before", lambda r, s: _fmt(s.get("preference_accuracy_before"),
+                                                     "pct")),
+    ("preference accuracy after", lambda r, s: _fmt(r.final("preference_accuracy_after"),
+                                                    "pct")),
     ("tokens/s", lambda r, s: _fmt(s.get("tokens_per_s"), "rate")),
     ("peak memory", lambda r, s: _fmt(s.get("peak_memory_bytes"), "gib")),
     ("wall time", lambda r, s: _fmt(s.get("wall_time_s"), "s")),

@@ -103,6 +103,10 @@ def summary_rows(summary: dict, run_dir: RunDir) -> list[tuple[str, str]]:
     def num(x, fmt="{:.4f}"):
         return "n/a" if x is None else fmt.format(x)
 
+    preference = [("objective", f"{summary['objective']} (reference: {summary['reference']})"),
+                  ("preference accuracy before", pct(summary["preference_accuracy_before"])),
+                  ("preference accuracy after", pct(summary["preference_accuracy_after"]))] \
+        if "preference_accuracy_after" in summary else []
     return [
         ("model", summary["model"]),
         ("method / precision", f"{summary['method']} / {summary['precision']}"),
@@ -113,6 +117,7 @@ def summary_rows(summary: dict, run_dir: RunDir) -> list[tuple[str, str]]:
         ("eval loss", num(summary["eval_loss"])),
         ("exact match before", pct(summary["exact_match_before"])),
         ("exact match after", pct(summary["exact_match_after"])),
+        *preference,
         ("tokens/s", num(summary["tokens_per_s"], "{:,.0f}")),
         ("peak memory", f"{summary['peak_memory_bytes'] / GIB:.2f} GiB"),
         ("wall time", f"{summary['wall_time_s']:.0f} s"),

@@ -78,6 +78,11 @@ class RunDir:
         return self.path / "eval.json"
 
     @property
+    def reference_logps(self) -> Path:
+        """DPO's precomputed reference log-probs (dtune/reference.py)."""
+        return self.path / "reference_logps.safetensors"
+
+    @property
     def report(self) -> Path:
         return self.path / "report"
 

@@ -72,7 +72,7 @@ class Recipe:
     eval_format: str = "chat"  # the format of eval_records
     objective: ObjectiveSpec = OBJECTIVES["sft"]
     reference: Any = None  # DPO's reference log-probs (dtune/reference.py); NoReference else
-    eval_pairs: list = None  # preference objectives: a batch stream over each eval set
+    eval_pairs: Optional[list] = None  # preference objectives: a stream over each eval set
 
 
 @dataclass
@@ -151,13 +151,13 @@ def set_up(cfg: Config, run_dir: RunDir, ranks: Ranks, started: float) -> Recipe
     if cfg.train.loss_chunk_size is None and not has_plain_lm_head(engine.model):
         chunk_size = 0  # the default falls back quietly; an explicit size is an error there
     chunk_size = checked_chunk_size(engine, tokenizer, chunk_size)
+    objective = objective_spec(cfg.objective)
     log.info(
         "Method %s, %s on %d process(es): %s trainable of %s parameters (%.2f%%); %s training "
-        "and %d eval examples; %d steps of %d sequences", cfg.method.name,
+        "and %d eval examples; %d steps of %d %s", cfg.method.name,
         cfg.parallelism.name, ranks.world_size, f"{trainable:,}", f"{total:,}",
         100 * trainable / total, train_count, sum(map(len, data.evals.values())), total_steps,
-        global_batch_size(cfg, ranks))
-    objective = objective_spec(cfg.objective)
+        global_batch_size(cfg, ranks), "pairs" if objective.pairs else "sequences")
     # Before any checkpoint loads: the reference is the starting model (dtune/reference.py).
     reference = build_reference(cfg, engine, stream, tokenizer, run_dir,
                                 resuming=cfg.train.resume or slurm_restarted())
@@ -445,7 +445,8 @@ def objective_summary(recipe: Recipe, state: TrainState, loop: LoopResult,
     return {"objective": recipe.objective.name, "reference": recipe.reference.kind,
             "preference_accuracy_before": state.preference_accuracy_before,
             "preference_accuracy_after": final_eval.get("preference_accuracy"),
-            **{f"final_{k}": v for k, v in loop.last_step.items() if "/" in k}}
+            **{f"final_{k}": v for k, v in loop.last_step.items()
+               if k in recipe.objective.metrics}}
 
 
 def source_summary(recipe: Recipe, final_eval: dict) -> dict:

@@ -3,7 +3,8 @@ accumulation, the reference model, refusals, layouts and resume.
 
 Batches are built by hand in the shape the preference collate gives (rows 0..n-1 chosen,
 n..2n-1 the rejected responses of the same pairs, `pair_index`), so these tests pin the
-objectives whatever the data pipeline does.
+objectives whatever the data pipeline does; one runs the built-in pairs through the real
+pipeline (data=builtin_preference) and `dtune eval`.
 """
 import json
 import math
@@ -17,16 +18,6 @@ from dtune.data.formatting import IGNORE
 from dtune.errors import DtuneError
 from dtune.metrics import read_metrics
 from dtune.objectives import OBJECTIVES, PAIR_METRICS, pair_loss
-
-
-@pytest.fixture(autouse=True)
-def preference_format(monkeypatch):
-    """data.format=preference, whether or not the data pipeline registers it yet."""
-    import dtune.config
-
-    if "preference" not in dtune.config.DATA_FORMATS:
-        monkeypatch.setattr(dtune.config, "DATA_FORMATS",
-                            (*dtune.config.DATA_FORMATS, "preference"))
 
 
 PREF = [*TINY, "data.format=preference", "eval.exact_match_samples=0"]
@@ -126,7 +117,7 @@ def make_pairs(count: int, seed: int = 0, vocab: int = 512):
     return pairs
 
 
-def collate_pairs(pairs, indices, pad_id: int = 0) -> dict:
+def pair_batch(pairs, indices, pad_id: int = 0) -> dict:
     """The contract: [2n, L] input_ids/labels/attention_mask, chosen rows first, and
     pair_index [n]."""
     rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
@@ -169,7 +160,7 @@ class PairStream:
             picked = self._order[self.cursor : self.cursor + self.micro_batch_size]
             self.cursor += len(picked)
             if index // accum == self.rank:
-                mine.append(collate_pairs([self.examples[i] for i in picked], picked,
+                mine.append(pair_batch([self.examples[i] for i in picked], picked,
                                           self.pad_id))
         return mine
 
@@ -220,6 +211,7 @@ def train(run_dir, *overrides):
 def test_eight_by_one_equals_one_by_eight_in_loss_metrics_and_gradient(name):
     from dtune.distributed import Ranks
     from dtune.engines import build_engine
+    from dtune.loss import sequence_logps
     from dtune.models import load_model_and_tokenizer
     from dtune.reference import NoReference, Precomputed
     from dtune.train import accumulate_pair_gradients
@@ -238,9 +230,20 @@ def test_eight_by_one_equals_one_by_eight_in_loss_metrics_and_gradient(name):
                                                           reference)
         return loss, metrics, [p.grad.clone() for p in model.parameters()]
 
-    one_by_eight = grads([collate_pairs([pairs[i]], [i]) for i in range(8)])
-    eight_by_one = grads([collate_pairs(pairs, list(range(8)))])
-    uneven = grads([collate_pairs(pairs[:3], [0, 1, 2]), collate_pairs(pairs[3:], [3, 4, 5, 6, 7])])
+    one_by_eight = grads([pair_batch([pairs[i]], [i]) for i in range(8)])
+    eight_by_one = grads([pair_batch(pairs, list(range(8)))])
+    # and both are the gradient of the mean over the 8 pairs of the formula's loss (not a
+    # per-token mean, not a mean of micro-batch means)
+    model.zero_grad()
+    whole = pair_batch(pairs, list(range(8)))
+    tokens = (whole["labels"][:, 1:] != IGNORE).sum(1).float()
+    ref = torch.cat([table[:, 0], table[:, 1]]) if name == "dpo" else None
+    mean_loss = pair_loss(cfg.objective, sequence_logps(model, whole), tokens, ref)[0] / 8
+    mean_loss.backward()
+    assert eight_by_one[0] == pytest.approx(float(mean_loss), abs=1e-6)
+    for g_a, p in zip(eight_by_one[2], model.parameters()):
+        torch.testing.assert_close(g_a, p.grad, rtol=1e-4, atol=1e-7)
+    uneven = grads([pair_batch(pairs[:3], [0, 1, 2]), pair_batch(pairs[3:], [3, 4, 5, 6, 7])])
     for loss, metrics, gradients in (one_by_eight, uneven):
         assert loss == pytest.approx(eight_by_one[0], abs=1e-5)
         assert metrics["pairs"] == 8
@@ -275,6 +278,9 @@ def test_every_objective_trains_with_lora_and_full(tmp_path, pair_data, name, me
     if name == "dpo":  # step 1: the policy is its reference, every log-ratio 0, loss log 2
         assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
         assert records[0]["rewards/margin"] == pytest.approx(0, abs=1e-5)
+        # later the policy has moved and its reference has not (a reference that followed
+        # the policy would keep every log-ratio 0 and the loss at log 2)
+        assert max(abs(r["rewards/margin"]) for r in records[1:]) > 1e-3
         assert result.summary["reference"] == ("adapter_disabled" if method == "lora"
                                                else "precomputed")
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -300,25 +306,44 @@ def test_dpo_lifts_held_out_preference_accuracy(tmp_path, pair_data):
                    "train.lr=3e-3", "objective.beta=0.5")
     before, after = (result.summary[f"preference_accuracy_{k}"] for k in ("before", "after"))
     assert after >= before + 0.25, (before, after)
+    from dtune.report import write_report  # and the dashboard shows both
+
+    page = write_report([tmp_path], tmp_path / "report").read_text()
+    assert "<th>preference accuracy before</th>" in page
+    assert f"{100 * before:.1f}%" in page and f"{100 * after:.1f}%" in page
+
+
+def test_dtune_check_adds_the_preference_pairs_for_a_preference_objective():
+    from dtune.check import BASE, objective_overrides
+
+    assert objective_overrides([]) == []
+    assert objective_overrides(["objective=dpo"]) == ["data=builtin_preference", "objective=dpo"]
+    assert objective_overrides(["objective=simpo", "data=file"]) == ["objective=simpo",
+                                                                     "data=file"]
+    cfg = compose(*BASE, *objective_overrides(["objective=dpo"]))  # what each layout runs
+    assert cfg.data.format == "preference" and cfg.objective.name == "dpo"
 
 
 # --- resume: bitwise, with the precomputed reference read back ------------------------------
 
-def test_resumed_dpo_run_gives_bitwise_the_same_losses(tmp_path, pair_data):
-    common = ["+method=full", "objective=dpo", "objective.reference=precomputed",
+@pytest.mark.parametrize("method,reference", [("full", "precomputed"),
+                                              ("lora", "adapter_disabled")])
+def test_resumed_dpo_run_gives_bitwise_the_same_losses(tmp_path, pair_data, method, reference):
+    common = [f"+method={method}", "objective=dpo", f"objective.reference={reference}",
               "train.max_steps=6", "train.save_every=3", "train.lr=3e-3"]
     train(tmp_path / "whole", *common)
-    reference = tmp_path / "whole" / "reference_logps.safetensors"
-    assert reference.is_file()
+    stored = tmp_path / "whole" / "reference_logps.safetensors"
+    assert stored.is_file() == (reference == "precomputed")
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "whole", cut)
     shutil.rmtree(cut / "checkpoints" / "step-6")
     shutil.rmtree(cut / "final")
     (cut / "checkpoints" / "latest").write_text("step-3")
-    stamp = (cut / "reference_logps.safetensors").stat().st_mtime_ns
+    stamp = stored.stat().st_mtime_ns if stored.is_file() else None
     result = train(cut, *common, "train.resume=true")
     assert result.summary["resumed_from"].endswith("step-3")
-    assert (cut / "reference_logps.safetensors").stat().st_mtime_ns == stamp  # reused
+    if stamp is not None:  # read back, not recomputed
+        assert (cut / "reference_logps.safetensors").stat().st_mtime_ns == stamp
     whole, resumed = steps(tmp_path / "whole"), steps(cut)
     assert [m["step"] for m in resumed] == list(range(1, 7))
     for key in ("loss", "grad_norm", *PAIR_METRICS):
@@ -390,11 +415,7 @@ def run_layout(rank, world, overrides, run_dir, store):
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       DTUNE_STORE_FILE=store, GLOO_SOCKET_IFNAME="lo")
-    patch = pytest.MonkeyPatch()
-    import dtune.config
-
-    patch.setattr(dtune.config, "DATA_FORMATS", (*dtune.config.DATA_FORMATS, "preference"))
-    use_pair_data(patch)
+    use_pair_data(pytest.MonkeyPatch())
     from dtune.train import run
 
     run(compose(*PREF, *overrides), run_dir)
@@ -404,22 +425,58 @@ LAYOUT = ["+method=full", "objective=dpo", "train.max_steps=4", "train.lr=3e-3",
           "train.micro_batch_size=2"]
 
 
-def test_ddp_matches_one_process_and_zero_matches_ddp(tmp_path, pair_data):
-    """The global batch of 4 pairs: 1 process x 2 micro-batches, 2 ranks x 1 under DDP,
-    ZeRO-2 and ZeRO-3 (the reference precomputed by both ranks together)."""
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory):
+    """Each layout's step records, run once for the tests below. The global batch is 4 pairs:
+    1 process x 2 micro-batches, or 2 ranks x 1 (DDP, ZeRO-2, ZeRO-3), the DPO reference
+    precomputed by both ranks together."""
     import torch.multiprocessing as mp
 
-    train(tmp_path / "single", *LAYOUT, "train.grad_accum_steps=2")
-    losses = {"single": steps(tmp_path / "single")}
-    for layout in ("ddp", "zero2", "zero3"):
-        overrides = [*LAYOUT, f"parallelism={layout}", "parallelism.nproc_per_node=2"]
-        mp.spawn(run_layout, args=(2, overrides, tmp_path / layout, str(tmp_path / f"{layout}.store")),
-                 nprocs=2)
-        losses[layout] = steps(tmp_path / layout)
-    for layout, reference, tol in (("ddp", "single", 1e-5), ("zero2", "ddp", 1e-4),
-                                   ("zero3", "ddp", 1e-4)):
-        for key in ("loss", "rewards/margin", "logps/chosen"):
-            assert [m[key] for m in losses[layout]] == pytest.approx(
-                [m[key] for m in losses[reference]], abs=tol), (layout, key)
-    assert losses["single"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert losses["single"][-1]["loss"] < losses["single"][0]["loss"]
+    work, runs = tmp_path_factory.mktemp("layouts"), {}
+
+    def records(layout):
+        if layout not in runs:
+            if layout == "single":
+                patch = pytest.MonkeyPatch()
+                use_pair_data(patch)
+                try:
+                    train(work / layout, *LAYOUT, "train.grad_accum_steps=2")
+                finally:
+                    patch.undo()
+            else:
+                overrides = [*LAYOUT, f"parallelism={layout}", "parallelism.nproc_per_node=2"]
+                mp.spawn(run_layout, nprocs=2, args=(2, overrides, work / layout,
+                                                     str(work / f"{layout}.store")))
+            runs[layout] = steps(work / layout)
+        return runs[layout]
+
+    return records
+
+
+@pytest.mark.parametrize("layout,reference,tolerance", [
+    ("ddp", "single", 1e-5), ("zero2", "ddp", 1e-4), ("zero3", "ddp", 1e-4)])
+def test_a_layout_trains_as_its_reference_layout(layout_runs, layout, reference, tolerance):
+    ours, theirs = layout_runs(layout), layout_runs(reference)
+    assert len(ours) == len(theirs) == 4
+    for key in ("loss", "rewards/margin", "rewards/accuracy", "logps/chosen"):
+        assert [m[key] for m in ours] == pytest.approx([m[key] for m in theirs],
+                                                       abs=tolerance), key
+    assert all(m["pairs"] == 4 for m in ours)
+    single = layout_runs("single")
+    assert single[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert single[-1]["loss"] < single[0]["loss"]
+
+
+def test_built_in_pairs_train_end_to_end_and_dtune_eval_measures_the_same(tmp_path):
+    """The real pipeline (data=builtin_preference), then `dtune eval` on the run directory."""
+    import conftest
+
+    result = conftest.train(tmp_path, *TINY, "objective=dpo", "data=builtin_preference",
+                            "data.builtin.train_size=32", "data.builtin.eval_size=8",
+                            "train.max_steps=2", "eval.exact_match_samples=0")
+    assert result.summary["reference"] == "adapter_disabled"
+    done = conftest.run_dtune("eval", str(tmp_path), module=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads((tmp_path / "eval.json").read_text())
+    assert measured["n"] == 8
+    assert measured["preference_accuracy"] == result.summary["preference_accuracy_after"]
