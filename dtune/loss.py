@@ -52,6 +52,11 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0
     )
 
 
+def require_plain_lm_head(model) -> None:
+    """Raise the DtuneError saying why an explicit train.loss_chunk_size cannot be used."""
+    _output_layer(model)
+
+
 def has_plain_lm_head(model) -> bool:
     """Whether the chunked loss can read the LM head directly (see `_output_layer`)."""
     try:
