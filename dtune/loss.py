@@ -70,6 +70,11 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return token_logps.view(labels.shape).sum(1)
 
 
+def require_plain_lm_head(model) -> None:
+    """Raise the DtuneError saying why an explicit train.loss_chunk_size cannot be used."""
+    _output_layer(model)
+
+
 def has_plain_lm_head(model) -> bool:
     """Whether the chunked loss can read the LM head directly (see `_output_layer`)."""
     try:

@@ -35,8 +35,8 @@ from dtune.errors import DtuneError
 from dtune.evaluate import eval_loss_sum, exact_match, preference_accuracy
 from dtune.logs import quiet_libraries
 from dtune.families import check_packing
-from dtune.loss import (chunked_loss_mismatch, has_plain_lm_head, sequence_logps,
-                        summed_token_loss)
+from dtune.loss import (chunked_loss_mismatch, has_plain_lm_head, require_plain_lm_head,
+                        sequence_logps, summed_token_loss)
 from dtune.methods import apply_method, count_parameters, is_adapter, load_options
 from dtune.metrics import (TrainingPeakMemory, peak_host_memory_bytes, peak_memory_bytes,
                            peak_reserved_bytes, release_free_heap)
@@ -150,6 +150,8 @@ def set_up(cfg: Config, run_dir: RunDir, ranks: Ranks, started: float) -> Recipe
     chunk_size = loss_chunk_size(cfg.train, cfg.parallelism.zero_stage)
     if cfg.train.loss_chunk_size is None and not has_plain_lm_head(engine.model):
         chunk_size = 0  # the default falls back quietly; an explicit size is an error there
+    elif chunk_size:
+        require_plain_lm_head(engine.model)
     chunk_size = checked_chunk_size(engine, tokenizer, chunk_size)
     objective = objective_spec(cfg.objective)
     log.info(
