@@ -184,8 +184,13 @@ def run_eval(args) -> None:
         from dtune.data.batching import BatchStream
         from dtune.evaluate import preference_accuracy
 
+        from dtune.loss import has_plain_lm_head
+        from dtune.train import checked_chunk_size
+
         pairs = BatchStream(examples, cfg.eval.batch_size, cfg.train.seed, tokenizer.pad_token_id)
-        result = {"preference_accuracy": preference_accuracy(engine, [pairs]),
+        # scored as training scored them (dtune.loss.sequence_logps), so the figures agree
+        response_head = has_plain_lm_head(model) and checked_chunk_size(engine, tokenizer, 1) > 0
+        result = {"preference_accuracy": preference_accuracy(engine, [pairs], response_head),
                   "n": len(examples)}
         RunDir(args.run_dir).write_json(RunDir(args.run_dir).eval_file, result)
         print(json.dumps(result, indent=2))

@@ -438,7 +438,7 @@ class TrackerConfig:
     entity: Optional[str] = None  # W&B's default: the logged-in user's entity
     run_name: Optional[str] = None  # default: the sweep job's overrides, else the run dir's name
     group: Optional[str] = None  # default: the Hydra sweep or the SLURM array job
-    tags: Optional[List[str]] = None  # default: [method, model, parallelism]
+    tags: Optional[List[str]] = None  # default: [method, model, parallelism(, objective)]
     # online/offline/disabled; default: WANDB_MODE if set, else online when an API key or a
     # `wandb login` is found, else offline
     mode: Optional[str] = None

@@ -148,7 +148,7 @@ def exact_match(engine, tokenizer, records: list[dict], fmt: str, system_prompt:
 
 
 @torch.no_grad()
-def pair_logps(engine, stream) -> torch.Tensor:
+def pair_logps(engine, stream, response_head: bool = False) -> torch.Tensor:
     """[pairs, 2] float64: the summed log-prob of every pair's chosen and rejected response
     under the model as it is now (eval mode), row i for example index i, over every rank.
 
@@ -165,7 +165,7 @@ def pair_logps(engine, stream) -> torch.Tensor:
     for _ in range(-(-stream.batches_per_epoch // stream.world_size)):
         for batch in stream.next_window(1):
             with engine.eval_context():
-                logps = sequence_logps(model, engine.to_device(batch)).double().cpu()
+                logps = sequence_logps(model, engine.to_device(batch), response_head).double().cpu()
             n = len(batch["pair_index"])
             rows.append(torch.stack([batch["pair_index"].double(), logps[:n], logps[n:]], 1))
     stream.load_state_dict(saved)
@@ -176,12 +176,13 @@ def pair_logps(engine, stream) -> torch.Tensor:
     return table
 
 
-def preference_accuracy(engine, streams: list) -> float | None:
+def preference_accuracy(engine, streams: list, response_head: bool = False) -> float | None:
     """Held-out preference accuracy: the share of eval pairs whose chosen response has a
     higher summed log-prob under the policy than the rejected one. The policy's own
     likelihoods, not DPO's implicit reward: it needs no reference (so it means the same for
-    every objective) and is not a tie at step 0, where the policy is its own reference."""
-    tables = [pair_logps(engine, s) for s in streams]
+    every objective) and is not a tie at step 0, where the policy is its own reference.
+    `response_head`: see dtune.loss.sequence_logps."""
+    tables = [pair_logps(engine, s, response_head) for s in streams]
     table = torch.cat(tables) if tables else torch.zeros((0, 2), dtype=torch.float64)
     table = table[~torch.isnan(table[:, 0])]
     return float((table[:, 0] > table[:, 1]).double().mean()) if len(table) else None

@@ -52,19 +52,34 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0
     )
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sequence_logps(model, batch: dict[str, torch.Tensor],
+                   response_head: bool = False) -> torch.Tensor:
     """The summed log-probability of each row's labelled tokens: a [rows] fp32 tensor, with
     grad when the model has it (the preference objectives' per-sequence score).
 
-    Always from the model's full logits, never the chunked loss: that one computes its
-    gradients inside its forward, for a plain sum of token losses, while a preference loss
-    weighs each sequence by a factor known only once both of a pair are scored.
+    With `response_head` (a plain LM head that `chunked_loss_mismatch` has checked, and not
+    partitioned by ZeRO-3) the head and log-softmax run on the labelled positions only: a
+    pair's prompt and padding are most of its positions, and the [positions x vocabulary]
+    fp32 logits are the largest tensor of the step. Without it, the model's full logits. The
+    chunked loss is not used: it computes its gradients inside its forward, for a plain sum
+    of token losses, while a preference loss weighs each sequence by a factor known only
+    once both of a pair are scored.
     """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "use_cache": False}
     length = batch["labels"].size(1)
-    logits = model(**inputs).logits[:, -length:-1].float()
     labels = batch["labels"][:, 1:]
+    if response_head:
+        # logits_to_keep=1: the model computes a single position's logits, not all of them.
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, -length:-1]
+        scored = labels != IGNORE
+        logits = logit_transform(model)(_output_layer(model)(hidden[scored]).float())
+        token_logps = -F.cross_entropy(logits, labels[scored], reduction="none")
+        rows = torch.arange(labels.size(0), device=labels.device).unsqueeze(1)
+        return token_logps.new_zeros(labels.size(0)).index_add(
+            0, rows.expand_as(labels)[scored], token_logps)
+    logits = model(**inputs).logits[:, -length:-1].float()
     token_logps = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                    ignore_index=IGNORE, reduction="none")
     return token_logps.view(labels.shape).sum(1)

@@ -14,7 +14,10 @@ The estimate adds up, per device:
   and 4 intermediate-size vectors; the layer input alone under gradient checkpointing), the
   fp32 logits and their gradient (one chunk of them with train.loss_chunk_size), and under
   torch autocast (full fine-tuning in bf16/fp16) the 16-bit copy of every fp32 weight a
-  matmul read, kept until backward;
+  matmul read, kept until backward; a preference objective's micro-batch holds two rows per
+  pair (chosen and rejected), scored from full logits;
+- DPO's reference: a frozen copy adds the starting weights once more (the other references
+  add nothing that lasts: adapters disabled, or log-probs read from a file);
 - runtime: on a GPU the CUDA context, NCCL's buffers and allocator fragmentation (2 GiB plus
   a tenth of the rest); on CPU the process's own footprint (Python, torch, tokenizer, data:
   ~0.6 GiB measured);
@@ -39,6 +42,7 @@ from dtune.errors import DtuneError
 from dtune.families import resolve_targets
 from dtune.methods import METHODS
 from dtune.models import random_model_config
+from dtune.objectives import objective_spec, resolve_reference
 
 log = logging.getLogger("dtune")
 GIB = 1024**3
@@ -180,6 +184,9 @@ def estimate(cfg: Config, shape: ModelShape, layout: Layout, world_size: int,
     deepspeed_16bit = bool(zero) and precision in ("bf16", "fp16")
     trainable = trainable_params(cfg, shape)
     weights, loaded, gathered = weight_bytes(cfg, shape, trainable, deepspeed_16bit), 0, 0
+    if objective_spec(cfg.objective).reference and resolve_reference(
+            cfg.objective, spec.adapter, cfg.data.streaming)[0] == "frozen_copy":
+        weights *= 2  # full fine-tuning only (compose refuses it for adapters and ZeRO-3)
     module = shape.largest_module_params * (2 if deepspeed_16bit else 4)
     if zero == 3:  # partitioned as they load: this rank's shard, plus one module gathered
         weights /= w
@@ -236,14 +243,15 @@ def activation_bytes(cfg: Config, shape: ModelShape, zero: int, deepspeed_16bit:
     """What backward keeps per token and layer, the logits, and autocast's copies: torch
     autocast holds a 16-bit copy of every fp32 weight a matmul reads until backward."""
     precision, spec = cfg.precision.name, METHODS[cfg.method.name]
-    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+    pairs = objective_spec(cfg.objective).pairs
+    tokens = cfg.train.micro_batch_size * (2 if pairs else 1) * cfg.data.max_seq_len
     act_bytes = 2 if precision in ("bf16", "fp16", "bf16_pure") else 4
     per_token_layer = 7 * shape.hidden + 4 * shape.intermediate + 2 * shape.kv_hidden
     if cfg.train.gradient_checkpointing:
         layers = shape.layers * shape.hidden + per_token_layer  # inputs + one layer rebuilt
     else:
         layers = shape.layers * per_token_layer
-    chunk = loss_chunk_size(cfg.train, zero)
+    chunk = 0 if pairs else loss_chunk_size(cfg.train, zero)  # pairs: at most every position
     logit_rows = min(chunk, tokens) if chunk else tokens
     # fp32 logits, their softmax/gradient, and the model-dtype logits the head returns
     logits = logit_rows * shape.vocab * (8 + act_bytes)

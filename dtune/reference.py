@@ -49,7 +49,9 @@ class NoReference:
         return None
 
 
+@dataclass
 class AdapterDisabled:
+    response_head: bool  # see dtune.loss.sequence_logps
     kind = "adapter_disabled"
 
     def logps(self, engine, batch: dict, on_device: dict) -> torch.Tensor:
@@ -58,7 +60,7 @@ class AdapterDisabled:
         model.eval()  # as every reference: no dropout, no recomputation for checkpointing
         try:
             with torch.no_grad(), engine.eval_context(), model.disable_adapter():
-                return sequence_logps(model, on_device)
+                return sequence_logps(model, on_device, self.response_head)
         finally:
             model.train(was_training)
 
@@ -66,11 +68,12 @@ class AdapterDisabled:
 @dataclass
 class FrozenCopy:
     model: torch.nn.Module
+    response_head: bool
     kind = "frozen_copy"
 
     def logps(self, engine, batch: dict, on_device: dict) -> torch.Tensor:
         with torch.no_grad(), engine.eval_context():
-            return sequence_logps(self.model, on_device)
+            return sequence_logps(self.model, on_device, self.response_head)
 
 
 @dataclass
@@ -83,20 +86,23 @@ class Precomputed:
         return engine.to_device({"ref": torch.cat([rows[:, 0], rows[:, 1]])})["ref"]
 
 
-def build_reference(cfg: Config, engine, stream, tokenizer, run_dir: RunDir, resuming: bool):
+def build_reference(cfg: Config, engine, stream, tokenizer, run_dir: RunDir, resuming: bool,
+                    response_head: bool = False):
     """The reference the objective needs (NoReference when it needs none), from the engine's
-    model as it starts, before any checkpoint is loaded."""
+    model as it starts, before any checkpoint is loaded. `response_head`: see
+    dtune.loss.sequence_logps."""
     if not objective_spec(cfg.objective).reference:
         return NoReference()
     kind, why = resolve_reference(cfg.objective, is_adapter(engine.module), cfg.data.streaming)
     log.info("DPO reference: %s (%s)", kind, why)
     if kind == "adapter_disabled":
-        return AdapterDisabled()
+        return AdapterDisabled(response_head)
     if kind == "frozen_copy":
         frozen = copy.deepcopy(engine.module)  # the policy's dtype and device, its hooks not
         frozen.requires_grad_(False)
-        return FrozenCopy(frozen.eval())
-    return Precomputed(precomputed_table(cfg, engine, stream, tokenizer, run_dir, resuming))
+        return FrozenCopy(frozen.eval(), response_head)
+    return Precomputed(precomputed_table(cfg, engine, stream, tokenizer, run_dir, resuming,
+                                         response_head))
 
 
 def fingerprint(cfg: Config, tokenizer, stream) -> str:
@@ -117,7 +123,7 @@ def read_table(path: Path) -> tuple[torch.Tensor, str]:
 
 
 def precomputed_table(cfg: Config, engine, stream, tokenizer, run_dir: RunDir,
-                      resuming: bool) -> torch.Tensor:
+                      resuming: bool, response_head: bool = False) -> torch.Tensor:
     """The run directory's reference log-probs when their fingerprint matches, else one pass
     over every training pair with the starting model, saved atomically."""
     path, key = run_dir.reference_logps, fingerprint(cfg, tokenizer, stream)
@@ -134,7 +140,7 @@ def precomputed_table(cfg: Config, engine, stream, tokenizer, run_dir: RunDir,
         log.info("Reference log-probs of %d pairs read from %s", len(stored[0]), path)
         return stored[0]
     started = time.perf_counter()
-    table = pair_logps(engine, stream).float()
+    table = pair_logps(engine, stream, response_head).float()
     if torch.isnan(table).any():
         missing = int(torch.isnan(table[:, 0]).sum())
         raise DtuneError(f"the reference pass scored all but {missing} of {len(table)} training "

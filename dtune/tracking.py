@@ -168,7 +168,8 @@ def init_args(cfg: Config, run_dir: Path, run_id: str, env) -> dict:
         "name": t.run_name or default_run_name(run_dir),
         "group": group,
         "tags": list(t.tags) if t.tags is not None else
-        [cfg.method.name, cfg.model.name, cfg.parallelism.name],
+        [cfg.method.name, cfg.model.name, cfg.parallelism.name]
+        + ([cfg.objective.name] if cfg.objective.name != "sft" else []),
         "config": dataclasses.asdict(cfg),  # the fully resolved config
         "id": run_id,
         "resume": "allow",

@@ -64,7 +64,9 @@ class Recipe:
     eval_records: list  # the first eval rows, for exact match
     eval_examples: dict  # eval set name (a mixture: each source's) -> ExampleTable
     total_steps: int
-    chunk_size: int  # of the chunked loss; 0: the plain full-logits loss
+    # of the chunked loss; 0: the plain full-logits loss. Pairs: >0 scores responses with the
+    # LM head on labelled positions only (dtune.loss.sequence_logps), 0 from the full logits.
+    chunk_size: int
     params: tuple[int, int]  # trainable, total
     model_source: str
     started: float
@@ -162,7 +164,8 @@ def set_up(cfg: Config, run_dir: RunDir, ranks: Ranks, started: float) -> Recipe
         global_batch_size(cfg, ranks), "pairs" if objective.pairs else "sequences")
     # Before any checkpoint loads: the reference is the starting model (dtune/reference.py).
     reference = build_reference(cfg, engine, stream, tokenizer, run_dir,
-                                resuming=cfg.train.resume or slurm_restarted())
+                                resuming=cfg.train.resume or slurm_restarted(),
+                                response_head=chunk_size > 0)
     eval_pairs = [BatchStream(examples, cfg.eval.batch_size, cfg.train.seed,
                               tokenizer.pad_token_id, ranks.rank, ranks.world_size)
                   for examples in data.evals.values() if len(examples)] \
@@ -282,7 +285,7 @@ def train_step(recipe: Recipe, state: TrainState) -> dict:
     pair_metrics = {}  # the objective decides the loss and its normaliser
     if recipe.objective.pairs:  # per pair: the mean over every pair of the global window
         loss, loss_tokens, pair_metrics = accumulate_pair_gradients(
-            engine, window, recipe.cfg.objective, recipe.reference)
+            engine, window, recipe.cfg.objective, recipe.reference, recipe.chunk_size > 0)
     else:  # per token: the mean over every loss-carrying token of the global window
         loss, loss_tokens = accumulate_gradients(engine, window, recipe.chunk_size)
     result = engine.step(loss_finite=math.isfinite(loss))
@@ -327,8 +330,8 @@ def accumulate_gradients(engine: Engine, window: list[dict], chunk_size: int = 0
     return all_reduce_sum(float(total)), window_tokens
 
 
-def accumulate_pair_gradients(engine: Engine, window: list[dict], objective,
-                              reference) -> tuple[float, int, dict]:
+def accumulate_pair_gradients(engine: Engine, window: list[dict], objective, reference,
+                              response_head: bool = False) -> tuple[float, int, dict]:
     """A preference objective's forward, loss and backward for each micro-batch of a window
     (chosen and rejected rows of n pairs in one forward), on every rank, as one batch: the
     loss and each metric are means over every pair of the global window, not means of
@@ -345,7 +348,7 @@ def accumulate_pair_gradients(engine: Engine, window: list[dict], objective,
         on_device = engine.to_device({**batch, "response_tokens": tokens})
         ref_logps = reference.logps(engine, batch, on_device)
         with engine.forward_context(last_in_window=index == len(window) - 1):
-            logps = sequence_logps(engine.model, on_device)
+            logps = sequence_logps(engine.model, on_device, response_head)
             loss, metrics = pair_loss(objective, logps, on_device["response_tokens"], ref_logps)
         engine.backward(loss / max(window_pairs, 1))
         totals += torch.stack([loss.detach(), *(metrics[k] for k in names[1:])]).double()
@@ -377,7 +380,7 @@ def evaluate(recipe: Recipe, step: int, with_generation: bool) -> dict:
     cfg, engine, tokenizer = recipe.cfg, recipe.engine, recipe.tokenizer
     record = {"step": step, "split": "eval"}
     if recipe.objective.pairs:  # pairs have no exact match or token loss: their accuracy
-        accuracy = preference_accuracy(engine, recipe.eval_pairs)
+        accuracy = preference_accuracy(engine, recipe.eval_pairs, recipe.chunk_size > 0)
         return record if accuracy is None else {**record, "preference_accuracy": accuracy}
     sums = {name: eval_loss_sum(engine, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
             for name, examples in recipe.eval_examples.items() if len(examples)}

@@ -102,6 +102,33 @@ def test_the_loss_has_the_gradient_of_the_formula():
 
 # --- batches in the preference collate's shape ----------------------------------------------
 
+
+@pytest.mark.parametrize("family,method", [("llama", "lora"), ("gemma2", "full")])
+def test_response_only_head_scores_as_the_full_logits(family, method):
+    """sequence_logps with the LM head on response positions only: the full logits' values
+    and gradients (Gemma 2's soft-capped logits included), right padding and a prompt-only
+    row's zero alike."""
+    from test_families import adapted
+
+    from dtune.loss import sequence_logps
+
+    _, model, _ = adapted(family, method)
+    batch = pair_batch(make_pairs(3, seed=4, vocab=120), [0, 1, 2])
+    batch["labels"][2] = IGNORE  # a row without a response scores 0 on both paths
+    scores = []
+    for response_head in (False, True):
+        model.zero_grad()
+        logps = sequence_logps(model, batch, response_head)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        scores.append((logps.detach(), [p.grad.clone() for p in model.parameters()
+                                        if p.requires_grad]))
+    (full, full_grads), (ours, our_grads) = scores
+    assert ours[2] == 0 and full[2] == 0 and full.abs().min() < full.abs().max()
+    assert torch.allclose(ours, full, atol=1e-5, rtol=0)
+    for mine, theirs in zip(our_grads, full_grads):
+        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
 def make_pairs(count: int, seed: int = 0, vocab: int = 512):
     """(prompt, chosen, rejected) token lists of unequal lengths; every chosen response
     repeats one token, so there is something to learn in a few steps."""

@@ -75,3 +75,20 @@ def test_parallelism_auto_trains_with_the_planned_choice(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "parallelism=auto chose single" in one_line(result.stdout + result.stderr)
     assert (tmp_path / "summary.json").is_file()
+
+
+def test_preference_objectives_plan_two_rows_a_pair_and_dpos_frozen_copy():
+    single = lambda *o: by_name(plan(compose(*TINY, *o), 1, on_gpu=True))["single"]  # noqa: E731
+    shape = model_shape(compose(*TINY))
+    sft = single("+method=full", "train.loss_chunk_size=0")
+    orpo = single("+method=full", "objective=orpo", "data.format=preference")
+    # chosen and rejected rows: twice the tokens (and their full logits) of the same micro-batch
+    assert orpo.activations == pytest.approx(2 * sft.activations, rel=1e-6)
+    assert orpo.weights == sft.weights
+    copy = single("+method=full", "objective=dpo", "data.format=preference",
+                  "objective.reference=frozen_copy")
+    precomputed = single("+method=full", "objective=dpo", "data.format=preference",
+                         "objective.reference=precomputed")
+    assert copy.weights - precomputed.weights == 4 * shape.params  # the fp32 starting weights
+    lora = single("+method=lora", "objective=dpo", "data.format=preference")
+    assert lora.weights == single("+method=lora").weights  # adapters disabled: no copy

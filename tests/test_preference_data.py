@@ -233,15 +233,18 @@ def test_builtin_chosen_is_right_and_rejected_is_wrong_by_a_small_perturbation()
         elif task == "reverse_words":
             words = prompt.split(": ")[1].split()
             assert chosen.split() == words[::-1]
-            assert sorted(rejected.split()) == sorted(words) and rejected != chosen
+            assert rejected.split() == words  # left in the prompt's order
         elif task == "sort_numbers":
-            numbers = [int(n) for n in prompt.split(": ")[1].split(", ")]
+            given = prompt.split(": ")[1]
+            numbers = [int(n) for n in given.split(", ")]
             assert chosen == ", ".join(map(str, sorted(numbers)))
-            assert sorted(map(int, rejected.split(", "))) == sorted(numbers) != \
-                [int(n) for n in rejected.split(", ")]
+            if given != chosen:  # left in the prompt's order
+                assert rejected == given
+            else:  # an already sorted prompt: two neighbours swapped
+                assert sorted(map(int, rejected.split(", "))) == numbers and rejected != chosen
         elif task == "convert_units":
             _, amount, src, _, dst = prompt.removesuffix(".").split()
-            assert chosen.split()[1] == dst and rejected == f"{chosen.split()[0]} {src}"
+            assert chosen.split()[1] == dst and rejected == f"{amount} {dst}" != chosen
         else:
             parsed = json.loads(chosen)
             assert parsed["name"] in prompt and str(parsed["age"]) in prompt

@@ -94,6 +94,10 @@ def test_defaults_group_by_slurm_array_and_tag_method_model_parallelism(tmp_path
     assert args["tags"] == ["lora", "tiny-llama", "single"]
     assert args["group"] == "slurm-array-4242"
     assert args["name"] == "lr-1e-3"
+    dpo = compose(*TINY, "+method=lora", "tracker=wandb", "objective=dpo",
+                  "data.format=preference", "eval.exact_match_samples=0")
+    assert init_args(dpo, tmp_path / "d", "abc", {})["tags"] == \
+        ["lora", "tiny-llama", "single", "dpo"]  # a preference run says which objective
     assert args["id"] == "abc" and args["resume"] == "allow"
     assert args["config"] == dataclasses.asdict(cfg)
     custom = compose(*TINY, "tracker=wandb", "tracker.project=p", "tracker.entity=team",

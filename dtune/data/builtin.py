@@ -3,7 +3,8 @@
 Each family has one right answer per prompt, so held-out exact match measures what a run
 learned. Train and held-out prompts come from separate random streams and never overlap.
 `generate_pairs` turns the same prompts into preference pairs: the right answer chosen, a
-subtly wrong one (off by one, a wrong unit, malformed JSON, two items swapped) rejected.
+subtly wrong one (a sum off by one, an amount left unconverted, malformed JSON, the items left
+in the prompt's order) rejected.
 """
 from __future__ import annotations
 
@@ -135,20 +136,30 @@ def _off_by_one(rng: random.Random, prompt: str, answer: str) -> str:
     return str(int(answer) + rng.choice((-1, 1)))
 
 
-def _swap_neighbours(separator: str):
-    """Two neighbouring items of the answer swapped: every item right, the order wrong."""
+def _swap_neighbours(items: list[str], rng: random.Random) -> list[str]:
+    i = rng.randrange(len(items) - 1)  # items are distinct (sampled), so the swap shows
+    items[i], items[i + 1] = items[i + 1], items[i]
+    return items
+
+
+def _prompt_order(separator: str):
+    """The prompt's items, left in the order they came: copying is the mistake a small model
+    makes (SmolLM2-135M prefers it for 95% of held-out prompts), where two swapped items it
+    prefers for about half. Swapped neighbours when the prompt was already in order."""
     def wrong(rng: random.Random, prompt: str, answer: str) -> str:
-        items = answer.split(separator)
-        i = rng.randrange(len(items) - 1)  # items are distinct (sampled), so the swap shows
-        items[i], items[i + 1] = items[i + 1], items[i]
-        return separator.join(items)
+        given = prompt.split(": ", 1)[1]
+        if given != answer:
+            return given
+        return separator.join(_swap_neighbours(answer.split(separator), rng))
     return wrong
 
 
-def _wrong_unit(rng: random.Random, prompt: str, answer: str) -> str:
-    value, unit = answer.split(" ", 1)
-    source = next(src for src, dst, _ in UNITS if dst == unit)  # each target unit is one row's
-    return f"{value} {source}"  # the right number in the unit converted from
+def _unconverted(rng: random.Random, prompt: str, answer: str) -> str:
+    """The amount as given, in the target unit: the conversion forgotten. (The right number
+    in the source unit was too easy a tell: SmolLM2 ranked it below the right answer for
+    every held-out prompt, leaving DPO nothing to learn.)"""
+    amount = prompt.removeprefix("Convert ").split(" ", 1)[0]
+    return f"{amount} {answer.split(' ', 1)[1]}"
 
 
 def _malformed_json(rng: random.Random, prompt: str, answer: str) -> str:
@@ -163,10 +174,10 @@ def _malformed_json(rng: random.Random, prompt: str, answer: str) -> str:
 # For each task, a wrong answer close to the right one; the seed and the prompt fix it.
 WRONG: dict[str, Callable[[random.Random, str, str], str]] = {
     "add": _off_by_one,
-    "reverse_words": _swap_neighbours(" "),
-    "convert_units": _wrong_unit,
+    "reverse_words": _prompt_order(" "),
+    "convert_units": _unconverted,
     "extract_json": _malformed_json,
-    "sort_numbers": _swap_neighbours(", "),
+    "sort_numbers": _prompt_order(", "),
 }
 
 
