@@ -55,7 +55,6 @@ sys.path.insert(0, str(ROOT))  # this checkout's dtune, not another one installe
 RESULTS = ROOT / "bench" / "results"
 MODELS = {"smollm2": "smollm2-135m", "tiny": "tiny-llama"}  # dtune model group names
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
-TASKS = ["add", "reverse_words", "convert_units", "extract_json"]  # data=builtin_preference's
 
 
 def peak_memory_bytes() -> int:
@@ -140,72 +139,6 @@ def run_dtune(spec: dict) -> dict:
     return out
 
 
-def response_head_logps(model, batch: dict):
-    """A suggestion, not dtune's code: dtune.loss.sequence_logps with the LM head applied at
-    the labelled (response) positions only, the way TRL's fused LM head does, instead of full
-    [rows, length, vocab] logits over prompt and padding too. Same values (see --check)."""
-    import torch
-    import torch.nn.functional as F
-
-    from dtune.data.formatting import IGNORE
-
-    wrapped = getattr(model, "module", model)  # DDP
-    causal = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
-    backbone = getattr(causal, causal.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      use_cache=False).last_hidden_state
-    length = batch["labels"].size(1)
-    hidden, labels = hidden[:, -length:-1], batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    logits = causal.get_output_embeddings()(hidden[mask]).float()
-    token_logps = -F.cross_entropy(logits, labels[mask], reduction="none")
-    rows = torch.arange(labels.size(0), device=labels.device).unsqueeze(1).expand_as(labels)
-    return torch.zeros(labels.size(0), dtype=token_logps.dtype, device=token_logps.device) \
-        .index_add(0, rows[mask], token_logps)
-
-
-def run_dtune_response_head(spec: dict) -> dict:
-    """dtune with `response_head_logps` patched in for sequence_logps (train, reference,
-    evaluation): what the suggestion would be worth."""
-    import dtune.evaluate
-    import dtune.loss
-    import dtune.reference
-    import dtune.train
-
-    for module in (dtune.loss, dtune.train, dtune.reference, dtune.evaluate):
-        module.sequence_logps = response_head_logps
-    return run_dtune(spec)
-
-
-def check_response_head(model: str) -> None:
-    """response_head_logps against dtune's sequence_logps on one collated batch of pairs,
-    with and without adapters."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dtune.data.batching import collate_pairs
-    from dtune.data.builtin import generate_pairs
-    from dtune.data.preference import tokenize_pair
-    from dtune.loss import sequence_logps
-
-    folder = model_folder(model)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
-                            LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                       init_lora_weights=False))
-    pairs, _ = generate_pairs(TASKS, 8, 1, 0)
-    examples = [tokenize_pair(p, tokenizer, 128) for p in pairs]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = collate_pairs(examples, pad, list(range(len(examples))))
-    with torch.no_grad():
-        a, b = sequence_logps(policy, batch), response_head_logps(policy, batch)
-        with policy.disable_adapter():
-            c, d = sequence_logps(policy, batch), response_head_logps(policy, batch)
-    print("max |difference| with adapters:", float((a - b).abs().max()),
-          "without:", float((c - d).abs().max()), "of logps around", float(a.abs().mean()))
-
-
 # --- TRL ---------------------------------------------------------------------------------
 
 def dtune_order(count: int, seed: int) -> list[int]:
@@ -219,9 +152,11 @@ def trl_rows(spec: dict) -> list[dict]:
     """dtune's built-in preference pairs, in the order dtune trains on them, in TRL's
     conversational preference format: the prompt as the chat messages (system, user), each
     answer as one assistant message."""
+    from dtune.compose import compose_config
     from dtune.data.builtin import generate_pairs
 
-    pairs, _ = generate_pairs(TASKS, spec["train_size"], spec["eval_size"], spec["data_seed"])
+    tasks = compose_config(["objective=dpo", "data=builtin_preference"]).data.builtin.tasks
+    pairs, _ = generate_pairs(tasks, spec["train_size"], spec["eval_size"], spec["data_seed"])
     order = dtune_order(len(pairs), spec["seed"])
     return [{"prompt": pairs[i]["messages"],
              "chosen": [{"role": "assistant", "content": pairs[i]["chosen"]}],
@@ -305,8 +240,7 @@ def run_trl(spec: dict) -> dict:
     return out
 
 
-RUNNERS = {"dtune": run_dtune, "trl": run_trl,
-           "dtune_response_head": run_dtune_response_head}
+RUNNERS = {"dtune": run_dtune, "trl": run_trl}
 
 
 def worker(spec: dict) -> None:
@@ -403,13 +337,6 @@ def markdown(report: dict) -> str:
             fa = "-" if a is None else f"{a:.4f}"
             fb = "-" if b is None else f"{b:.4f}"
             lines.append(f"| {i + 1} | {fa} | {fb} |")
-    if "ratio_response_head" in report:
-        lines += ["", "`dtune_response_head` is NOT dtune as shipped: dtune with "
-                      "bench/dpo_vs_trl.py's `response_head_logps` patched in for "
-                      "`dtune.loss.sequence_logps` (the LM head on response positions only, as "
-                      "TRL's fused LM head does), to size that suggestion. Its tokens/s / TRL's: "
-                      f"{report['ratio_response_head']:.2f}x (median per-step rates "
-                      f"{report['ratio_response_head_median']:.2f}x)."]
     if "dtune" in runs:
         lines += ["", f"dtune's run as a command line: `{runs['dtune']['dtune_command']}`"]
     lines += ["", "## What is measured", "", __doc__.split("What is counted", 1)[1]
@@ -439,14 +366,10 @@ def main() -> None:
     parser.add_argument("--note", action="append", default=[], help="a note for the report")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other tools' runs (and notes) of an existing OUT.json")
-    parser.add_argument("--check", action="store_true",
-                        help="compare response_head_logps with dtune's sequence_logps, and stop")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
-    if args.check:
-        return check_response_head(args.model)
 
     import torch
 
@@ -507,11 +430,6 @@ def main() -> None:
         report["memory_ratio"] = d["peak_memory_bytes"] / t["peak_memory_bytes"]
         report["same_tokens"] = [s["real_tokens"] for s in d["steps"]] == \
             [s["real_tokens"] for s in t["steps"]]
-    if "trl" in ok and "dtune_response_head" in ok:
-        v, t = ok["dtune_response_head"], ok["trl"]
-        report["ratio_response_head"] = v["real_tokens_per_s"] / t["real_tokens_per_s"]
-        report["ratio_response_head_median"] = v["median_step_real_tokens_per_s"] \
-            / t["median_step_real_tokens_per_s"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=1) + "\n")
     text = markdown(report)
