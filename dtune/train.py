@@ -202,7 +202,8 @@ def checked_chunk_size(engine: Engine, tokenizer, chunk_size: int) -> int:
     probe = tokenizer("dtune checks its loss against the model's own logits.",
                       return_tensors="pt")["input_ids"]
     with engine.eval_context():
-        why = chunked_loss_mismatch(engine.model, engine.to_device({"input_ids": probe})
+        # the unwrapped module: a no-grad probe, and `dtune eval`'s Inference has no wrapper
+        why = chunked_loss_mismatch(engine.module, engine.to_device({"input_ids": probe})
                                     ["input_ids"])
     if why:
         log.warning("train.loss_chunk_size=%d is not used: %s. The loss comes from the model's "

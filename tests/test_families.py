@@ -166,7 +166,7 @@ def test_a_logit_step_dtune_does_not_know_makes_the_run_use_the_plain_loss(caplo
 
     class Engine:  # what checked_chunk_size uses of an engine
         def __init__(self):
-            self.model = model
+            self.module = model
 
         def eval_context(self):
             return torch.no_grad()
