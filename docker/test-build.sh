@@ -108,7 +108,8 @@ with open(sys.argv[1], "rb") as f: print("\n".join(tomllib.load(f)["project"]["d
 
 build_image() {
   local started=$SECONDS
-  buildah bud --isolation chroot --layers --pull=never \
+  # --force-rm: a failed step leaves no working container behind.
+  buildah bud --isolation chroot --layers --force-rm --pull=never \
     --build-arg BASE_IMAGE="${BASE_IMAGE:-$LOCAL_BASE}" \
     --build-arg PIP_WHEELS=/wheels --volume "$WHEELS:/wheels:ro" \
     -f "$DOCKERFILE" -t "$IMAGE" "$ROOT"
@@ -120,9 +121,13 @@ check_user() {
   local uid
   uid=$(buildah run --isolation chroot "$CONTAINER" id -u)
   [ "$uid" != 0 ] || { say "the image runs as root" >&2; return 1; }
-  buildah run --isolation chroot "$CONTAINER" sh -c 'touch /work/.w && rm /work/.w && touch "$HOME/.w" && rm "$HOME/.w"' \
-    || { say "/work or HOME is not writable by UID $uid" >&2; return 1; }
-  say "runs as UID $uid, /work and HOME writable"
+  local home
+  home=$(buildah run --isolation chroot "$CONTAINER" sh -c 'echo "$HOME"')
+  [ "$home" != / ] && [ -n "$home" ] || { say "the image's user has no HOME ($home)" >&2; return 1; }
+  buildah run --isolation chroot "$CONTAINER" \
+    sh -c 'touch /work/.w && rm /work/.w && touch "$HOME/.w" && rm "$HOME/.w"' \
+    || { say "/work or HOME ($home) is not writable by UID $uid" >&2; return 1; }
+  say "runs as UID $uid, /work and HOME ($home) writable"
 }
 
 # Two steps of the tiny random model, offline, written to a host folder mounted at /work/out.

@@ -127,6 +127,12 @@ def buildah_or_skip():
         pytest.skip(problem)
 
 
+def buildah_containers() -> set[str]:
+    listing = subprocess.run(["buildah", "containers", "--quiet"], capture_output=True,
+                             text=True, check=True)
+    return set(listing.stdout.split())
+
+
 def test_a_broken_build_step_fails_the_test_build_and_is_named(tmp_path):
     """The UID collision the Dockerfile once had, put back: test-build.sh must stop, non-zero,
     naming the build step. Seconds after docker/test-build.sh has run: the base and the layers
@@ -137,6 +143,7 @@ def test_a_broken_build_step_fails_the_test_build_and_is_named(tmp_path):
                             flags=re.S)
     assert count == 1
     (tmp_path / "Dockerfile").write_text(broken)
+    containers = buildah_containers()
     result = subprocess.run(
         ["bash", str(ROOT / "docker/test-build.sh")], capture_output=True, text=True,
         timeout=900, env={**os.environ, "DOCKERFILE": str(tmp_path / "Dockerfile"),
@@ -144,3 +151,4 @@ def test_a_broken_build_step_fails_the_test_build_and_is_named(tmp_path):
     assert result.returncode != 0
     assert "test-build: step build failed" in result.stderr, result.stderr[-3000:]
     assert "UID 1000 is not unique" in result.stdout + result.stderr
+    assert buildah_containers() == containers  # the failed step's container is removed
