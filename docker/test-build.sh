@@ -62,6 +62,8 @@ check_tools() {
   # The wheels are prepared by the host's pip for the image's Python: bookworm's is 3.11.
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
     || fail "$PYTHON is not Python 3.11, the Python of the Debian bookworm base; set PYTHON="
+  "$PYTHON" -m pip --version >/dev/null 2>&1 \
+    || fail "$PYTHON has no pip to prepare the image's wheels; set PYTHON= to a venv's python"
 }
 
 # A minimal Debian bookworm root file system, made once and kept as a tarball. It gets a user
