@@ -48,7 +48,13 @@ on_exit() {
   local status=$?
   if [ "$status" -ne 0 ] && [ -n "$STEP" ]; then say "step $STEP failed (exit $status)" >&2; fi
   if [ -n "$CONTAINER" ]; then buildah rm "$CONTAINER" >/dev/null 2>&1 || true; fi
-  rm -rf "$TMP"
+  # An interrupted debootstrap can leave /proc, /sys or /dev mounted in its target: unmount
+  # them before removing the folder, so the removal never reaches into the host's.
+  local target
+  for target in $(findmnt -rn -o TARGET | grep "^$TMP/" | sort -r); do
+    umount -l "$target" || true
+  done
+  rm -rf --one-file-system "$TMP"
   exit "$status"
 }
 trap on_exit EXIT
@@ -123,6 +129,7 @@ check_user() {
   local uid
   uid=$(buildah run --isolation chroot "$CONTAINER" id -u)
   [ "$uid" != 0 ] || { say "the image runs as root" >&2; return 1; }
+  IMAGE_UID=$uid
   local home
   home=$(buildah run --isolation chroot "$CONTAINER" sh -c 'echo "$HOME"')
   [ "$home" != / ] && [ -n "$home" ] || { say "the image's user has no HOME ($home)" >&2; return 1; }
@@ -136,7 +143,7 @@ check_user() {
 fine_tune() {
   local out=$TMP/out
   mkdir -p "$out"
-  chown 1000:1000 "$out"  # the image's user; chroot isolation maps no UIDs
+  chown "$IMAGE_UID" "$out"  # the image's user; chroot isolation maps no UIDs
   buildah run --isolation chroot --env HF_HUB_OFFLINE=1 --volume "$out:/work/out" "$CONTAINER" \
     python -m dtune model=tiny-llama train.max_steps=2 hydra.run.dir=/work/out/run
   local missing=0 name
