@@ -115,6 +115,18 @@ def test_sbatch_in_a_container_keeps_the_users_run_dir_and_names_array_tasks(tmp
     assert run_dir == str(tmp_path / "submit/runs/slurm/77_3")
 
 
+def test_test_build_names_the_failing_step_and_removes_its_temp_folder(tmp_path):
+    """Without buildah too: a Python that is not there fails the first step (or the missing
+    root or buildah does), and the message names it."""
+    result = subprocess.run(
+        ["bash", str(ROOT / "docker/test-build.sh")], capture_output=True, text=True,
+        timeout=60, env={**os.environ, "PYTHON": str(tmp_path / "no-python"),
+                         "TMPDIR": str(tmp_path), "DTUNE_CONTAINER_CACHE": str(tmp_path / "c")})
+    assert result.returncode == 1
+    assert "test-build: step tools failed (exit 1)" in result.stderr, result.stderr
+    assert not list(tmp_path.glob("dtune-test-build.*"))
+
+
 def buildah_or_skip():
     problem = None
     if shutil.which("buildah") is None or shutil.which("debootstrap") is None:
