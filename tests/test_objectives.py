@@ -440,8 +440,11 @@ def run_layout(rank, world, overrides, run_dir, store):
     """A rank of a run on the hand-made pairs (a torch.multiprocessing.spawn target)."""
     import os
 
+    # DTUNE_DIE_WITH_PARENT: leave as a worker of dtune's own launch does, without the
+    # gloo/DeepSpeed teardown that can abort under load after a good run (dtune/distributed.py;
+    # CI saw "terminate called without an active exception" after ZeRO-2's summary)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      DTUNE_STORE_FILE=store, GLOO_SOCKET_IFNAME="lo")
+                      DTUNE_STORE_FILE=store, GLOO_SOCKET_IFNAME="lo", DTUNE_DIE_WITH_PARENT="1")
     use_pair_data(pytest.MonkeyPatch())
     from dtune.train import run
 
