@@ -67,7 +67,8 @@ def trial(run_dir: Path, target_step: int, delay: float, reference: list[float],
     while process.poll() is None and logged_steps(metrics) < target_step:
         time.sleep(0.002)
     if in_save:
-        while process.poll() is None and not any((run_dir / "checkpoints").glob(".tmp-step-*")):
+        while process.poll() is None \
+                and not any((run_dir / "checkpoints").glob(".step-*.tmp-*")):
             time.sleep(0.001)
     time.sleep(delay)
     before = [step_of(c) for c in valid_checkpoints(run_dir)]
@@ -75,7 +76,7 @@ def trial(run_dir: Path, target_step: int, delay: float, reference: list[float],
     if not finished_first:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    during_save = any((run_dir / "checkpoints").glob(".tmp-step-*"))
+    during_save = any((run_dir / "checkpoints").glob(".step-*.tmp-*"))
     after = [step_of(c) for c in valid_checkpoints(run_dir)]
     # a step-N folder that is not complete would be a half-visible checkpoint
     half_visible = [p.name for p in (run_dir / "checkpoints").glob("step-*")

@@ -13,25 +13,43 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_method
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dtune.compose import check_moved, check_overrides, config_dir, register_schema, to_config
 from dtune.errors import DtuneError, exit_with
-from dtune.redaction import MaskSecrets, take_env_secrets
+from dtune.redaction import MaskSecrets, redact, take_env_secrets
+from dtune.run_dir import RunDir
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def train_app(cfg: DictConfig) -> float | None:
     """Returns the final eval loss, which Hydra sweepers minimise."""
+    from dtune import run_start  # torch: after the config checks, which need none
+
     hydra_cfg = HydraConfig.get()
+    run_dir = RunDir(Path(hydra_cfg.runtime.output_dir))
     try:
         config = to_config(cfg)  # every check runs here, before anything heavy loads
         check_moved("launcher._target_", config.launcher._target_)
         launch = get_method(config.launcher._target_)
-        return launch(config, str(Path(hydra_cfg.runtime.output_dir)),
-                      list(hydra_cfg.overrides.task))
+        if not run_start.answers_for_run(config):  # a worker: its launcher holds the run dir
+            return launch(config, str(run_dir.path), list(hydra_cfg.overrides.task))
+        with run_start.claimed(config, run_dir):  # the lock, a fresh run or a resume
+            record_run(run_dir, cfg, hydra_cfg)
+            return launch(config, str(run_dir.path), list(hydra_cfg.overrides.task))
     except DtuneError as error:
         exit_with(error)
+
+
+def record_run(run_dir: RunDir, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+    """RUN_DIR/.hydra as Hydra would write it (conf/config.yaml turns Hydra's own writing
+    off), once the run holds the directory, through one redaction pass."""
+    def text(node) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(redact(
+            OmegaConf.to_container(node, resolve=False))))
+
+    run_dir.write_record(text(cfg), text(OmegaConf.create({"hydra": hydra_cfg})),
+                         text(hydra_cfg.overrides.task))
 
 
 def main() -> None:

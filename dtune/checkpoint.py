@@ -6,11 +6,14 @@ checkpoints go. Resume trusts only folders whose manifest matches what is on dis
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
 import random
+import secrets
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -20,9 +23,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dtune.distributed import barrier
+from dtune.distributed import all_reduce_max, barrier
 from dtune.errors import DtuneError
-from dtune.files import fsync_dir, fsync_file, output_folder, refuse_symlink, write_atomically
+from dtune.files import (clear_temp_marker, current_umask, fsync_dir, fsync_file, make_temp_dir,
+                         output_folder, read_bytes, read_text, refuse_symlink, write_atomically)
 
 log = logging.getLogger("dtune")
 
@@ -33,8 +37,11 @@ MANIFEST = "manifest.json"
 class TrainState:
     """Everything the loop carries from step to step, and what a checkpoint restores."""
 
-    identity: dict  # model and method: a checkpoint resumes only the run that wrote it
     data: dict  # the batch stream's position (epoch, cursor)
+    run_id: str = ""  # the run that wrote it (RunDir.run_file): a run resumes only its own
+    # what training computes (dtune/run_start.py training_settings): a resume compares them
+    settings: dict = field(default_factory=dict)
+    data_fingerprint: Optional[str] = None  # the training rows and tokenizer (non-streaming)
     step: int = 0
     trained_tokens: int = 0
     loss_tokens: int = 0
@@ -89,17 +96,20 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, engine, keep: int) -> Path:
-    """Every rank takes part (ZeRO shards live on each); rank 0 seals the folder."""
+    """Every rank takes part (ZeRO shards live on each); rank 0 seals the folder. It is
+    built in a temporary folder of its own (marked, mode 0700, a name nobody can plant links
+    in beforehand) and renamed into place whole."""
     ranks, step = engine.ranks, state.step
     root = checkpoints_dir(run_dir)
     final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}"
+    # rank 0 draws the temporary folder's name; a tensor collective hands it to every rank
+    token = f"{int(all_reduce_max(float(secrets.randbits(48) if ranks.is_main else 0))):012x}"
+    tmp = root / f".{final.name}.tmp-{token}"
     try:
         if ranks.is_main:
             refuse_symlink(root)
             root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            make_temp_dir(root, final.name, token)
         barrier()
         saved = TrainState.from_json(state.to_json())  # a copy the engine adds its keys to
         engine.save_state(tmp, saved.engine)
@@ -109,21 +119,40 @@ def save_checkpoint(run_dir: Path, state: TrainState, engine, keep: int) -> Path
         if ranks.is_main:
             (tmp / "trainer_state.json").write_text(saved.to_json())
             pause_inside_save()
+            clear_temp_marker(tmp)
+            os.chmod(tmp, 0o777 & ~current_umask())  # private while written, then as usual
             seal(tmp, step)
             if final.exists():  # a resumed run saving a step again: replace it whole
                 shutil.rmtree(final)
             os.rename(tmp, final)
             fsync_dir(root)
             write_atomically(root / "latest", final.name)
-            _prune(root, keep)
+            _prune(root, keep, state.run_id)
         barrier()
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError on a short write
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DtuneError(
-            f"could not write the checkpoint for step {step} under {root}: {exc}. Free disk "
-            "space or point hydra.run.dir at a writable folder; earlier checkpoints are intact."
-        ) from None
+        raise save_failed(root, step, exc, engine) from None
     return final
+
+
+def save_failed(root: Path, step: int, exc: Exception, engine) -> DtuneError:
+    """A checkpoint that could not be written: a full disk says so, with the bytes it needs."""
+    text = " ".join(str(exc).split())[:300]
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        "No space left" in text or "file write failed" in text or "Disk quota" in text
+    if not full:
+        return DtuneError(
+            f"could not write the checkpoint for step {step} under {root} "
+            f"({type(exc).__name__}: {text}). Earlier checkpoints are intact.")
+    needed = sum(p.numel() * p.element_size() for p in engine.module.parameters()
+                 if p.requires_grad) * 3  # weights and two Adam moments
+    free = shutil.disk_usage(root).free if root.is_dir() else 0
+    return DtuneError(
+        f"the disk holding {root} is full: the checkpoint for step {step} could not be "
+        f"written ({text}). It needs about {needed / 2**20:,.0f} MiB (the trained weights and "
+        f"their optimizer state) and {free / 2**20:,.0f} MiB are free. Free disk space or point "
+        "hydra.run.dir at a disk with room, then resume with train.resume=true; earlier "
+        "checkpoints are intact.")
 
 
 def pause_inside_save() -> None:
@@ -156,11 +185,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def valid_checkpoints(run_dir: Path, verify: bool = True) -> list[Path]:
-    """Complete checkpoints, newest first; incomplete or altered ones are reported and skipped.
-    `verify` also checks every file's SHA-256 (a resume does; pruning checks sizes only)."""
+def checkpoint_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoints/step-N` folder (not a link), newest first."""
     root = checkpoints_dir(run_dir)
-    if not root.is_dir():
+    if not root.is_dir() or root.is_symlink():
         return []
     found = []
     for folder in root.glob("step-*"):
@@ -168,36 +196,55 @@ def valid_checkpoints(run_dir: Path, verify: bool = True) -> list[Path]:
             step = int(folder.name.split("-", 1)[1])
         except ValueError:
             continue
-        if _manifest_ok(folder, step, verify):
+        if folder.is_dir() and not folder.is_symlink():
             found.append((step, folder))
-        else:
-            log.warning("Skipping %s: its manifest is missing or does not match its files "
-                        "(sizes or SHA-256).", folder)
-    return [folder for _, folder in sorted(found, reverse=True)]
+    return sorted(found, reverse=True)
 
 
-def load_checkpoint(folder: Path, engine, identity: dict) -> TrainState:
-    """Restore the engine's state and this rank's RNG; return the loop's state.
-
-    `identity` (model, method) must match what wrote the checkpoint."""
+def run_id_of(folder: Path) -> str | None:
+    """The run that wrote a checkpoint (its trainer_state.json), None where unreadable."""
     try:
-        state = TrainState.from_json((folder / "trainer_state.json").read_text())
-        if state.identity != identity:
-            raise DtuneError(
-                f"the checkpoint {folder} was written by a run of {state.identity}, and this "
-                f"run is {identity}; resume with the settings that wrote it, or start a new run "
-                "dir (or set train.resume=false)."
-            )
+        return str(json.loads(read_text(folder / "trainer_state.json")).get("run_id") or "")
+    except (OSError, ValueError, AttributeError, DtuneError):
+        return None
+
+
+def valid_checkpoints(run_dir: Path, verify: bool = True, run_id: str | None = None
+                      ) -> list[Path]:
+    """Complete checkpoints, newest first; incomplete or altered ones are reported and skipped.
+    `verify` also checks every file's SHA-256 (a resume does; pruning checks sizes only).
+    With `run_id`, only that run's: another run's are neither resumed nor pruned."""
+    found = []
+    for step, folder in checkpoint_folders(run_dir):
+        if run_id is not None and run_id_of(folder) not in (run_id, None):
+            continue  # another run's: not ours to judge
+        problem = checkpoint_problem(folder, step, verify)
+        if problem is None:
+            found.append(folder)
+        else:
+            log.warning("Skipping %s: %s.", folder, problem)
+    return found
+
+
+def load_checkpoint(folder: Path, engine) -> TrainState:
+    """Restore the engine's state and this rank's RNG; return the loop's state. The caller
+    has compared the checkpoint's settings with this run's (dtune/run_start.py)."""
+    try:
+        state = TrainState.from_json(read_text(folder / "trainer_state.json"))
         engine.load_state(folder, state.engine)
         rng_file = folder / f"rng-rank{engine.ranks.rank}.pt"
-        rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+        rng = torch.load(io.BytesIO(read_bytes(rng_file)), weights_only=True) \
+            if rng_file.is_file() else None
     except DtuneError:
         raise
     except Exception as exc:  # torch, safetensors and DeepSpeed raise many kinds
         raise DtuneError(
-            f"the checkpoint {folder} is damaged and cannot be read ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:200]}). Delete that folder to resume from the "
-            "previous checkpoint, or set train.resume=false to start over."
+            f"the checkpoint {folder} could not be loaded into this run ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}). Its files match the SHA-256 its manifest "
+            "recorded when it was saved, so it is most likely intact, and written under other "
+            "settings than this run's in a way dtune does not compare. It is left as it is: "
+            "resume with the settings that wrote it, or start a new run in another directory "
+            "(hydra.run.dir=...)."
         ) from None
     if rng is not None:
         set_rng_state(rng)
@@ -212,8 +259,9 @@ def check_same_parameters(folder: Path, weights: dict, model) -> None:
     if set(weights) != expected:
         raise DtuneError(
             f"the checkpoint {folder} holds weights for other parameters than this run trains "
-            f"({len(set(weights) ^ expected)} names differ). It was written by another model or "
-            "method; start a new run dir, or set train.resume=false."
+            f"({len(set(weights) ^ expected)} names differ): it was written by another model or "
+            "method. Resume with the settings that wrote it, or start a new run in another "
+            "directory (hydra.run.dir=...); the checkpoint is left as it is."
         )
 
 
@@ -228,25 +276,34 @@ def save_final(model, tokenizer, out_dir: Path, state_dict: dict | None = None,
         tokenizer.save_pretrained(tmp)
 
 
-def _manifest_ok(folder: Path, step: int, verify: bool) -> bool:
+def checkpoint_problem(folder: Path, step: int, verify: bool = True) -> str | None:
+    """What keeps a checkpoint folder from being complete and unaltered, in words; None when
+    its manifest matches its files (sizes, and with `verify` their SHA-256)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads(read_text(folder / MANIFEST))
         if manifest.get("step") != step:
-            return False
+            return f"its manifest is for step {manifest.get('step')!r}"
         for name, entry in manifest["files"].items():
             path = folder / name
-            if path.is_symlink() or not path.is_file() or path.stat().st_size != entry["size"]:
-                return False
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                return f"its manifest names a file outside it ({name[:100]!r})"
+            if path.is_symlink():
+                return f"{name} is a symbolic link"
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != entry["size"]:
+                return f"{name} has {path.stat().st_size} bytes, its manifest says {entry['size']}"
             if verify and sha256_of(path) != entry["sha256"]:
-                return False
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-    return True
+                return f"{name} does not match the SHA-256 its manifest recorded"
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (a save that did not finish)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DtuneError) as exc:
+        return f"its {MANIFEST} cannot be read ({type(exc).__name__})"
+    return None
 
 
-def _prune(root: Path, keep: int) -> None:
-    complete = valid_checkpoints(root.parent, verify=False)
+def _prune(root: Path, keep: int, run_id: str) -> None:
+    """This run's complete checkpoints beyond the newest `keep`; no other run's, ever."""
+    complete = valid_checkpoints(root.parent, verify=False, run_id=run_id)
     for folder in complete[keep:]:
         shutil.rmtree(folder, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):  # left behind by a run killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)

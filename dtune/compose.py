@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib.resources
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir, initialize_config_module
@@ -22,7 +23,7 @@ from dtune.config import Config, MethodConfig, ObjectiveConfig
 from dtune.errors import DtuneError
 from dtune.methods import METHODS
 from dtune.objectives import OBJECTIVES, resolve_reference
-from dtune.redaction import mask_text, refuse_secret_overrides
+from dtune.redaction import mask_text, refuse_secret_overrides, refuse_secret_settings
 
 SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
 # The modules `_target_` paths named before dtune's launchers moved into the package.
@@ -194,6 +195,7 @@ def to_config(cfg: DictConfig) -> Config:
     """Turn a composed DictConfig into validated dataclasses, run the checks that span
     groups, and fill in the method's defaults."""
     config: Config = OmegaConf.to_object(cfg)
+    refuse_secret_settings(asdict(config))  # a YAML file's free-form mapping, say
     check_combination(config)
     if config.train.lr is None:
         config.train.lr = METHODS[config.method.name].recommended_lr

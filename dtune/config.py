@@ -315,6 +315,9 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     resume: bool = False
+    # a fresh run into a directory that holds another run: move that run's files into
+    # RUN_DIR/previous_runs/ (nothing is deleted) instead of refusing
+    overwrite: bool = False
     # a step whose loss or gradient is NaN/inf: "skip" it (counted and logged) or "stop"
     on_nonfinite: str = "skip"
     # recompute activations in backward instead of keeping them: less memory, ~1/3 more compute
@@ -342,6 +345,10 @@ class TrainConfig:
         check_positive("train.log_every", self.log_every)
         check_positive("train.keep_checkpoints", self.keep_checkpoints)
         check_choice("train.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+        if self.resume and self.overwrite:
+            raise DtuneError(
+                "train.resume=true continues the run in the directory, and train.overwrite=true "
+                "moves it aside to start afresh; set one of them.")
         if self.loss_chunk_size is not None:
             check_positive("train.loss_chunk_size", self.loss_chunk_size, allow_zero=True)
         for key in ("adam_beta1", "adam_beta2"):

@@ -28,13 +28,8 @@ TEMP_MARKER = ".dtune-temp.json"
 
 
 def refuse_symlink(path: Path) -> None:
-    path = Path(path)
-    if path.is_symlink():
-        raise DtuneError(
-            f"{path} is a symbolic link (to {os.readlink(path)}), and dtune writes only files "
-            "it creates itself: following a link from a run directory could overwrite anything "
-            "it points at. Remove the link, or use a run directory of your own."
-        )
+    if Path(path).is_symlink():
+        raise link_refused(path)
 
 
 def link_refused(path: Path, what: str = "") -> DtuneError:
@@ -146,11 +141,15 @@ class NoFollowFileHandler(logging.FileHandler):
             return open(os.devnull, "a", encoding="utf-8")
 
 
-def make_temp_dir(beside: Path, name: str) -> Path:
+def make_temp_dir(beside: Path, name: str, token: str | None = None) -> Path:
     """An empty folder beside `beside/name`, with an unguessable name (`.NAME.tmp-XXXX`, mode
-    0700) and a marker naming this host and process. Take the marker out with
-    `clear_temp_marker` before the folder becomes what it builds."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=beside))
+    0700; `token` when processes must agree on it) and a marker naming this host and process.
+    Take the marker out with `clear_temp_marker` before the folder becomes what it builds."""
+    if token is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=beside))
+    else:
+        tmp = Path(beside) / f".{name}.tmp-{token}"
+        os.mkdir(tmp, 0o700)  # fails rather than reuse anything already there
     (tmp / TEMP_MARKER).write_text(json.dumps({"written_by": "dtune", "host": socket.gethostname(),
                                                "pid": os.getpid(), "started": time.time()}))
     return tmp

@@ -5,6 +5,7 @@ SLURM job runs on each of its tasks (dtune/launchers/slurm.py).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import logging
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dtune import distributed, precision, train
+from dtune import distributed, precision, run_start, train
 from dtune.config import Config, ParallelismConfig
 from dtune.errors import DtuneError
 from dtune.plan import resolve_auto
@@ -41,12 +42,21 @@ def run_training(config: Config, run_dir: str, overrides: list[str]) -> float | 
     if distributed.launched_ranks(parallel) is None and parallel.name != "single" \
             and distributed.wanted_processes(parallel) > 1:
         check_process_count(parallel)
-        code = launch_workers(parallel, run_dir, overrides)
+        with held_for_workers(config, RunDir(Path(run_dir))) as run_id:
+            code = launch_workers(parallel, run_dir, overrides, run_id)
         if code:
             sys.exit(code)
         summary = RunDir(Path(run_dir)).read_summary()
         return summary.get("eval_loss") if summary else None
     return train.run(config, Path(run_dir)).summary.get("eval_loss")
+
+
+def held_for_workers(config: Config, run_dir: RunDir):
+    """The run directory held by this process for the workers it starts (they take no lock;
+    DTUNE_RUN_ID tells them the run), or nothing where another process answers for it."""
+    if run_start.answers_for_run(config):
+        return run_start.claimed(config, run_dir)
+    return contextlib.nullcontext(None)
 
 
 def warn_if_gpus_unseen() -> None:
@@ -74,7 +84,8 @@ def check_process_count(cfg: ParallelismConfig) -> None:
         )
 
 
-def launch_workers(cfg: ParallelismConfig, run_dir: str, overrides: list[str]) -> int:
+def launch_workers(cfg: ParallelismConfig, run_dir: str, overrides: list[str],
+                   run_id: str | None = None) -> int:
     """Re-run this command as `nproc_per_node` workers, all writing into the same run
     directory: on one machine through dtune's own starter, across several through torch's
     elastic launcher (what `torchrun` runs). Returns the exit code (0 when all succeeded)."""
@@ -86,6 +97,8 @@ def launch_workers(cfg: ParallelismConfig, run_dir: str, overrides: list[str]) -
     # The run dir travels in the environment: as an override, a path with a space, a comma
     # or '=' would break the workers' command line or turn the run into a sweep.
     env = {**os.environ, "DTUNE_DIE_WITH_PARENT": "1", "DTUNE_RUN_DIR": run_dir}
+    if run_id is not None:  # this process holds the run dir for them (dtune/run_start.py)
+        env["DTUNE_RUN_ID"] = run_id
     args = ["-m", "dtune", *kept, "hydra.run.dir=${oc.env:DTUNE_RUN_DIR}"]
     per_node = distributed.processes_per_node(cfg)
     if nnodes == 1:

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dtune.compose import to_config
 from dtune.config import Config
 from dtune.errors import DtuneError
+from dtune.files import read_text
 from dtune.logs import quiet_libraries
 from dtune.methods import load_options
 from dtune.models import load_model_and_tokenizer
@@ -35,7 +36,8 @@ def load_run_config(run_dir: Path, trust_remote_code: bool = False) -> Config:
             f"{run_dir} is not a dtune run directory: {run.config_file} is missing. Pass the "
             "folder a training run wrote (its hydra.run.dir)."
         )
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run.config_file))
+    merged = OmegaConf.merge(OmegaConf.structured(Config),
+                             OmegaConf.create(read_text(run.config_file)))
     cfg = to_config(merged)
     if cfg.model.trust_remote_code and not trust_remote_code:
         log.warning("%s asks for model.trust_remote_code=true; a config read from a run "

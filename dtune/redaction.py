@@ -2,14 +2,17 @@
 out of messages, Hydra's saved files and trackers.
 
 Command-line overrides are saved in plain text under RUN_DIR/.hydra and uploaded by W&B, so a
-secret never stays one. A secret meant for the environment (`hydra.job.env_set.HF_TOKEN=...`)
-is moved into this process's environment before Hydra parses the command line; any other
-secret-looking override is refused. Either way the user is told to export it instead.
+secret never stays one. A secret meant for the environment (`hydra.job.env_set.HF_TOKEN=...`,
+with `+`/`++`, or inside a `hydra.job.env_set={...}` mapping) is moved into this process's
+environment before Hydra parses the command line; any other secret-looking key, at any depth
+of an override's value or of the composed config, is refused. Either way the user is told to
+export it instead. `redact` is the one pass over what dtune writes out (.hydra/, W&B).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -17,6 +20,9 @@ import sys
 from dtune.errors import MASK, SEEN_SECRETS, DtuneError
 
 ENV_SET = "hydra.job.env_set."
+# Environment variables whose values must never reach a file or W&B, however they got into a
+# string.
+SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)$", re.IGNORECASE)
 # Words that name a credential when they end a key (`api_key`, `hf_token`, `WANDB_API_KEY`).
 # Plurals stay out on purpose: `max_new_tokens` and `data.max_tokens` count tokens.
 SECRET_WORDS = {"key", "apikey", "token", "authtoken", "accesstoken", "secret", "secrets",
@@ -76,41 +82,140 @@ def _unquote(value: str) -> str:
     return value
 
 
+def parsed_value(override: str):
+    """An override's value as Hydra's grammar reads it (a dict for `k={a: 1}`), or None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override).value()
+    except Exception:  # not grammatical: the grammar check says so in its own words later
+        return None
+
+
+def nested_secret_keys(value, prefix: str = "") -> list[str]:
+    """The secret-looking keys, dotted, anywhere inside a dict/list value that hold a value."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{prefix}{key}"
+            if is_secret_key(str(key)) and item not in (None, "", {}, []):
+                found.append(name)
+            else:
+                found += nested_secret_keys(item, name + ".")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found += nested_secret_keys(item, f"{prefix}{index}.")
+    return found
+
+
+def _env_value(value) -> str:
+    """A value as Hydra's grammar writes it, quoted where it is not a plain word."""
+    text = str(value)
+    if re.fullmatch(r"[\w./:@%+-]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _move_to_environment(name: str, value, key: str) -> None:
+    value = _unquote(str(value))
+    os.environ[name] = value
+    remember(value)
+    print(f"dtune: warning: {key}={MASK} puts a secret on the command line, where your "
+          f"shell history and the process list keep it. dtune moved it into this run's "
+          f"environment and kept it out of RUN_DIR/.hydra and W&B; next time export "
+          f"{name} in the environment instead.", file=sys.stderr)
+
+
 def take_env_secrets(argv: list[str]) -> list[str]:
-    """`argv` without its `hydra.job.env_set.<SECRET>=value` overrides, whose values go into
-    os.environ instead (so the run and its workers still get them), with a warning each."""
+    """`argv` without the secrets it sets for the environment (`hydra.job.env_set.<SECRET>=v`,
+    with any `+`/`++`, or as entries of `hydra.job.env_set={...}`), whose values go into
+    os.environ instead (so the run and its workers still get them), with a warning each. The
+    non-secret entries of such a mapping stay, one override each."""
     kept = []
     for arg in argv:
         key, value = split_override(arg)
-        if arg.startswith("-") or not key.startswith(ENV_SET) or not is_secret_override(arg):
+        if arg.startswith("-") or value is None or not (key + ".").startswith(ENV_SET):
             kept.append(arg)
-            continue
-        name, value = key[len(ENV_SET):], _unquote(value)
-        os.environ[name] = value
-        remember(value)
-        print(f"dtune: warning: {key}={MASK} puts a secret on the command line, where your "
-              f"shell history and the process list keep it. dtune moved it into this run's "
-              f"environment and kept it out of RUN_DIR/.hydra and W&B; next time export "
-              f"{name} in the environment instead.", file=sys.stderr)
+        elif key.startswith(ENV_SET):
+            if is_secret_key(key):
+                _move_to_environment(key[len(ENV_SET):], value, key)
+            else:
+                kept.append(arg)
+        else:  # the whole mapping: hydra.job.env_set={A: x, HF_TOKEN: y}
+            mapping = parsed_value(arg)
+            if not isinstance(mapping, dict):
+                kept.append(arg)
+                continue
+            for name, item in mapping.items():
+                if is_secret_key(str(name)):
+                    _move_to_environment(str(name), item, f"{ENV_SET}{name}")
+                else:
+                    kept.append(f"++{ENV_SET}{name}={_env_value(item)}")
     return kept
 
 
 def refuse_secret_overrides(overrides: list[str]) -> None:
-    """Refuse a secret typed as a config value: Hydra would save it in plain text."""
+    """Refuse a secret typed as a config value, also as a key inside a mapping or list value
+    (`parallelism.deepspeed_overrides={api_key: ...}`): Hydra would save it in plain text."""
     for override in overrides:
-        if not is_secret_override(override):
+        key, value = split_override(override)
+        if value is None:
             continue
-        key = split_override(override)[0]
-        remember(split_override(override)[1])
+        inner = nested_secret_keys(parsed_value(override)) if "{" in value or "[" in value \
+            else []
+        if not is_secret_override(override) and not inner:
+            continue
+        remember(value)
+        shown = mask_override(override) if not inner else key + "=" + MASK
+        named = key.rsplit(".", 1)[-1] if not inner else f"{key}.{inner[0]}"
         fix = (f"export {key[len(ENV_SET):]}=... in the environment" if key.startswith(ENV_SET)
                else "export the secret in the environment (WANDB_API_KEY for W&B, HF_TOKEN "
                "for the Hugging Face hub)")
         raise DtuneError(
-            f"the override {mask_override(override)!r} looks like a secret (its key "
-            f"{key.rsplit('.', 1)[-1]!r} names a credential), and dtune takes no secrets as "
-            "config values: every override is saved in plain text under RUN_DIR/.hydra and "
-            f"sent to the tracker. Remove it and {fix} instead; dtune redacts environment "
-            "secrets from everything it saves or uploads.")
+            f"the override {shown!r} looks like a secret (its key {named!r} names a "
+            "credential), and dtune takes no secrets as config values: every override is "
+            f"saved in plain text under RUN_DIR/.hydra and sent to the tracker. Remove it and "
+            f"{fix} instead; dtune redacts environment secrets from everything it saves or "
+            "uploads.")
+
+
+def refuse_secret_settings(tree: dict, origin: str = "the configuration") -> None:
+    """Refuse a composed config that holds a secret-looking key anywhere (a YAML file's
+    free-form mapping, say): what a run saves and uploads is its config."""
+    found = nested_secret_keys(tree)
+    if found:
+        raise DtuneError(
+            f"{origin} sets {found[0]!r}, whose key names a credential, and dtune takes no "
+            "secrets as config values: the config is saved under RUN_DIR/.hydra and sent to "
+            f"the tracker. Remove {found[0]} and export the secret in the environment instead "
+            "(the library that needs it reads it there).")
+
+
+def secret_values(env=None) -> list[str]:
+    """The values of the environment's secret-looking variables (8 characters or more)."""
+    env = os.environ if env is None else env
+    return [v for k, v in env.items()
+            if (SECRET_NAME.search(k) or is_secret_key(k)) and len(v) >= 8]
+
+
+def redact(value, secret_list: list[str] | None = None):
+    """`value` with the value of every secret-looking key, every secret typed on this command
+    line and every environment secret in its strings replaced by `***`; non-finite floats
+    become None. The one pass over what dtune writes out: .hydra/, W&B's config and summary."""
+    secret_list = sorted(set(secret_values() if secret_list is None else secret_list)
+                         | SEEN_SECRETS, key=len, reverse=True)
+    if isinstance(value, dict):
+        return {k: (MASK if is_secret_key(str(k)) and v not in (None, "", {}, [])
+                    else redact(v, secret_list)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secret_list) for v in value]
+    if isinstance(value, str):
+        for secret in secret_list:
+            value = value.replace(secret, MASK)
+        return mask_override(value) if "=" in value else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 @contextlib.contextmanager

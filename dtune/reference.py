@@ -25,18 +25,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from dtune.config import Config
 from dtune.distributed import all_reduce_max, barrier
 from dtune.errors import DtuneError
 from dtune.evaluate import pair_logps
-from dtune.files import write_atomically
+from dtune.files import read_bytes, write_atomically
 from dtune.loss import sequence_logps
 from dtune.methods import is_adapter
 from dtune.objectives import objective_spec, resolve_reference
 from dtune.run_dir import RunDir
+from dtune.run_start import read_run_file, update_run_file
 
 log = logging.getLogger("dtune")
 
@@ -118,8 +118,29 @@ def fingerprint(cfg: Config, tokenizer, stream) -> str:
 
 
 def read_table(path: Path) -> tuple[torch.Tensor, str]:
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.get_tensor("logps"), (handle.metadata() or {}).get("fingerprint", "")
+    data = read_bytes(path)  # not through a link planted in its place
+    return load(data)["logps"], safetensors_metadata(data).get("fingerprint", "")
+
+
+def safetensors_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's header (an 8-byte length, then JSON)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size]).get("__metadata__") or {}
+
+
+def sealed_table(run_dir: RunDir) -> tuple[torch.Tensor, str] | None:
+    """The stored table, if its SHA-256 is the one this run recorded when it wrote it (the
+    run file): a file altered or damaged since is not used, and is recomputed."""
+    path = run_dir.reference_logps
+    if not path.exists() and not path.is_symlink():
+        return None
+    recorded = (read_run_file(run_dir) or {}).get("reference_logps_sha256")
+    if recorded != hashlib.sha256(read_bytes(path)).hexdigest():
+        log.warning("%s does not match the SHA-256 this run recorded when it wrote it (it was "
+                    "altered or damaged since): it is not used, and the reference log-probs "
+                    "are computed again from the starting model.", path)
+        return None
+    return read_table(path)
 
 
 def precomputed_table(cfg: Config, engine, stream, tokenizer, run_dir: RunDir,
@@ -127,7 +148,7 @@ def precomputed_table(cfg: Config, engine, stream, tokenizer, run_dir: RunDir,
     """The run directory's reference log-probs when their fingerprint matches, else one pass
     over every training pair with the starting model, saved atomically."""
     path, key = run_dir.reference_logps, fingerprint(cfg, tokenizer, stream)
-    stored = read_table(path) if path.is_file() else None
+    stored = sealed_table(run_dir)
     if stored is not None and stored[1] != key and resuming:
         raise DtuneError(
             f"{path} holds reference log-probs of other training pairs or another starting "
@@ -146,7 +167,9 @@ def precomputed_table(cfg: Config, engine, stream, tokenizer, run_dir: RunDir,
         raise DtuneError(f"the reference pass scored all but {missing} of {len(table)} training "
                          "pairs; this is a bug in dtune's batch stream, please report it.")
     if engine.ranks.is_main:
-        write_atomically(path, save({"logps": table}, metadata={"fingerprint": key}))
+        data = save({"logps": table}, metadata={"fingerprint": key})
+        write_atomically(path, data)
+        update_run_file(run_dir, reference_logps_sha256=hashlib.sha256(data).hexdigest())
     barrier()
     log.info("Reference log-probs of %d pairs precomputed in %.1f s into %s", len(table),
              time.perf_counter() - started, path)

@@ -25,7 +25,7 @@ from PIL import Image, ImageChops  # noqa: E402
 
 
 from dtune.errors import DtuneError  # noqa: E402
-from dtune.files import output_folder  # noqa: E402
+from dtune.files import output_folder, read_text  # noqa: E402
 from dtune.run_dir import RunDir  # noqa: E402
 
 GIB = 1024**3
@@ -110,10 +110,11 @@ def flatten(tree, prefix: str = "") -> dict:
 
 def load_run(path: Path, label: str) -> Run:
     run = RunDir(path)
-    config = flatten(OmegaConf.to_container(OmegaConf.load(run.config_file))) \
-        if run.config_file.is_file() else {}
-    overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(run.overrides_file))] \
-        if run.overrides_file.is_file() else []  # written by CLI runs, not in-process ones
+    config = flatten(OmegaConf.to_container(OmegaConf.create(read_text(run.config_file)))) \
+        if run.config_file.exists() else {}
+    overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.create(
+        read_text(run.overrides_file)))] \
+        if run.overrides_file.exists() else []  # written by CLI runs, not in-process ones
     metrics = run.read_metrics() if run.metrics_file.is_file() else []
     return Run(label, path, config, overrides, metrics, run.read_summary())
 

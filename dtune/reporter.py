@@ -29,10 +29,10 @@ class SilentReporter:
 class Reporter(SilentReporter):
     """Rank 0's: owns metrics.jsonl, the tracker, the progress bar or lines, and summary.json."""
 
-    def __init__(self, cfg: Config, run_dir: RunDir, resumed_step: int | None):
+    def __init__(self, cfg: Config, run_dir: RunDir, run_id: str, resumed_step: int | None):
         self.cfg, self.run_dir = cfg, run_dir
         self.metrics = MetricsLog(run_dir.metrics_file, resume_step=resumed_step)
-        self.tracker = create_tracker(cfg, run_dir.path, resumed=resumed_step is not None)
+        self.tracker = create_tracker(cfg, run_dir.path, run_id)
         self.progress: Progress | None = None
         self.closed = False
 
@@ -91,9 +91,9 @@ class Reporter(SilentReporter):
         self.tracker.finish()
 
 
-def create_reporter(cfg: Config, run_dir: RunDir, is_main: bool,
+def create_reporter(cfg: Config, run_dir: RunDir, run_id: str, is_main: bool,
                     resumed_step: int | None) -> SilentReporter:
-    return Reporter(cfg, run_dir, resumed_step) if is_main else SilentReporter()
+    return Reporter(cfg, run_dir, run_id, resumed_step) if is_main else SilentReporter()
 
 
 def summary_rows(summary: dict, run_dir: RunDir) -> list[tuple[str, str]]:

@@ -3,9 +3,11 @@
 Training, `dtune report`, `dtune check`, eval/generate/merge and the sweep results table all
 find a run's files through `RunDir`, so the layout is spelled out once, here:
 
-    RUN_DIR/.hydra/config.yaml    the resolved config (Hydra)      metrics.jsonl, summary.json
-    RUN_DIR/checkpoints/step-N/   resumable state                  final/  (the HF artifact)
-    RUN_DIR/wandb_run_id, wandb/  W&B                              slurm_job_id, slurm/
+    RUN_DIR/.hydra/config.yaml    the run's config (`write_record`) metrics.jsonl, summary.json
+    RUN_DIR/checkpoints/step-N/   resumable state                   final/  (the HF artifact)
+    RUN_DIR/dtune_run.json        the run's id, .dtune.lock         wandb/, slurm_job_id, slurm/
+
+Every file here is read and written without following a link planted in its place.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtune.files import write_atomically
+from dtune.files import own_directory, read_text, write_atomically
 
 log = logging.getLogger("dtune")
 
@@ -101,10 +103,6 @@ class RunDir:
         return self.path / "dtune.log"
 
     @property
-    def wandb_run_id_file(self) -> Path:
-        return self.path / "wandb_run_id"
-
-    @property
     def wandb(self) -> Path:
         return self.path / "wandb"
 
@@ -133,7 +131,7 @@ class RunDir:
         return [r for r in self.read_metrics() if "loss" in r and r.get("split") != "eval"]
 
     def read_summary(self) -> dict | None:
-        return json.loads(self.summary_file.read_text()) if self.summary_file.is_file() else None
+        return json.loads(read_text(self.summary_file)) if self.summary_file.exists() else None
 
     def write_summary(self, summary: dict) -> None:
         write_atomically(self.summary_file, json.dumps(summary, indent=2))
@@ -141,11 +139,21 @@ class RunDir:
     def write_json(self, path: Path, value) -> None:
         write_atomically(path, json.dumps(value, indent=2))
 
+    def write_record(self, config: str, hydra: str | None, overrides: str) -> None:
+        """.hydra/: the run's config, Hydra's own and the command line, as YAML text already
+        redacted (dtune/redaction.py). Written by dtune, not Hydra, once the run holds the
+        directory and its start or resume was found sound: a refused start changes nothing."""
+        own_directory(self.hydra, "the run's .hydra folder")
+        write_atomically(self.config_file, config)
+        if hydra is not None:
+            write_atomically(self.hydra / "hydra.yaml", hydra)
+        write_atomically(self.overrides_file, overrides)
+
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl. A last line cut short (a kill or a full disk during
     the write) is left out with a warning; anything else that is not JSON is an error."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = [line for line in read_text(Path(path)).splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, start=1):
         try:

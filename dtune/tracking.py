@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import netrc
 import os
-import re
-import secrets
 import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,12 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from dtune.config import Config
-from dtune.redaction import is_secret_key, masked_argv
+from dtune.files import own_directory
+from dtune.redaction import masked_argv, redact, secret_values
 from dtune.run_dir import RunDir
 
 log = logging.getLogger("dtune")
-# Environment variables whose values must never reach W&B, however they got into a string.
-SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)$", re.IGNORECASE)
 
 
 class Tracker:
@@ -42,21 +38,24 @@ class Tracker:
         """Close the tracker's run; call once, at the end of training."""
 
 
-def create_tracker(cfg: Config, run_dir: Path, resumed: bool,
+def create_tracker(cfg: Config, run_dir: Path, run_id: str,
                    is_main_process: bool = True) -> Tracker:
-    """The tracker `cfg.tracker` asks for. `resumed`: training continues from a checkpoint."""
+    """The tracker `cfg.tracker` asks for, for the run `run_id` (dtune/run_start.py: kept when
+    it resumes, new for a fresh run)."""
     if not is_main_process:
         return Tracker()
-    return TRACKERS[cfg.tracker.name](cfg, Path(run_dir), resumed)
+    return TRACKERS[cfg.tracker.name](cfg, Path(run_dir), run_id)
 
 
 class WandbTracker(Tracker):
-    def __init__(self, cfg: Config, run_dir: Path, resumed: bool):
+    def __init__(self, cfg: Config, run_dir: Path, run_id: str):
         import wandb  # deliberately here: a second to import, and only tracker=wandb needs it
 
         self.wandb, self.cfg, self.run_dir = wandb, cfg, run_dir
         self.secrets = secret_values(os.environ)
-        self.run_id = stable_run_id(run_dir, resumed)
+        # dtune's own run id: a resumed run continues its W&B run, a fresh one starts another
+        self.run_id = run_id
+        own_directory(RunDir(run_dir).wandb, "W&B's folder in the run directory")
         args = init_args(cfg, run_dir, self.run_id, os.environ)
         args["config"] = redact(args["config"], self.secrets)
         mode, reason = choose_mode(cfg.tracker.mode, os.environ)
@@ -137,8 +136,8 @@ class WandbTracker(Tracker):
                 pass
 
 
-# One entry per `tracker=` option (conf/tracker/*.yaml): (config, run dir, resumed) -> Tracker.
-TRACKERS = {"none": lambda cfg, run_dir, resumed: Tracker(), "wandb": WandbTracker}
+# One entry per `tracker=` option (conf/tracker/*.yaml): (config, run dir, run id) -> Tracker.
+TRACKERS = {"none": lambda cfg, run_dir, run_id: Tracker(), "wandb": WandbTracker}
 
 
 def wandb_metrics(record: dict) -> dict:
@@ -202,17 +201,6 @@ def hydra_sweep_dir() -> str | None:
     return None
 
 
-def stable_run_id(run_dir: Path, resumed: bool) -> str:
-    """The W&B run id kept in the run dir: reused when training resumes, new otherwise."""
-    path = RunDir(run_dir).wandb_run_id_file
-    if resumed and path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
-    # Not `random`: training seeds it, and two runs with one seed must not share an id.
-    run_id = secrets.token_hex(6)
-    path.write_text(run_id + "\n")
-    return run_id
-
-
 def choose_mode(configured: str | None, env) -> tuple[str | None, str]:
     """(mode for wandb.init, why). tracker.mode wins, then WANDB_MODE (wandb reads it itself),
     then online if credentials exist, else offline: a machine with no account still tracks."""
@@ -235,25 +223,6 @@ def has_credentials(env) -> bool:
         return bool(host) and netrc.netrc(path).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
-
-
-def secret_values(env) -> list[str]:
-    return [v for k, v in env.items()
-            if (SECRET_NAME.search(k) or is_secret_key(k)) and len(v) >= 8]
-
-
-def redact(value, secret_list: list[str]):
-    """`value` with every secret in its strings replaced by `***`."""
-    if isinstance(value, dict):
-        return {k: redact(v, secret_list) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v, secret_list) for v in value]
-    if isinstance(value, str):
-        for secret in secret_list:
-            value = value.replace(secret, "***")
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def git_root() -> str | None:

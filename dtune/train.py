@@ -7,6 +7,7 @@ process, DDP or DeepSpeed ZeRO: the engine hides which, and only rank 0's report
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -19,15 +20,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from dtune.checkpoint import TrainState, load_checkpoint, save_checkpoint, valid_checkpoints
+from dtune.checkpoint import (TrainState, checkpoint_folders, load_checkpoint, run_id_of,
+                              save_checkpoint, valid_checkpoints)
 from dtune.config import Config, loss_chunk_size
 from dtune.data.batching import BatchStream, loss_token_count
 from dtune.data.formatting import IGNORE
 from dtune.data.loading import load_splits
 from dtune.data import streaming
 from dtune.data.prepare import PreparedData, prepare_data, tokenize_records
-from dtune.distributed import (Ranks, all_reduce_sum, barrier, die_with_parent, gather,
-                               launched_ranks, process_group)
+from dtune.distributed import (Ranks, all_reduce_max, all_reduce_sum, barrier, die_with_parent,
+                               gather, launched_ranks, process_group)
 from dtune import precision
 from dtune.engines import Engine, build_engine, run_context
 from dtune.engines.base import StepStatus, process_device
@@ -44,7 +46,10 @@ from dtune.models import load_model_and_tokenizer
 from dtune.objectives import OBJECTIVES, ObjectiveSpec, objective_spec, pair_loss
 from dtune.reference import build_reference
 from dtune.reporter import SilentReporter, create_reporter
+from dtune.files import read_text
 from dtune.run_dir import RunDir
+from dtune.run_start import (all_damaged, changed_settings, claimed, settings_changed,
+                             training_settings)
 from dtune.signals import StopFlag, slurm_restarted, stop_after_checkpoint
 from dtune.tokenizer_setup import template_changed_error
 
@@ -57,6 +62,7 @@ class Recipe:
 
     cfg: Config
     run_dir: RunDir
+    run_id: str  # whose checkpoints this run resumes and prunes (dtune/run_start.py)
     ranks: Ranks
     engine: Engine
     tokenizer: Any
@@ -75,6 +81,7 @@ class Recipe:
     objective: ObjectiveSpec = OBJECTIVES["sft"]
     reference: Any = None  # DPO's reference log-probs (dtune/reference.py); NoReference else
     eval_pairs: Optional[list] = None  # preference objectives: a stream over each eval set
+    data_fingerprint: Optional[str] = None  # the training rows (None: streamed)
 
 
 @dataclass
@@ -99,12 +106,13 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     if os.environ.get("DTUNE_DIE_WITH_PARENT") == "1":  # a worker of dtune's own launch
         die_with_parent()
     precision.resolve(cfg)  # precision=auto and the like, on the machine that trains
-    with process_group(cfg.parallelism, ranks), run_context(cfg, ranks):
-        recipe = set_up(cfg, RunDir(run_dir), ranks, started)
+    with process_group(cfg.parallelism, ranks), run_context(cfg, ranks), \
+            this_run(cfg, RunDir(run_dir), ranks) as run_id:
+        recipe = set_up(cfg, RunDir(run_dir), run_id, ranks, started)
         reporter, stop = SilentReporter(), StopFlag()
         try:
             state = resume_or_start(recipe)
-            reporter = create_reporter(cfg, recipe.run_dir, ranks.is_main,
+            reporter = create_reporter(cfg, recipe.run_dir, run_id, ranks.is_main,
                                        state.step if recipe.resumed_from else None)
             if state.step == 0 and state.exact_match_before is None:
                 evaluate_before_training(recipe, state, reporter)
@@ -116,12 +124,25 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
             reporter.close()
 
 
-def set_up(cfg: Config, run_dir: RunDir, ranks: Ranks, started: float) -> Recipe:
+@contextlib.contextmanager
+def this_run(cfg: Config, run_dir: RunDir, ranks: Ranks):
+    """The run's id on every rank. Rank 0 holds the directory for the run (its lock, fresh or
+    resumed: dtune/run_start.py), unless the process that started it does and handed it the
+    id (DTUNE_RUN_ID)."""
+    if not ranks.is_main or "DTUNE_RUN_ID" in os.environ:
+        owned = contextlib.nullcontext(os.environ.get("DTUNE_RUN_ID", "0") if ranks.is_main
+                                       else "0")
+    else:
+        owned = claimed(cfg, run_dir)
+    with owned as run_id:
+        # 48 bits (12 hex digits) are exact in float64: a tensor collective carries them
+        yield f"{int(all_reduce_max(float(int(run_id, 16)))):012x}"
+
+
+def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: float) -> Recipe:
     """Data, model and method, batch stream and engine, in the order that fails fastest."""
     if not ranks.is_main:
         log.setLevel(logging.WARNING)  # rank 0 alone reports
-    else:
-        run_dir.path.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -170,10 +191,10 @@ def set_up(cfg: Config, run_dir: RunDir, ranks: Ranks, started: float) -> Recipe
                               tokenizer.pad_token_id, ranks.rank, ranks.world_size)
                   for examples in data.evals.values() if len(examples)] \
         if objective.pairs else None
-    return Recipe(cfg, run_dir, ranks, engine, tokenizer, stream, data.eval_records, data.evals,
-                  total_steps, chunk_size, (trainable, total), source, started,
+    return Recipe(cfg, run_dir, run_id, ranks, engine, tokenizer, stream, data.eval_records,
+                  data.evals, total_steps, chunk_size, (trainable, total), source, started,
                   eval_format=data.eval_format, objective=objective, reference=reference,
-                  eval_pairs=eval_pairs)
+                  eval_pairs=eval_pairs, data_fingerprint=data.fingerprint)
 
 
 def batch_stream(cfg: Config, tokenizer, ranks: Ranks, sources, eval_records):
@@ -213,27 +234,43 @@ def checked_chunk_size(engine: Engine, tokenizer, chunk_size: int) -> int:
 
 
 def resume_or_start(recipe: Recipe) -> TrainState:
-    """A fresh state, or the newest complete checkpoint's when resuming."""
-    cfg = recipe.cfg
-    identity = {"model": cfg.model.name_or_path, "method": cfg.method.name}
+    """A fresh state, or the newest complete checkpoint of this run when resuming, once its
+    settings, training rows and chat template are found to be this run's."""
+    cfg, run_dir = recipe.cfg, recipe.run_dir
     template = recipe.tokenizer.chat_template
-    state = TrainState(identity=identity, data=recipe.stream.state_dict(), chat_template=template)
+    state = TrainState(data=recipe.stream.state_dict(), run_id=recipe.run_id,
+                       settings=training_settings(cfg, recipe.ranks.world_size),
+                       data_fingerprint=recipe.data_fingerprint, chat_template=template)
     if not (cfg.train.resume or slurm_restarted()):  # a requeued SLURM job always resumes
         return state
-    checkpoints = valid_checkpoints(recipe.run_dir.path)
+    checkpoints = valid_checkpoints(run_dir.path, run_id=recipe.run_id)
     if not checkpoints:
-        log.info("train.resume=true but %s holds no complete checkpoint; starting fresh",
-                 recipe.run_dir.checkpoints)
+        mine = [folder for _, folder in checkpoint_folders(run_dir.path)
+                if run_id_of(folder) in (recipe.run_id, None)]
+        if mine:  # every one of them altered since its save
+            raise all_damaged(run_dir, [(folder, "its files do not match the SHA-256 of "
+                                         "their manifest") for folder in mine])
+        log.info("train.resume=true but %s holds no checkpoint of this run yet; starting fresh",
+                 run_dir.checkpoints)
         return state
-    recipe.resumed_from = checkpoints[0]
-    state = load_checkpoint(checkpoints[0], recipe.engine, identity)
-    changed = template_changed_error(checkpoints[0], state.chat_template, template)
+    saved = TrainState.from_json(read_text(checkpoints[0] / "trainer_state.json"))
+    changed = changed_settings(saved.settings, state.settings)
+    if None not in (saved.data_fingerprint, state.data_fingerprint) \
+            and saved.data_fingerprint != state.data_fingerprint:
+        changed.append(("the training rows (their content, or the tokenizer)",
+                        saved.data_fingerprint, state.data_fingerprint))
     if changed:
-        raise changed
-    state.chat_template = template  # a checkpoint written before templates were saved: None
-    recipe.stream.load_state_dict(state.data)
-    log.info("Resumed from %s (step %d)", checkpoints[0], state.step)
-    return state
+        raise settings_changed(checkpoints[0], changed)
+    changed_template = template_changed_error(checkpoints[0], saved.chat_template, template)
+    if changed_template:
+        raise changed_template
+    recipe.resumed_from = checkpoints[0]
+    loaded = load_checkpoint(checkpoints[0], recipe.engine)
+    loaded.chat_template = template  # a checkpoint written before templates were saved: None
+    loaded.settings, loaded.data_fingerprint = state.settings, state.data_fingerprint
+    recipe.stream.load_state_dict(loaded.data)
+    log.info("Resumed from %s (step %d)", checkpoints[0], loaded.step)
+    return loaded
 
 
 def evaluate_before_training(recipe: Recipe, state: TrainState, reporter) -> None:

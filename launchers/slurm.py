@@ -16,7 +16,9 @@ from pathlib import Path
 import submitit
 
 from dtune.config import Config, LauncherConfig
+from dtune import run_start
 from dtune.errors import DtuneError
+from dtune.files import NoFollowFileHandler, refuse_symlink, write_atomically
 from dtune.launch import run_training
 from dtune.run_dir import RunDir
 
@@ -27,15 +29,21 @@ def submit(config: Config, run_dir: str, overrides: list[str]) -> float | None:
     """Submit; print the job id, log paths and how to follow them. With launcher.wait=true,
     wait for the job and return its final eval loss (what Hydra sweepers minimise)."""
     launcher = config.launcher
-    check_cluster(launcher)
     run_dir = Path(run_dir)
+    refuse_symlink(RunDir(run_dir).slurm_job_id_file)  # before a job exists to lose track of
+    check_cluster(launcher)
     folder = Path(launcher.folder) if launcher.folder else RunDir(run_dir).slurm
     executor = submitit.SlurmExecutor(folder=folder)
     executor.update_parameters(**sbatch_parameters(launcher))
     # Workers started inside the job must train, not submit again.
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("launcher")]
+    # The job takes the run directory's lock itself, as the run this submission claimed; this
+    # process gives it back first (with launcher.wait=true it would wait on its own job).
+    run_id = run_start.claimed_id(RunDir(run_dir))
+    run_start.release(RunDir(run_dir))
     try:
-        job = executor.submit(run_job, config, str(run_dir), job_overrides + ["launcher=local"])
+        job = executor.submit(run_job, config, str(run_dir), job_overrides + ["launcher=local"],
+                              run_id)
     except subprocess.CalledProcessError as error:  # sbatch refused the job
         raise DtuneError(f"sbatch refused the job: {_text(error.stderr or error.output)}. "
                          "Check the launcher.* settings (partition, account, qos, "
@@ -47,7 +55,7 @@ def submit(config: Config, run_dir: str, overrides: list[str]) -> float | None:
           f"  log:    {job.paths.stdout}\n  errors: {job.paths.stderr}\n"
           f"  follow: tail -f {job.paths.stdout}\n"
           f"  status: squeue -j {job.job_id}   cancel: scancel {job.job_id}", flush=True)
-    RunDir(run_dir).slurm_job_id_file.write_text(f"{job.job_id}\n")
+    write_atomically(RunDir(run_dir).slurm_job_id_file, f"{job.job_id}\n")
     if not launcher.wait:
         return None
     return job.results()[0]  # one result per task; rank 0's is the run's
@@ -113,15 +121,20 @@ def gpu_warning(partition: str | None, gres: set[str], gpus_per_node: int) -> st
             "launcher.gpus_per_node to the GPUs each node should use.")
 
 
-def run_job(config: Config, run_dir: str, overrides: list[str]) -> float | None:
-    """The function submitit runs on every task of the job."""
+def run_job(config: Config, run_dir: str, overrides: list[str],
+            run_id: str | None = None) -> float | None:
+    """The function submitit runs on every task of the job. Task 0 holds the run directory
+    for the job's life, as the run `run_id` that the submission claimed it for."""
     rank0 = os.environ.get("SLURM_PROCID", "0") == "0"
     handlers = [logging.StreamHandler()]
     if rank0:
-        handlers.append(logging.FileHandler(RunDir(run_dir).log_file))
+        handlers.append(NoFollowFileHandler(RunDir(run_dir).log_file))
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, handlers=handlers,
                         format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
-    return run_training(config, run_dir, overrides)
+    if not run_start.answers_for_run(config):
+        return run_training(config, run_dir, overrides)
+    with run_start.claimed(config, RunDir(run_dir), expected_id=run_id):
+        return run_training(config, run_dir, overrides)
 
 
 def _text(value) -> str:

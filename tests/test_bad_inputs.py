@@ -170,4 +170,4 @@ def test_disk_full_while_saving_keeps_earlier_checkpoints(tmp_path, monkeypatch)
     with pytest.raises(DtuneError, match=r"could not write the checkpoint for step 4.*No space"):
         train(tmp_path, *overrides)
     assert [c.name for c in valid_checkpoints(tmp_path)] == ["step-2"]
-    assert not list((tmp_path / "checkpoints").glob(".tmp-step-*"))
+    assert not list((tmp_path / "checkpoints").glob(".step-*.tmp-*"))

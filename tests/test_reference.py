@@ -40,7 +40,9 @@ def test_a_run_computes_and_leaves_what_it_did_before_the_change(tmp_path, name)
         assert close(now[key], before[key]), (key, now[key], before[key])
     assert now["step_keys"] == before["step_keys"]
     assert set(before["summary_keys"]) <= set(now["summary_keys"])
-    # Added since: the marker that says dtune wrote final/ (see "Security model")
-    assert [f for f in now["files"] if not f.endswith(OUTPUT_MARKER)] == before["files"]
-    assert f"final/{OUTPUT_MARKER}" in now["files"]
+    # Added since: the marker that says dtune wrote final/, the run's record and its lock
+    # (see "Security model")
+    added = (f"final/{OUTPUT_MARKER}", "dtune_run.json", ".dtune.lock")
+    assert [f for f in now["files"] if f not in added] == before["files"]
+    assert set(added) <= set(now["files"])
     assert set(VOLATILE) <= set(now["summary_keys"])

@@ -153,7 +153,7 @@ def test_wandb_never_records_a_secret_left_in_sys_argv(tmp_path, monkeypatch, wa
         if name.startswith("WANDB_"):
             monkeypatch.setenv(name, value)
     monkeypatch.setattr(sys, "argv", ["train.py", f"+x.password={SECRET_3}", "train.lr=1e-3"])
-    tracker = WandbTracker(compose(*TINY, "tracker=wandb"), tmp_path, resumed=False)
+    tracker = WandbTracker(compose(*TINY, "tracker=wandb"), tmp_path, "0123456789ab")
     tracker.log({"step": 1, "loss": 1.0})
     tracker.finish()
     assert wandb_args(tmp_path, wandb_env) == ["+x.password=***", "train.lr=1e-3"]

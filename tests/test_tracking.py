@@ -17,7 +17,7 @@ from dtune.errors import DtuneError
 from dtune.metrics import read_metrics
 from dtune.run_dir import RunDir
 from dtune.tracking import (Tracker, WandbTracker, choose_mode, create_tracker,
-                            has_credentials, init_args, redact, stable_run_id, wandb_metrics)
+                            has_credentials, init_args, redact, wandb_metrics)
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef0dtune42"  # 40 characters, like a real key
 FAKE_HF_TOKEN = "hf_dtuneFakeTokenThatMustNotLeak1234"
@@ -49,6 +49,10 @@ def read_wandb(run_file: Path, env: dict) -> dict:
     return {"run": runs[0] if runs else None, "history": history, "summary": summary,
             "artifacts": [r["artifact"] for r in records if r["type"] == "artifact"],
             "exit": [r["exit"] for r in records if r["type"] == "exit"]}
+
+
+def run_id_of(run_dir: Path) -> str:
+    return json.loads(RunDir(run_dir).run_file.read_text())["run_id"]
 
 
 def offline_runs(run_dir: Path) -> list[Path]:
@@ -129,18 +133,11 @@ def test_in_a_hydra_multirun_the_group_is_the_sweep_and_the_name_its_job(tmp_pat
     assert args["name"] == "lr-sweep/3"
 
 
-def test_run_id_is_kept_for_a_resumed_run_and_new_for_a_fresh_one(tmp_path):
-    first = stable_run_id(tmp_path, resumed=False)
-    assert RunDir(tmp_path).wandb_run_id_file.read_text().strip() == first
-    assert stable_run_id(tmp_path, resumed=True) == first
-    assert stable_run_id(tmp_path, resumed=False) != first
-
-
 def test_only_the_main_process_and_tracker_wandb_talk_to_wandb(tmp_path):
-    assert type(create_tracker(compose(*TINY, "tracker=wandb"), tmp_path, False,
+    assert type(create_tracker(compose(*TINY, "tracker=wandb"), tmp_path, "0123456789ab",
                                is_main_process=False)) is Tracker
-    assert type(create_tracker(compose(*TINY), tmp_path, False)) is Tracker
-    assert not RunDir(tmp_path).wandb_run_id_file.exists()
+    assert type(create_tracker(compose(*TINY), tmp_path, "0123456789ab")) is Tracker
+    assert not RunDir(tmp_path).wandb.exists()
 
 
 def test_a_wandb_failure_mid_run_turns_tracking_off_instead_of_stopping_training(caplog):
@@ -207,7 +204,7 @@ def test_offline_run_records_the_config_metrics_summary_and_artifact(tmp_path, w
     [run_file] = offline_runs(run_dir)
     sent = read_wandb(run_file, env)
     run = sent["run"]
-    assert run["run_id"] == RunDir(run_dir).wandb_run_id_file.read_text().strip()
+    assert run["run_id"] == run_id_of(run_dir)  # dtune's run id names the W&B run
     assert run["project"] == "dtune-test"
     assert run["run_group"] == "slurm-array-777"
     assert run["tags"] == ["lora", "tiny-llama", "single"]
@@ -315,7 +312,7 @@ def test_a_killed_and_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_e
     finally:
         first.send_signal(signal.SIGKILL)  # as a preempted job dies: no clean-up at all
         first.wait()
-    run_id = RunDir(run_dir).wandb_run_id_file.read_text().strip()
+    run_id = run_id_of(run_dir)
     checkpoint = newest_checkpoint(run_dir)
 
     # Requeued: the same command with train.resume=true. It stops a few steps after the
@@ -325,7 +322,7 @@ def test_a_killed_and_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_e
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith(f"step-{checkpoint}")
-    assert RunDir(run_dir).wandb_run_id_file.read_text().strip() == run_id
+    assert run_id_of(run_dir) == run_id  # a resumed run keeps its id, and its W&B run
 
     killed_file, resumed_file = offline_runs(run_dir)
     killed, resumed = read_wandb(killed_file, env), read_wandb(resumed_file, env)

@@ -80,6 +80,8 @@ class PreparedData:
     evals: dict  # source name -> its eval ExampleTable or PairTable (possibly empty)
     eval_records: list  # the first eval rows as dicts, for exact match
     eval_format: str  # their format
+    # the training rows and their tokenizer: a resume compares it with its checkpoint's
+    fingerprint: str | None = None
 
 
 def prepare_data(cfg: Config, tokenizer, ranks: Ranks,
@@ -113,7 +115,7 @@ def prepare_data(cfg: Config, tokenizer, ranks: Ranks,
             wanted = min(len(source.eval), cfg.eval.exact_match_samples - len(records))
             records += [row if len(sources) == 1 else {"task": source.spec.name, **row}
                         for row in source.eval.select(range(wanted))]
-    return PreparedData(train, evals, records, fmt)
+    return PreparedData(train, evals, records, fmt, rows_fingerprint(sources, tokenizer))
 
 
 def load_tokenized(folder: Path) -> ExampleTable:
@@ -221,15 +223,30 @@ def _write(table: datasets.Dataset, folder: Path, pairs: bool = False) -> datase
     return table
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(),
+                                                                     sort_keys=True)
+    return hashlib.sha256(vocab.encode()).hexdigest()
+
+
+def rows_fingerprint(sources: list[SourceRows], tokenizer) -> str:
+    """The training rows of every source (datasets' fingerprints, which follow the files'
+    contents and the hub revision) and the tokenizer with its chat template: what a resumed
+    run must train on to continue the same training."""
+    payload = json.dumps({"rows": [s.train._fingerprint for s in sources],
+                          "tokenizer": tokenizer_fingerprint(tokenizer),
+                          "chat_template": getattr(tokenizer, "chat_template", None)},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
 def fingerprint(cfg: Config, tokenizer, source: SourceRows) -> str:
     """Changes whenever a source's tokenized examples could: its rows (datasets' own
     fingerprint of them, which follows the files, the hub revision and every selection), how
     they are read (format, columns, split), the tokenizer and its chat template, and the
     formatting settings."""
     d = cfg.data
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(),
-                                                                     sort_keys=True)
     spec = {k: v for k, v in asdict(source.spec).items() if k not in ("weight", "fraction")}
     payload = json.dumps({
         "version": CACHE_VERSION,
@@ -239,7 +256,7 @@ def fingerprint(cfg: Config, tokenizer, source: SourceRows) -> str:
         "settings": {"max_seq_len": d.max_seq_len, "train_on_inputs": d.train_on_inputs,
                      "system_prompt": d.system_prompt, "chat_template": d.chat_template},
         "max_loss_samples": cfg.eval.max_loss_samples,
-        "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
         "tokenizer_class": type(tokenizer).__name__,
         "chat_template": getattr(tokenizer, "chat_template", None),
         "special_tokens": [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token],
