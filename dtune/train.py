@@ -78,6 +78,8 @@ class Recipe:
     # this process's first step whose loss or gradient was NaN/inf (skipped), for the message
     # that refuses non-finite final weights
     first_nonfinite_step: Optional[int] = None
+    # preference pairs truncation made identical (dtune/data/prepare.py); None when streamed
+    identical_pairs: Optional[int] = None
 
 
 @dataclass
@@ -176,7 +178,7 @@ def set_up(cfg: Config, run_dir: RunDir, ranks: Ranks, started: float) -> Recipe
     return Recipe(cfg, run_dir, ranks, engine, tokenizer, stream, data.eval_records, data.evals,
                   total_steps, chunk_size, (trainable, total), source, started,
                   eval_format=data.eval_format, objective=objective, reference=reference,
-                  eval_pairs=eval_pairs)
+                  eval_pairs=eval_pairs, identical_pairs=data.identical_pairs)
 
 
 def batch_stream(cfg: Config, tokenizer, ranks: Ranks, sources, eval_records):
@@ -488,6 +490,7 @@ def objective_summary(recipe: Recipe, state: TrainState, loop: LoopResult,
     return {"objective": recipe.objective.name, "reference": recipe.reference.kind,
             "preference_accuracy_before": state.preference_accuracy_before,
             "preference_accuracy_after": final_eval.get("preference_accuracy"),
+            "pairs_identical_after_truncation": recipe.identical_pairs,
             **{f"final_{k}": v for k, v in loop.last_step.items()
                if k in recipe.objective.metrics}}
 
