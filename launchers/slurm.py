@@ -15,7 +15,7 @@ from pathlib import Path
 
 import submitit
 
-from dtune.config import Config, LauncherConfig
+from dtune.config import Config, LauncherConfig, check_no_control_characters
 from dtune.errors import DtuneError
 from dtune.launch import run_training
 from dtune.run_dir import RunDir
@@ -27,9 +27,10 @@ def submit(config: Config, run_dir: str, overrides: list[str]) -> float | None:
     """Submit; print the job id, log paths and how to follow them. With launcher.wait=true,
     wait for the job and return its final eval loss (what Hydra sweepers minimise)."""
     launcher = config.launcher
-    check_cluster(launcher)
     run_dir = Path(run_dir)
     folder = Path(launcher.folder) if launcher.folder else RunDir(run_dir).slurm
+    check_script_paths(run_dir, folder)
+    check_cluster(launcher)
     executor = submitit.SlurmExecutor(folder=folder)
     executor.update_parameters(**sbatch_parameters(launcher))
     # Workers started inside the job must train, not submit again.
@@ -51,6 +52,16 @@ def submit(config: Config, run_dir: str, overrides: list[str]) -> float | None:
     if not launcher.wait:
         return None
     return job.results()[0]  # one result per task; rank 0's is the run's
+
+
+def check_script_paths(run_dir: Path, folder: Path) -> None:
+    """Refuse, before anything is submitted, a control character in a path that reaches the
+    batch script: submitit writes the log folder into `#SBATCH --output=...` lines and the
+    command, shell-quoted, but a newline inside quotes still ends an #SBATCH line, and sbatch
+    ignores every directive after the first line that is not one. (The run dir itself travels
+    pickled, and its slurm/ folder is the default log folder.)"""
+    check_no_control_characters("hydra.run.dir", run_dir)
+    check_no_control_characters("launcher.folder", folder.absolute())
 
 
 def sbatch_parameters(launcher: LauncherConfig) -> dict:

@@ -445,3 +445,46 @@ def test_a_run_dirs_config_cannot_fill_the_real_models_cache_entry(site, convers
     plain, _ = models.resolve_model(real)
     assert plain != crafted and conversions[-1].name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert json.loads((Path(plain) / "config.json").read_text())["from"].startswith("GGUF")
+
+
+# --- paths in the SLURM batch script -------------------------------------------------------------
+
+def test_a_newline_in_the_run_dir_is_refused_before_anything_is_submitted(tmp_path):
+    """Without the check the newline ends `#SBATCH --output=...` and starts a command line,
+    and sbatch silently ignores every #SBATCH line after it."""
+    tools, called = tmp_path / "bin", tmp_path / "sbatch-was-called"
+    tools.mkdir()
+    for tool in ("sbatch", "sinfo"):  # a cluster that would take the job (and records it)
+        (tools / tool).write_text(f"#!/bin/sh\necho \"$@\" >> '{called}'\nexit 1\n")
+        (tools / tool).chmod(0o755)
+    run_dir = tmp_path / "a\nb"
+    result = run_dtune("model=tiny-llama", "launcher=slurm", f"hydra.run.dir='{run_dir}'",
+                       env={"PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"})
+    message = one_line(result.stderr)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"hydra.run.dir={str(run_dir)!r} holds the control character(s) '\\n'" in message
+    assert "would end a line of the SLURM batch script" in message
+    assert not called.exists()  # refused before sinfo and sbatch
+
+
+def test_every_path_in_the_generated_batch_script_is_quoted(tmp_path):
+    """What submitit writes for dtune's parameters: a path with spaces, quotes and `$` stays
+    one word everywhere, and no #SBATCH line comes after a command."""
+    import shlex
+
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from dtune.launchers.slurm import sbatch_parameters
+
+    folder = tmp_path / "my runs" / "exp (2) 'q' $HOME `id`" / "slurm"
+    script = _make_sbatch_string(command="python -u -m submitit.core._submit " +
+                                 shlex.quote(str(folder)), folder=folder,
+                                 **sbatch_parameters(compose("launcher=slurm").launcher))
+    lines = script.splitlines()
+    first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    assert not any(line.startswith("#SBATCH") for line in lines[first_command:])
+    output = next(line for line in lines if line.startswith("#SBATCH --output="))
+    assert shlex.split(output.split("=", 1)[1]) == [f"{folder}/%j_0_log.out"]
+    srun = shlex.split(next(line for line in lines if line.startswith("srun ")))
+    assert srun[srun.index("--output") + 1] == f"{folder}/%j_%t_log.out"
+    assert srun[-1] == str(folder)
