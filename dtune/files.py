@@ -9,15 +9,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import secrets
 import shutil
+import socket
+import stat
 import tempfile
+import time
 from pathlib import Path
 
 from dtune.errors import DtuneError
 
 OUTPUT_MARKER = ".dtune-output.json"  # in every folder dtune writes whole (final/, merged, report)
+# In every temporary folder dtune makes beside what it builds: which host and process made it,
+# so that a later start removes the leftovers of a killed process, and only those.
+TEMP_MARKER = ".dtune-temp.json"
 
 
 def refuse_symlink(path: Path) -> None:
@@ -28,6 +35,72 @@ def refuse_symlink(path: Path) -> None:
             "it creates itself: following a link from a run directory could overwrite anything "
             "it points at. Remove the link, or use a run directory of your own."
         )
+
+
+def link_refused(path: Path, what: str = "") -> DtuneError:
+    path = Path(path)
+    target = os.readlink(path) if path.is_symlink() else "?"
+    return DtuneError(
+        f"{what or path} is a symbolic link (to {target}), and dtune neither writes nor reads "
+        "through links in a run, sweep or cache directory: a link planted there could make it "
+        "overwrite or read anything it points at. Remove the link, or use a directory of your "
+        f"own. The link: {path}")
+
+
+def check_own_directory(path: Path, what: str = "") -> None:
+    """Refuse `path` unless it is a real directory (not a link to one) owned by this user:
+    then nobody else can plant a link in it between a check and a write."""
+    path = Path(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise DtuneError(f"{what or path} does not exist: {path}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise link_refused(path, what)
+    if not stat.S_ISDIR(info.st_mode):
+        raise DtuneError(f"{what or path} is not a folder: {path}. Name a folder, or remove "
+                         "the file that stands in its place.")
+    if info.st_uid != os.getuid():
+        raise DtuneError(
+            f"{what or path} belongs to another user (uid {info.st_uid}), and dtune writes "
+            "only into folders of your own: their owner could change what is in it while "
+            f"dtune works. Copy what you need into a folder of your own. The folder: {path}")
+
+
+def own_directory(path: Path, what: str = "", parents: bool = False) -> Path:
+    """`path` as a real directory of this user's, made if missing (`parents`: with the
+    folders above it; else only the last, inside a folder already checked)."""
+    path = Path(path)
+    try:
+        if parents:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            os.mkdir(path, 0o777)
+    except FileExistsError:
+        pass
+    check_own_directory(path, what)
+    return path
+
+
+def open_no_follow(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
+    """os.open that refuses a link at the last component of `path` (a DtuneError)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno == errno.EMLINK and Path(path).is_symlink()):
+            raise link_refused(path) from None
+        raise
+
+
+def read_text(path: Path) -> str:
+    """A file's text, refusing a link planted in its place."""
+    with os.fdopen(open_no_follow(path), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def read_bytes(path: Path) -> bytes:
+    with os.fdopen(open_no_follow(path), "rb") as handle:
+        return handle.read()
 
 
 def write_atomically(path: Path, data: str | bytes) -> None:
@@ -51,13 +124,73 @@ def write_atomically(path: Path, data: str | bytes) -> None:
 
 def open_for_append(path: Path):
     """An append handle that refuses to follow a link planted at `path`."""
+    return os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a",
+                     encoding="utf-8")
+
+
+class NoFollowFileHandler(logging.FileHandler):
+    """Hydra's job log (RUN_DIR/dtune.log, conf/config.yaml) opened without following a link,
+    and only inside a folder of this user's. Opened on the first record (`delay`), after
+    dtune has checked the run directory; where the check fails, records are dropped, since the
+    run is refused with its own message."""
+
+    def __init__(self, filename, mode: str = "a", encoding=None, delay: bool = True,
+                 errors=None):
+        super().__init__(filename, mode, encoding or "utf-8", delay=True, errors=errors)
+
+    def _open(self):
+        try:
+            check_own_directory(Path(self.baseFilename).parent)
+            return open_for_append(Path(self.baseFilename))
+        except (DtuneError, OSError):
+            return open(os.devnull, "a", encoding="utf-8")
+
+
+def make_temp_dir(beside: Path, name: str) -> Path:
+    """An empty folder beside `beside/name`, with an unguessable name (`.NAME.tmp-XXXX`, mode
+    0700) and a marker naming this host and process. Take the marker out with
+    `clear_temp_marker` before the folder becomes what it builds."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=beside))
+    (tmp / TEMP_MARKER).write_text(json.dumps({"written_by": "dtune", "host": socket.gethostname(),
+                                               "pid": os.getpid(), "started": time.time()}))
+    return tmp
+
+
+def clear_temp_marker(tmp: Path) -> None:
+    os.unlink(Path(tmp) / TEMP_MARKER)
+
+
+def remove_stale_temp_dirs(parent: Path, name: str = "*", ours: bool = False) -> list[Path]:
+    """Remove the `.NAME.tmp-*` folders under `parent` that dtune made (their marker) and
+    whose maker is gone: a process of this host that no longer runs, or any maker when
+    `ours` (the caller holds the lock under which they were made). Nothing else is touched."""
+    removed = []
+    for tmp in Path(parent).glob(f".{name}.tmp-*"):
+        try:
+            if tmp.is_symlink() or not tmp.is_dir():
+                continue
+            marker = json.loads(read_text(tmp / TEMP_MARKER))
+        except (OSError, ValueError, DtuneError):
+            continue  # not one of dtune's
+        if not isinstance(marker, dict) or marker.get("written_by") != "dtune":
+            continue
+        if ours or (marker.get("host") == socket.gethostname()
+                    and not process_alive(marker.get("pid"))):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def process_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            refuse_symlink(path)
-        raise
-    return os.fdopen(fd, "a", encoding="utf-8")
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
 
 
 def current_umask() -> int:

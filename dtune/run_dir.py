@@ -42,6 +42,16 @@ class RunDir:
 
     # --- the layout ---------------------------------------------------------------------
     @property
+    def run_file(self) -> Path:
+        """Which run owns this directory: its run id, written when the run starts."""
+        return self.path / "dtune_run.json"
+
+    @property
+    def lock_file(self) -> Path:
+        """Held (flock) by the run that writes here, for its whole life."""
+        return self.path / ".dtune.lock"
+
+    @property
     def hydra(self) -> Path:
         return self.path / ".hydra"
 
@@ -108,7 +118,8 @@ class RunDir:
 
     # --- what is in it --------------------------------------------------------------------
     def is_run(self) -> bool:
-        return self.config_file.is_file() or self.metrics_file.is_file()
+        return self.run_file.is_file() or self.config_file.is_file() \
+            or self.metrics_file.is_file()
 
     def final_is_adapter(self) -> bool:
         """Whether final/ is a PEFT adapter (else a full model folder)."""
