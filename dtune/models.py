@@ -29,7 +29,7 @@ from dtune.config import GgufConfig, ModelConfig, RandomInitConfig
 from dtune.data.builtin import corpus_for_tokenizer
 from dtune.errors import DtuneError
 from dtune.families import family_config
-from dtune.files import write_atomically
+from dtune.files import own_directory, read_text, write_atomically
 from dtune.tokenizer_setup import set_up_tokenizer
 
 log = logging.getLogger("dtune")
@@ -299,16 +299,17 @@ def file_sha256(path: Path) -> str:
     stat = path.stat()
     key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino,
                       stat.st_dev])
-    note = cache_dir() / "file-hashes" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        known = json.loads(note.read_text())
+    folder = own_directory(cache_dir() / "file-hashes", "dtune's cache of file hashes",
+                           parents=True)
+    note = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # none yet, or torn
+        known = json.loads(read_text(note))  # a link planted there is refused
         if known["key"] == key:
             return known["sha256"]
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    note.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(note, json.dumps({"key": key, "sha256": digest.hexdigest()}))
     return digest.hexdigest()
 
