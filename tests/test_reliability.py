@@ -1,6 +1,7 @@
 """Losing nothing: NaN steps, damaged checkpoints, and exact resume after kill -9."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -82,26 +83,41 @@ def float_settings(schema=None, prefix: str = ""):
             yield from float_settings(kind, key + ".")
 
 
-def as_override(key: str, value: str) -> str:
-    """`data.sources[0].weight` goes in as the one source of a mixture."""
+def with_setting(cfg, key: str, value: float):
+    """A copy of the composed `cfg` with `key` set (data.sources[0].X: one source holding X)."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    cfg = copy.deepcopy(cfg)
     if key.startswith("data.sources[0]."):
-        return f"data.sources=[{{path: a.jsonl, {key.rsplit('.', 1)[1]}: {value}}}]"
-    return f"{key}={value}"
+        OmegaConf.update(cfg, "data.sources", [{"path": "a.jsonl", key.rsplit(".", 1)[1]: value}])
+    else:
+        OmegaConf.update(cfg, key, value)
+    return cfg
 
 
 def test_every_float_setting_of_the_schema_refuses_nan_and_infinity():
+    from dtune.compose import compose_dict, to_config
+
     keys = list(float_settings())
     # the walk reaches every group, nested and listed ones included
     assert {"train.lr", "train.max_grad_norm", "train.weight_decay", "objective.beta",
             "objective.gamma", "method.dropout", "precision.init_loss_scale",
             "data.eval_fraction", "data.sources[0].weight", "data.sources[0].fraction"} <= set(keys)
+    composed = compose_dict(["model=tiny-llama"])
     for key in keys:
-        for value in ("nan", "inf"):
+        for value in (float("nan"), float("inf"), float("-inf")):
             with pytest.raises(DtuneError) as caught:
-                compose("model=tiny-llama", as_override(key, value))
+                to_config(with_setting(composed, key, value))
             message = str(caught.value)
-            assert f"{key}={float(value)!r} is not a finite number" in message, message
+            assert f"{key}={value!r} is not a finite number" in message, message
             assert f"Set {key} to a finite number" in message
+    # as typed on the command line (the issue's cases)
+    for override in ("train.lr=inf", "train.max_grad_norm=nan", "train.weight_decay=inf",
+                     "objective.beta=nan", "objective.gamma=inf"):
+        with pytest.raises(DtuneError, match=f"^{re.escape(override)} is not a finite number"):
+            compose("model=tiny-llama", override)
 
 
 def test_weights_that_went_nan_are_never_written_to_final(tmp_path, monkeypatch):
