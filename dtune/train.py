@@ -78,7 +78,7 @@ class Recipe:
     # this process's first step whose loss or gradient was NaN/inf (skipped), for the message
     # that refuses non-finite final weights
     first_nonfinite_step: Optional[int] = None
-    # preference pairs truncation made identical (dtune/data/prepare.py); None when streamed
+    # preference pairs truncation made identical (dtune/data/prepare.py); None for SFT
     identical_pairs: Optional[int] = None
 
 
