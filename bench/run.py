@@ -170,9 +170,11 @@ def training_records(path: str) -> list[dict]:
 def load_hf(method: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dtune.cache import cache_dir
+    from dtune.compose import compose_config
+    from dtune.models import resolve_model
 
-    folder = cache_dir() / "converted" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+    # the folder dtune's own run loads (its GGUF conversion, keyed by the file's hash, offline)
+    folder, _ = resolve_model(compose_config(["model=smollm2-135m"]).model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if method != "full":

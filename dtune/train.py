@@ -82,6 +82,11 @@ class Recipe:
     reference: Any = None  # DPO's reference log-probs (dtune/reference.py); NoReference else
     eval_pairs: Optional[list] = None  # preference objectives: a stream over each eval set
     data_fingerprint: Optional[str] = None  # the training rows (None: streamed)
+    # this process's first step whose loss or gradient was NaN/inf (skipped), for the message
+    # that refuses non-finite final weights
+    first_nonfinite_step: Optional[int] = None
+    # preference pairs truncation made identical (dtune/data/prepare.py); None for SFT
+    identical_pairs: Optional[int] = None
 
 
 @dataclass
@@ -194,7 +199,8 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     return Recipe(cfg, run_dir, run_id, ranks, engine, tokenizer, stream, data.eval_records,
                   data.evals, total_steps, chunk_size, (trainable, total), source, started,
                   eval_format=data.eval_format, objective=objective, reference=reference,
-                  eval_pairs=eval_pairs, data_fingerprint=data.fingerprint)
+                  eval_pairs=eval_pairs, data_fingerprint=data.fingerprint,
+                  identical_pairs=data.identical_pairs)
 
 
 def batch_stream(cfg: Config, tokenizer, ranks: Ranks, sources, eval_records):
@@ -331,6 +337,8 @@ def train_step(recipe: Recipe, state: TrainState) -> dict:
     state.skipped_steps += result.status is StepStatus.OVERFLOW
     state.nonfinite_steps += result.status is StepStatus.NONFINITE
     if result.status is StepStatus.NONFINITE:
+        if recipe.first_nonfinite_step is None:
+            recipe.first_nonfinite_step = state.step
         handle_nonfinite(recipe, state, loss, result.grad_norm)
     seconds = time.perf_counter() - started
     real_tokens = int(all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in window)))
@@ -413,6 +421,37 @@ def handle_nonfinite(recipe: Recipe, state: TrainState, loss: float, grad_norm: 
         " resume with train.resume=true once the cause is fixed.")
 
 
+def check_final_weights(recipe: Recipe, state: TrainState) -> None:
+    """Refuse to write final/ from weights holding NaN or infinity: a skipped step keeps its
+    update out, but an update can still overflow (a learning rate far too high), and such
+    weights would be served as the run's result. Every rank agrees: a ZeRO-3 rank checks its
+    own shards."""
+    trained = [(name, getattr(p, "ds_tensor", p)) for name, p in
+               recipe.engine.module.named_parameters() if p.requires_grad]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in trained]).cpu() if trained \
+        else torch.ones(0, dtype=torch.bool)  # one sync; every rank joins the reduce below
+    if not all_reduce_max(float((~finite).sum())):
+        return
+    bad = [name for (name, _), ok in zip(trained, finite.tolist()) if not ok]
+    where = f" (this rank's first: {bad[0]})" if bad else " (on another rank)"
+    raise DtuneError(
+        f"the trained weights hold NaN or infinite values after step {state.step}{where}; "
+        f"{nonfinite_origin(recipe.first_nonfinite_step, state.step)}. "
+        f"{recipe.run_dir.final} was not written. Likely causes: a learning rate too high for "
+        f"this model and method (train.lr={recipe.cfg.train.lr}); an fp16 overflow (try "
+        "precision=bf16 or fp32); or a bad data row. The checkpoints hold the same weights: "
+        "fix the cause and train again in a new run directory.")
+
+
+def nonfinite_origin(first: Optional[int], last: int) -> str:
+    """Which step to look at, for the message above."""
+    if first is None:
+        return (f"no step's loss or gradient was non-finite, so the last update (step {last}) "
+                "made them so, or an update to weights the loss does not read")
+    return (f"step {first} was this run's first step with a non-finite loss or gradient (its "
+            "update was skipped): look at it and the updates just before it")
+
+
 def evaluate(recipe: Recipe, step: int, with_generation: bool) -> dict:
     """Held-out loss, and with `with_generation` exact match, shared across every rank."""
     cfg, engine, tokenizer = recipe.cfg, recipe.engine, recipe.tokenizer
@@ -443,6 +482,7 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
     final_eval = evaluate(recipe, state.step, with_generation=True)
     reporter.log_eval(final_eval)
     save_checkpoint(recipe.run_dir.path, state, engine, cfg.train.keep_checkpoints)
+    check_final_weights(recipe, state)
     engine.save_final(recipe.run_dir.final, recipe.tokenizer)
     barrier()
     summary = {
@@ -488,6 +528,7 @@ def objective_summary(recipe: Recipe, state: TrainState, loop: LoopResult,
     return {"objective": recipe.objective.name, "reference": recipe.reference.kind,
             "preference_accuracy_before": state.preference_accuracy_before,
             "preference_accuracy_after": final_eval.get("preference_accuracy"),
+            "pairs_identical_after_truncation": recipe.identical_pairs,
             **{f"final_{k}": v for k, v in loop.last_step.items()
                if k in recipe.objective.metrics}}
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import submitit
 
-from dtune.config import Config, LauncherConfig
 from dtune import run_start
+from dtune.config import Config, LauncherConfig, check_no_control_characters
 from dtune.errors import DtuneError
 from dtune.files import NoFollowFileHandler, refuse_symlink, write_atomically
 from dtune.launch import run_training
@@ -30,9 +30,10 @@ def submit(config: Config, run_dir: str, overrides: list[str]) -> float | None:
     wait for the job and return its final eval loss (what Hydra sweepers minimise)."""
     launcher = config.launcher
     run_dir = Path(run_dir)
+    folder = Path(launcher.folder) if launcher.folder else RunDir(run_dir).slurm
+    check_script_paths(run_dir, folder)
     refuse_symlink(RunDir(run_dir).slurm_job_id_file)  # before a job exists to lose track of
     check_cluster(launcher)
-    folder = Path(launcher.folder) if launcher.folder else RunDir(run_dir).slurm
     executor = submitit.SlurmExecutor(folder=folder)
     executor.update_parameters(**sbatch_parameters(launcher))
     # Workers started inside the job must train, not submit again.
@@ -59,6 +60,16 @@ def submit(config: Config, run_dir: str, overrides: list[str]) -> float | None:
     if not launcher.wait:
         return None
     return job.results()[0]  # one result per task; rank 0's is the run's
+
+
+def check_script_paths(run_dir: Path, folder: Path) -> None:
+    """Refuse, before anything is submitted, a control character in a path that reaches the
+    batch script: submitit writes the log folder into `#SBATCH --output=...` lines and the
+    command, shell-quoted, but a newline inside quotes still ends an #SBATCH line, and sbatch
+    ignores every directive after the first line that is not one. (The run dir itself travels
+    pickled, and its slurm/ folder is the default log folder.)"""
+    check_no_control_characters("hydra.run.dir", run_dir)
+    check_no_control_characters("launcher.folder", folder.absolute())
 
 
 def sbatch_parameters(launcher: LauncherConfig) -> dict:

@@ -283,7 +283,8 @@ def test_pairs_tokenize_into_the_cache_with_their_held_out_split(tokenizer, tmp_
     table = data.train.tables[0]
     assert isinstance(table, PairTable) and len(data.train) == 24
     assert set(table.table.column_names) == {"chosen_input_ids", "chosen_labels",
-                                             "rejected_input_ids", "rejected_labels", "length"}
+                                             "rejected_input_ids", "rejected_labels", "length",
+                                             "identical_row"}
     pair = data.train[0]
     assert isinstance(pair, PairExample) and data.train.lengths[0] == pair.length == max(
         len(pair.chosen.input_ids), len(pair.rejected.input_ids))
@@ -318,6 +319,66 @@ def test_sft_and_preference_caches_never_mix(tokenizer, monkeypatch):
     as_pairs = SourceRows(replace(source.spec, format="preference"), source.train, source.eval)
     assert prepare.fingerprint(sft, tokenizer, source) != \
         prepare.fingerprint(sft, tokenizer, as_pairs)
+
+
+# --- pairs that truncation makes identical --------------------------------------------------
+
+def long_pair(i: int) -> dict:
+    """A pair whose responses share their first 60 words: cut to 32 tokens, they are one."""
+    shared = " ".join(["shared"] * 60)
+    return {"prompt": f"say {i} please", "chosen": f"{shared} yes {i}",
+            "rejected": f"{shared} no {i}"}
+
+
+def held_out(count: int, fraction: float) -> set[int]:
+    """The rows dtune holds out for eval (loading.hold_out's fixed draw)."""
+    import numpy as np
+
+    return set(np.random.default_rng(0).permutation(count)[:max(1, int(count * fraction))])
+
+
+def test_most_pairs_identical_after_truncation_are_refused_naming_the_first_line(
+        tokenizer, tmp_path, monkeypatch):
+    from dtune.data import prepare
+
+    rows = pair_rows(3) + [long_pair(i) for i in range(3, 12)]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    cfg = preference_config(path=str(path), max_seq_len=32, eval_fraction=0.25)
+    held = held_out(len(rows), 0.25)
+    identical = [i for i in range(3, 12) if i not in held]
+    with pytest.raises(DtuneError) as caught:
+        prepared(cfg, tokenizer)
+    message = str(caught.value)
+    assert f"{len(identical)} of the 9 training pairs of long become identical when cut to " \
+           "data.max_seq_len=32 tokens" in message
+    assert f"(the first: {path}, line {identical[0] + 1})" in message
+    assert "Raise data.max_seq_len" in message and "\n" not in message
+    # a warm cache knows the count without tokenizing anything
+    monkeypatch.setattr(prepare, "tokenize_pair", lambda *a: pytest.fail("tokenized again"))
+    with pytest.raises(DtuneError) as again:
+        prepared(cfg, tokenizer)
+    assert str(again.value) == message
+
+
+def test_a_minority_of_identical_pairs_is_warned_about_and_counted_in_the_summary(
+        tmp_path, caplog):
+    """In one DPO run, tokenized by two processes (data.num_proc=2)."""
+    from conftest import TINY, train
+
+    rows = pair_rows(16) + [long_pair(i) for i in range(16, 20)]
+    path = write_jsonl(tmp_path / "some-long.jsonl", rows)
+    with caplog.at_level("WARNING", logger="dtune"):
+        result = train(tmp_path / "run", *TINY, "+method=lora", "objective=dpo",
+                       "data.format=preference", f"data.path={path}", "data.eval_fraction=0",
+                       "data.max_seq_len=32", "data.num_proc=2", "train.max_steps=1",
+                       "eval.exact_match_samples=0")
+    assert result.summary["pairs_identical_after_truncation"] == 4
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["pairs_identical_after_truncation"] == 4
+    warnings = [r.getMessage() for r in caplog.records if "become identical" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"4 of the 20 training pairs of some-long" in warnings[0]
+    assert f"(the first: {path}, line 17)" in warnings[0]
 
 
 # --- pair batches -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Losing nothing: NaN steps, damaged checkpoints, and exact resume after kill -9."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT, TINY, compose, one_line, run_dtune, train
 from dtune.check import step_losses
@@ -59,6 +61,88 @@ def test_a_huge_learning_rate_stops_the_cli_run_with_a_clear_message(tmp_path):
     message = one_line(result.stderr)
     assert "non-finite" in message and "train.lr=1e+30" in message
     assert "Traceback" not in result.stderr
+
+
+def float_settings(schema=None, prefix: str = ""):
+    """Every float field of the schema, by dotted key: a field added later is covered too
+    (a list of dataclasses, data.sources, is walked through its first item)."""
+    import dataclasses
+    import typing
+
+    from dtune.config import Config
+
+    for name, kind in typing.get_type_hints(schema or Config).items():
+        key, args = prefix + name, [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is list:
+            kind, key = args[0], key + "[0]"
+        elif typing.get_origin(kind) is typing.Union and len(args) == 1:  # Optional[...]
+            kind = args[0]
+        if kind is float:
+            yield key
+        elif dataclasses.is_dataclass(kind):
+            yield from float_settings(kind, key + ".")
+
+
+def with_setting(cfg, key: str, value: float):
+    """A copy of the composed `cfg` with `key` set (data.sources[0].X: one source holding X)."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    cfg = copy.deepcopy(cfg)
+    if key.startswith("data.sources[0]."):
+        OmegaConf.update(cfg, "data.sources", [{"path": "a.jsonl", key.rsplit(".", 1)[1]: value}])
+    else:
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def test_every_float_setting_of_the_schema_refuses_nan_and_infinity():
+    from dtune.compose import compose_dict, to_config
+
+    keys = list(float_settings())
+    # the walk reaches every group, nested and listed ones included
+    assert {"train.lr", "train.max_grad_norm", "train.weight_decay", "objective.beta",
+            "objective.gamma", "method.dropout", "precision.init_loss_scale",
+            "data.eval_fraction", "data.sources[0].weight", "data.sources[0].fraction"} <= set(keys)
+    composed = compose_dict(["model=tiny-llama"])
+    for key in keys:
+        for value in (float("nan"), float("inf"), float("-inf")):
+            with pytest.raises(DtuneError) as caught:
+                to_config(with_setting(composed, key, value))
+            message = str(caught.value)
+            assert f"{key}={value!r} is not a finite number" in message, message
+            assert f"Set {key} to a finite number" in message
+    # as typed on the command line (the issue's cases)
+    for override in ("train.lr=inf", "train.max_grad_norm=nan", "train.weight_decay=inf",
+                     "objective.beta=nan", "objective.gamma=inf"):
+        with pytest.raises(DtuneError, match=f"^{re.escape(override)} is not a finite number"):
+            compose("model=tiny-llama", override)
+
+
+def test_weights_that_went_nan_are_never_written_to_final(tmp_path, monkeypatch):
+    """A skipped step keeps its update out, but an update itself can overflow: here step 2's
+    update leaves a NaN in a trained tensor, and the run must not end as if it had worked."""
+    import dtune.train as train_module
+
+    real = train_module.train_step
+
+    def step(recipe, state):
+        record = real(recipe, state)
+        if state.step == 2:
+            with torch.no_grad():
+                next(p for p in recipe.engine.module.parameters() if p.requires_grad) \
+                    .fill_(float("nan"))
+        return record
+
+    monkeypatch.setattr(train_module, "train_step", step)
+    with pytest.raises(DtuneError) as caught:
+        train(tmp_path, *FULL, "train.max_steps=4")
+    message = str(caught.value)
+    assert "hold NaN or infinite values after step 4" in message
+    assert "step 3 was this run's first step with a non-finite loss" in message
+    assert f"{tmp_path / 'final'} was not written" in message and "train.lr=" in message
+    assert not (tmp_path / "final").exists() and not (tmp_path / "summary.json").exists()
 
 
 def test_a_damaged_checkpoint_is_skipped_or_reported_never_loaded(tmp_path, caplog):

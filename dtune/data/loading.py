@@ -37,6 +37,9 @@ class SourceRows:
     spec: SourceSpec
     train: datasets.Dataset
     eval: datasets.Dataset  # may hold no rows
+    # where each train row sits in the split as read, when eval rows were held out of it
+    # (None: the train rows are the split's, in order); for messages that name a row
+    train_rows: np.ndarray | None = None
 
     @property
     def format(self) -> str:
@@ -82,7 +85,8 @@ def load_source(spec: SourceSpec, cfg: DataConfig, local_rank: int = 0) -> Sourc
 
 
 def hold_out(rows: datasets.Dataset, fraction: float, spec: SourceSpec):
-    """(train, eval): a fixed-seed `fraction` of the rows held out, as Arrow selections."""
+    """(train, eval, the train rows' indices in `rows`): a fixed-seed `fraction` of the rows
+    held out, as Arrow selections."""
     n_eval = max(1, int(len(rows) * fraction))
     if n_eval >= len(rows):
         raise DtuneError(
@@ -92,9 +96,10 @@ def hold_out(rows: datasets.Dataset, fraction: float, spec: SourceSpec):
     # rows; each part keeps the file's order.
     held = np.zeros(len(rows), dtype=bool)
     held[np.random.default_rng(0).permutation(len(rows))[:n_eval]] = True
-    base = rows._fingerprint
-    return (rows.select(np.flatnonzero(~held), new_fingerprint=_digest(base, fraction, "train")),
-            rows.select(np.flatnonzero(held), new_fingerprint=_digest(base, fraction, "eval")))
+    base, kept = rows._fingerprint, np.flatnonzero(~held)
+    return (rows.select(kept, new_fingerprint=_digest(base, fraction, "train")),
+            rows.select(np.flatnonzero(held), new_fingerprint=_digest(base, fraction, "eval")),
+            kept)
 
 
 def _digest(*parts) -> str:
@@ -109,8 +114,7 @@ def read_records(path_str: str, fmt: str, key: str) -> datasets.Dataset:
 
 def read_rows(spec: SourceSpec, split: str, local_rank: int = 0) -> datasets.Dataset:
     """`split` of `spec`, every row checked for `spec.format` (once per unchanged source)."""
-    arguments = None if _is_saved(spec) else load_arguments(spec, split)
-    files = _local_files(arguments)
+    files = _split_files(spec, split)
     checked = cache_dir() / "checked" / f"{_check_key(spec, split, files)}.ok"
 
     def check() -> None:
@@ -123,6 +127,21 @@ def read_rows(spec: SourceSpec, split: str, local_rank: int = 0) -> datasets.Dat
     if not checked.is_file():
         build_once([checked], check, local_rank, f"checking {spec.path}")
     return _opened(spec, split)
+
+
+def train_row_location(source: SourceRows, index: int) -> str:
+    """Where train row `index` of `source` came from: file and line, or record (the row
+    number of built-in and hub data)."""
+    if source.train_rows is not None:
+        index = int(source.train_rows[index])
+    spec = source.spec
+    files = [] if spec.path == "builtin" else _split_files(spec, spec.split)
+    return _where(spec, spec.split, files, index)
+
+
+def _split_files(spec: SourceSpec, split: str) -> list[Path]:
+    """The local files `split` of `spec` is read from (none for a hub dataset)."""
+    return _local_files(None if _is_saved(spec) else load_arguments(spec, split))
 
 
 def _is_saved(spec: SourceSpec) -> bool:

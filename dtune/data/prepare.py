@@ -22,22 +22,25 @@ import numpy as np
 from dtune.cache import atomic_dir, build_once, cache_dir
 from dtune.config import Config
 from dtune.data.formatting import IGNORE, Example, tokenize
-from dtune.data.loading import SourceRows
+from dtune.data.loading import SourceRows, train_row_location
 from dtune.data.mixture import MixedExamples, mix
 from dtune.data.preference import PairExample, tokenize_pair
 from dtune.distributed import Ranks, barrier
 from dtune.errors import DtuneError
 
 log = logging.getLogger("dtune")
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: pair tables carry identical_row
 FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                               "labels": datasets.Sequence(datasets.Value("int32")),
                               "length": datasets.Value("int32")})
-# data.format=preference: both sequences of a pair, and the longer one's length for batching
+# data.format=preference: both sequences of a pair, the longer one's length for batching, and
+# identical_row: the pair's row in its split when truncation to data.max_seq_len left chosen
+# and rejected the same tokens (a pair that trains nothing), else -1. A column rather than a
+# count, so that it survives data.num_proc workers and the cache, and names the first row.
 PAIR_FEATURES = datasets.Features({
     **{f"{side}_{column}": datasets.Sequence(datasets.Value("int32"))
        for side in ("chosen", "rejected") for column in ("input_ids", "labels")},
-    "length": datasets.Value("int32")})
+    "length": datasets.Value("int32"), "identical_row": datasets.Value("int64")})
 
 
 class ExampleTable:
@@ -82,6 +85,8 @@ class PreparedData:
     eval_format: str  # their format
     # the training rows and their tokenizer: a resume compares it with its checkpoint's
     fingerprint: str | None = None
+    # training pairs whose chosen and rejected truncation made the same (None: not pairs)
+    identical_pairs: int | None = None
 
 
 def prepare_data(cfg: Config, tokenizer, ranks: Ranks,
@@ -105,6 +110,8 @@ def prepare_data(cfg: Config, tokenizer, ranks: Ranks,
         tables.append(load_tokenized(folders["train"]))
         evals[source.spec.name] = load_tokenized(folders["eval"])
     barrier()  # every rank has its tables: the waiting is over, this one is quick
+    identical = [identical_pairs(cfg, source, table, ranks.is_main)
+                 for source, table in zip(sources, tables)]
     specs = [s.spec for s in sources]
     train = mix(tables, [s.name for s in specs], [s.weight for s in specs],
                 [s.fraction for s in specs], cfg.train.seed)
@@ -115,7 +122,36 @@ def prepare_data(cfg: Config, tokenizer, ranks: Ranks,
             wanted = min(len(source.eval), cfg.eval.exact_match_samples - len(records))
             records += [row if len(sources) == 1 else {"task": source.spec.name, **row}
                         for row in source.eval.select(range(wanted))]
-    return PreparedData(train, evals, records, fmt, rows_fingerprint(sources, tokenizer))
+    return PreparedData(train, evals, records, fmt, rows_fingerprint(sources, tokenizer),
+                        sum(identical) if fmt == "preference" else None)
+
+
+def identical_pairs(cfg: Config, source: SourceRows, table: ExampleTable, warn: bool) -> int:
+    """How many of a source's training pairs truncation left with the same chosen and rejected
+    tokens (read from the table, so a warm cache knows too). Such a pair is scored ln 2 and
+    pulls towards neither response: a majority is refused, a minority warned about."""
+    if not isinstance(table, PairTable) or not len(table):
+        return 0
+    rows = table.table.select_columns(["identical_row"]).with_format("arrow")[:] \
+        ["identical_row"].to_numpy()
+    rows = rows[rows >= 0]
+    if not len(rows):
+        return 0
+    count, total, limit = len(rows), len(table), cfg.data.max_seq_len
+    where = train_row_location(source, int(rows.min()))
+    if 2 * count > total:
+        raise DtuneError(
+            f"{count} of the {total} training pairs of {source.spec.name} become identical "
+            f"when cut to data.max_seq_len={limit} tokens: their chosen and rejected responses "
+            f"differ only past the cut (the first: {where}), so they would train nothing (a "
+            f"loss of ln 2 that prefers neither). Raise data.max_seq_len, or shorten the "
+            "prompts so that the responses' differences fit.")
+    if warn:
+        log.warning("%d of the %d training pairs of %s become identical when cut to "
+                    "data.max_seq_len=%d tokens (the first: %s) and train nothing; raise "
+                    "data.max_seq_len to keep their differences.", count, total,
+                    source.spec.name, limit, where)
+    return count
 
 
 def load_tokenized(folder: Path) -> ExampleTable:
@@ -183,9 +219,9 @@ def _example_batches(cfg: Config, tokenizer, fmt: str):
 def _pair_batches(cfg: Config, tokenizer, fmt: str):
     d = cfg.data
 
-    def tokenize_batch(batch: dict) -> dict:
+    def tokenize_batch(batch: dict, rows: list[int]) -> dict:
         out = {name: [] for name in PAIR_FEATURES}
-        for index in range(len(next(iter(batch.values())))):
+        for index, row in enumerate(rows):
             record = {column: values[index] for column, values in batch.items()}
             pair = tokenize_pair(record, tokenizer, d.max_seq_len, d.system_prompt)
             if pair is None:
@@ -194,6 +230,8 @@ def _pair_batches(cfg: Config, tokenizer, fmt: str):
                 out[f"{side}_input_ids"].append(example.input_ids)
                 out[f"{side}_labels"].append(example.labels)
             out["length"].append(pair.length)
+            same = pair.chosen.input_ids == pair.rejected.input_ids
+            out["identical_row"].append(row if same else -1)
         return out
 
     return tokenize_batch
@@ -203,7 +241,8 @@ def _map(records: datasets.Dataset, tokenize_batch, cfg: Config, folder: Path | 
          pairs: bool = False):
     # Fewer rows than processes would leave processes with nothing to do (datasets refuses).
     num_proc = max(1, min(cfg.data.num_proc, len(records)))
-    common = dict(batched=True, remove_columns=records.column_names,
+    # pairs get each row's index in `records` (with num_proc, datasets offsets each worker's)
+    common = dict(batched=True, remove_columns=records.column_names, with_indices=pairs,
                   features=PAIR_FEATURES if pairs else FEATURES,
                   num_proc=num_proc if num_proc > 1 else None)
     if folder is None:
