@@ -17,7 +17,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from dtune.errors import DtuneError
-from dtune.files import refuse_symlink
+from dtune.files import read_text, refuse_symlink, write_atomically
 
 log = logging.getLogger("dtune")
 
@@ -88,10 +88,9 @@ def build_once(outputs: list[Path], build, local_rank: int, what: str,
         try:
             build()
         except BaseException as exc:
-            refuse_symlink(failed)
-            failed.write_text(str(exc) if isinstance(exc, DtuneError) else
-                              f"local rank 0 failed while {what} ({type(exc).__name__}: "
-                              f"{exc}); its log has the details.")
+            write_atomically(failed, str(exc) if isinstance(exc, DtuneError) else
+                             f"local rank 0 failed while {what} ({type(exc).__name__}: "
+                             f"{exc}); its log has the details.")
             raise
     finally:
         lock.release()
@@ -103,7 +102,7 @@ def _wait_for(outputs: list[Path], failed: Path, what: str, started: float, poll
     while not all(p.exists() for p in outputs):
         # A note older than this wait is a previous run's, which rank 0 is replacing.
         if failed.is_file() and failed.stat().st_mtime >= started - 1:
-            raise DtuneError(failed.read_text())
+            raise DtuneError(read_text(failed))
         now = time.time()
         if now - reported >= report_s:
             log.warning("waiting for rank 0 to finish %s (%.0f s)", what, now - started)

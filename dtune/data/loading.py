@@ -22,6 +22,7 @@ from dtune.data import builtin
 from dtune.data.sources import (SourceSpec, load_arguments, open_source, saved_to_disk,
                                 source_specs)
 from dtune.errors import DtuneError
+from dtune.files import write_atomically
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv")  # read as UTF-8 text; parquet is binary
 ROLES = ("system", "user", "assistant")
@@ -122,7 +123,7 @@ def read_rows(spec: SourceSpec, split: str, local_rank: int = 0) -> datasets.Dat
             _check_text_file(path, spec)
         rows = _opened(spec, split)
         validate_rows(rows, spec, split, files)
-        checked.write_text("ok\n")
+        write_atomically(checked, "ok\n")  # not through a link planted in the cache
 
     if not checked.is_file():
         build_once([checked], check, local_rank, f"checking {spec.path}")
