@@ -22,7 +22,8 @@ import torch
 
 from dtune.distributed import barrier
 from dtune.errors import DtuneError
-from dtune.files import fsync_dir, fsync_file, output_folder, refuse_symlink, write_atomically
+from dtune.files import (disk_full, disk_full_error, fsync_dir, fsync_file, output_folder,
+                         refuse_symlink, write_atomically)
 
 log = logging.getLogger("dtune")
 
@@ -218,14 +219,36 @@ def check_same_parameters(folder: Path, weights: dict, model) -> None:
 
 
 def save_final(model, tokenizer, out_dir: Path, state_dict: dict | None = None,
-               provenance: dict | None = None, force: bool = True) -> None:
+               provenance: dict | None = None, force: bool = True, kind: str = "final",
+               fix: str = "Free space there and run the command again.") -> None:
     """Write the Hugging Face artifact: a PEFT adapter folder or a full model folder
-    (`state_dict`: the weights, where the model's own are partitioned). It appears whole or
-    not at all; `force=False` refuses to replace a folder dtune did not write."""
-    with output_folder(out_dir, provenance or {}, force=force, option="the model folder") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True,
-                              **({"state_dict": state_dict} if state_dict is not None else {}))
-        tokenizer.save_pretrained(tmp)
+    (`state_dict`: the weights, where the model's own are partitioned), marked as an output of
+    `kind`. It appears whole or not at all; `force=False` refuses to replace a folder dtune did
+    not write. A full disk is one paragraph with the bytes needed and `fix`."""
+    try:
+        with output_folder(out_dir, kind, provenance, force=force,
+                           option="the model folder") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  **({"state_dict": state_dict} if state_dict is not None
+                                     else {}))
+            tokenizer.save_pretrained(tmp)
+    except Exception as exc:  # torch, safetensors and the OS each report a full disk their way
+        if not disk_full(exc):
+            raise
+        raise disk_full_error(out_dir, weight_bytes(model, state_dict), "the model's weights",
+                              exc, fix) from None
+
+
+def weight_bytes(model, state_dict: dict | None = None) -> int:
+    """About the bytes save_pretrained writes: `state_dict`, an adapter's trainable weights,
+    or all of a model's weights (tied ones once)."""
+    if state_dict is not None:
+        tensors = [t for t in state_dict.values() if isinstance(t, torch.Tensor)]
+    elif hasattr(model, "peft_config"):
+        tensors = [p for p in model.parameters() if p.requires_grad]
+    else:
+        tensors = list(model.parameters())
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _manifest_ok(folder: Path, step: int, verify: bool) -> bool:
