@@ -270,7 +270,7 @@ def refuse_enclosing(out: Path, keep=(), option: str = "--out") -> None:
         guarded.append((Path.home(), "your home folder"))
     with contextlib.suppress(OSError):
         guarded.append((Path.cwd(), "the current directory"))
-    guarded += [(Path(path), f"the run directory {path}") for path in keep]
+    guarded += [(Path(path), "a folder this command reads") for path in keep]
     for path, what in guarded:
         path = Path(os.path.realpath(path))
         if target == path or target in path.parents:

@@ -9,6 +9,7 @@ find a run's files through `RunDir`, so the layout is spelled out once, here:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -186,8 +187,10 @@ def check_output_target(out: Path, kind: str, force: bool, reads: list[Path],
             f"{option} {out} is a run directory: replacing it would delete the run (its config, "
             "metrics, checkpoints and trained model), so dtune refuses it, --force or not. Name "
             f"another folder, {suggest}.")
-    runs = [child for child in (target.iterdir() if target.is_dir() else ())
-            if child.is_dir() and not child.is_symlink() and RunDir(child).is_run()]
+    runs = []
+    with contextlib.suppress(OSError):  # an unreadable folder: check_replaceable says so
+        runs = [child for child in (target.iterdir() if target.is_dir() else ())
+                if child.is_dir() and not child.is_symlink() and RunDir(child).is_run()]
     if runs:
         raise DtuneError(
             f"{option} {out} holds run directories ({runs[0].name} is one): replacing it would "

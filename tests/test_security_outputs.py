@@ -95,7 +95,7 @@ def test_out_never_names_the_root_home_current_or_a_folder_holding_the_runs(
     monkeypatch.chdir(work)
     for out, expect in [(home, "your home folder"), (work, "the current directory"),
                         (tmp_path / "work", "a folder that holds the current directory"),
-                        (tmp_path / "runs", "a folder that holds the run directory"),
+                        (tmp_path / "runs", "a folder that holds a folder this command reads"),
                         (tmp_path / "runs" / "sweep", "holds run directories")]:
         with pytest.raises(DtuneError, match=expect):
             write_report([run], out, force=True)
