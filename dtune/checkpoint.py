@@ -220,7 +220,9 @@ def check_same_parameters(folder: Path, weights: dict, model) -> None:
 
 def save_final(model, tokenizer, out_dir: Path, state_dict: dict | None = None,
                provenance: dict | None = None, force: bool = True, kind: str = "final",
-               fix: str = "Free space there and run the command again.") -> None:
+               fix: str = "Free space there and resume the run (train.resume=true): its last "
+                          "checkpoint is saved, and the resumed run writes final/ from it."
+               ) -> None:
     """Write the Hugging Face artifact: a PEFT adapter folder or a full model folder
     (`state_dict`: the weights, where the model's own are partitioned), marked as an output of
     `kind`. It appears whole or not at all; `force=False` refuses to replace a folder dtune did
@@ -235,8 +237,8 @@ def save_final(model, tokenizer, out_dir: Path, state_dict: dict | None = None,
     except Exception as exc:  # torch, safetensors and the OS each report a full disk their way
         if not disk_full(exc):
             raise
-        raise disk_full_error(out_dir, weight_bytes(model, state_dict), "the model's weights",
-                              exc, fix) from None
+        what = "the adapter's weights" if hasattr(model, "peft_config") else "the model's weights"
+        raise disk_full_error(out_dir, weight_bytes(model, state_dict), what, exc, fix) from None
 
 
 def weight_bytes(model, state_dict: dict | None = None) -> int:

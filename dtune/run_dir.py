@@ -148,8 +148,8 @@ class RunDir:
             found = f"not JSON ({summary.msg} at line {summary.lineno})" \
                 if isinstance(summary, Exception) else f"a JSON {type(summary).__name__}"
             raise DtuneError(
-                f"{self.summary_file} is damaged: it holds {found}, and a run's summary is one "
-                f"JSON object (it starts {excerpt(text, 80)}). The run wrote it when it "
+                f"{self.summary_file} is damaged: it is {found}, and a run's summary is one "
+                f"JSON object (this one starts {excerpt(text, 80)}). The run wrote it when it "
                 "finished; restore it from a copy, or delete it to treat the run as unfinished "
                 "(its metrics.jsonl still shows its steps).")
         return summary

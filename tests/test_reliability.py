@@ -263,7 +263,7 @@ def test_report_on_a_damaged_metrics_or_summary_file_is_one_paragraph(tiny_lora_
     with pytest.raises(DtuneError, match="line 2: the line is a JSON list"):
         run.read_metrics()
     run.metrics_file.write_text("\n".join(lines) + "\n")
-    for text, found in (("[1, 2]", "holds a JSON list"), ("{oops", "holds not JSON")):
+    for text, found in (("[1, 2]", "is a JSON list"), ("{oops", "is not JSON")):
         run.summary_file.write_text(text)
         with pytest.raises(DtuneError, match=rf"{run.summary_file} is damaged: it {found}"):
             write_report([run.path], tmp_path / "report")
