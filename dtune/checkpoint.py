@@ -6,7 +6,6 @@ checkpoints go. Resume trusts only folders whose manifest matches what is on dis
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -25,8 +24,9 @@ import torch
 
 from dtune.distributed import all_reduce_max, barrier
 from dtune.errors import DtuneError
-from dtune.files import (clear_temp_marker, current_umask, fsync_dir, fsync_file, make_temp_dir,
-                         output_folder, read_bytes, read_text, refuse_symlink, write_atomically)
+from dtune.files import (clear_temp_marker, current_umask, disk_full, disk_full_error, fsync_dir,
+                         fsync_file, make_temp_dir, output_folder, put_in_place, read_bytes,
+                         read_text, refuse_symlink, write_atomically)
 
 log = logging.getLogger("dtune")
 
@@ -122,37 +122,24 @@ def save_checkpoint(run_dir: Path, state: TrainState, engine, keep: int) -> Path
             clear_temp_marker(tmp)
             os.chmod(tmp, 0o777 & ~current_umask())  # private while written, then as usual
             seal(tmp, step)
-            if final.exists():  # a resumed run saving a step again: replace it whole
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            put_in_place(tmp, final)  # a resumed run saving a step again replaces it whole
             fsync_dir(root)
             write_atomically(root / "latest", final.name)
             _prune(root, keep, state.run_id)
         barrier()
     except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError on a short write
         shutil.rmtree(tmp, ignore_errors=True)
-        raise save_failed(root, step, exc, engine) from None
-    return final
-
-
-def save_failed(root: Path, step: int, exc: Exception, engine) -> DtuneError:
-    """A checkpoint that could not be written: a full disk says so, with the bytes it needs."""
-    text = " ".join(str(exc).split())[:300]
-    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
-        "No space left" in text or "file write failed" in text or "Disk quota" in text
-    if not full:
-        return DtuneError(
+        if disk_full(exc):
+            raise disk_full_error(
+                final, 3 * weight_bytes(engine.module), f"the checkpoint for step {step} (the "
+                "trained weights and two optimizer moments)", exc, "Free disk space or point "
+                "hydra.run.dir at a disk with room, then resume with train.resume=true; earlier "
+                "checkpoints are intact.") from None
+        raise DtuneError(
             f"could not write the checkpoint for step {step} under {root} "
-            f"({type(exc).__name__}: {text}). Earlier checkpoints are intact.")
-    needed = sum(p.numel() * p.element_size() for p in engine.module.parameters()
-                 if p.requires_grad) * 3  # weights and two Adam moments
-    free = shutil.disk_usage(root).free if root.is_dir() else 0
-    return DtuneError(
-        f"the disk holding {root} is full: the checkpoint for step {step} could not be "
-        f"written ({text}). It needs about {needed / 2**20:,.0f} MiB (the trained weights and "
-        f"their optimizer state) and {free / 2**20:,.0f} MiB are free. Free disk space or point "
-        "hydra.run.dir at a disk with room, then resume with train.resume=true; earlier "
-        "checkpoints are intact.")
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}). Earlier checkpoints "
+            "are intact.") from None
+    return final
 
 
 def pause_inside_save() -> None:
@@ -266,14 +253,38 @@ def check_same_parameters(folder: Path, weights: dict, model) -> None:
 
 
 def save_final(model, tokenizer, out_dir: Path, state_dict: dict | None = None,
-               provenance: dict | None = None, force: bool = True) -> None:
+               provenance: dict | None = None, force: bool = True, kind: str = "final",
+               fix: str = "Free space there and resume the run (train.resume=true): its last "
+                          "checkpoint is saved, and the resumed run writes final/ from it."
+               ) -> None:
     """Write the Hugging Face artifact: a PEFT adapter folder or a full model folder
-    (`state_dict`: the weights, where the model's own are partitioned). It appears whole or
-    not at all; `force=False` refuses to replace a folder dtune did not write."""
-    with output_folder(out_dir, provenance or {}, force=force, option="the model folder") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True,
-                              **({"state_dict": state_dict} if state_dict is not None else {}))
-        tokenizer.save_pretrained(tmp)
+    (`state_dict`: the weights, where the model's own are partitioned), marked as an output of
+    `kind`. It appears whole or not at all; `force=False` refuses to replace a folder dtune did
+    not write. A full disk is one paragraph with the bytes needed and `fix`."""
+    try:
+        with output_folder(out_dir, kind, provenance, force=force,
+                           option="the model folder") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  **({"state_dict": state_dict} if state_dict is not None
+                                     else {}))
+            tokenizer.save_pretrained(tmp)
+    except Exception as exc:  # torch, safetensors and the OS each report a full disk their way
+        if not disk_full(exc):
+            raise
+        what = "the adapter's weights" if hasattr(model, "peft_config") else "the model's weights"
+        raise disk_full_error(out_dir, weight_bytes(model, state_dict), what, exc, fix) from None
+
+
+def weight_bytes(model, state_dict: dict | None = None) -> int:
+    """About the bytes save_pretrained writes: `state_dict`, an adapter's trainable weights,
+    or all of a model's weights (tied ones once)."""
+    if state_dict is not None:
+        tensors = [t for t in state_dict.values() if isinstance(t, torch.Tensor)]
+    elif hasattr(model, "peft_config"):
+        tensors = [p for p in model.parameters() if p.requires_grad]
+    else:
+        tensors = list(model.parameters())
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def checkpoint_problem(folder: Path, step: int, verify: bool = True) -> str | None:
@@ -303,7 +314,11 @@ def checkpoint_problem(folder: Path, step: int, verify: bool = True) -> str | No
 
 
 def _prune(root: Path, keep: int, run_id: str) -> None:
-    """This run's complete checkpoints beyond the newest `keep`; no other run's, ever."""
+    """This run's complete checkpoints beyond the newest `keep`; no other run's, ever. Each
+    is renamed into a marked temporary folder before it is deleted, so a kill while deleting
+    leaves no half-deleted `step-N` (the next start removes the marked folder)."""
     complete = valid_checkpoints(root.parent, verify=False, run_id=run_id)
     for folder in complete[keep:]:
-        shutil.rmtree(folder, ignore_errors=True)
+        aside = make_temp_dir(root, folder.name)
+        os.rename(folder, aside / folder.name)
+        shutil.rmtree(aside, ignore_errors=True)

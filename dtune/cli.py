@@ -167,11 +167,14 @@ def run_plan(args) -> None:
 def run_eval(args) -> None:
     from dtune.data.loading import load_splits
     from dtune.data.prepare import tokenize_records
-    from dtune.evaluate import Inference, eval_loss, exact_match
+    from dtune.evaluate import Inference, check_new_tokens, eval_loss, exact_match
     from dtune.load_run import load_final_model
     from dtune.run_dir import RunDir
 
     model, tokenizer, cfg = load_final_model(args.run_dir, args.trust_remote_code)
+    check_new_tokens(args.max_new_tokens or cfg.eval.max_new_tokens,
+                     "--max-new-tokens" if args.max_new_tokens else "eval.max_new_tokens",
+                     model, cfg.model.name_or_path)
     engine = Inference.place(model)
     sources = load_splits(cfg.data)
     # the first source's format (a mixture of several formats: its rows of that format)
@@ -221,19 +224,20 @@ def run_report(args) -> None:
 
 
 def run_generate(args) -> None:
-    from dtune.evaluate import Inference, generate
+    from dtune.data.formatting import render_chat
+    from dtune.evaluate import Inference, check_new_tokens, generate
     from dtune.load_run import load_for_generation
 
     model, tokenizer, system_prompt = load_for_generation(args.run_dir,
                                                          args.trust_remote_code)
+    check_new_tokens(args.max_new_tokens, "--max-new-tokens", model, args.run_dir)
     engine = Inference.place(model)
     use_chat = not args.raw and bool(getattr(tokenizer, "chat_template", None))
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
 
     def answer(history: list[dict]) -> str:
         if use_chat:
-            prompt = tokenizer.apply_chat_template(history, tokenize=False,
-                                                   add_generation_prompt=True)
+            prompt = render_chat(tokenizer, history, add_generation_prompt=True)
         else:
             prompt = history[-1]["content"]
         return generate(engine, tokenizer, [prompt], args.max_new_tokens, 1,

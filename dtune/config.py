@@ -466,6 +466,7 @@ class ParallelismConfig:
                 f"parallelism.offload=true needs DeepSpeed ZeRO (parallelism={self.name} sets "
                 "no parallelism.zero_stage); choose parallelism=zero2_offload or zero3_offload."
             )
+        check_deepspeed_overrides(self.deepspeed_overrides)
         check_positive("parallelism.nproc_per_node", self.nproc_per_node, allow_zero=True)
         check_positive("parallelism.nnodes", self.nnodes)
         check_positive("parallelism.timeout_minutes", self.timeout_minutes)
@@ -482,6 +483,30 @@ class ParallelismConfig:
                 "choose parallelism=ddp (data parallel) or a ZeRO stage such as "
                 "parallelism=zero2."
             )
+
+
+# DeepSpeed settings that make it read checkpoint files with its own torch.load(...,
+# weights_only=False), past dtune's weights-only loader (engines/deepspeed_zero.py): any
+# pickle in a run directory would run. checkpoint.load_universal reads a "universal"
+# checkpoint (runtime/base_optimizer.py, zero/stage3.py, checkpoint/universal_checkpoint.py).
+UNPICKLING_DEEPSPEED_KEYS = {("checkpoint", "load_universal"):
+                             "it makes DeepSpeed load universal checkpoints"}
+
+
+def check_deepspeed_overrides(overrides) -> None:
+    for path, why in UNPICKLING_DEEPSPEED_KEYS.items():
+        node = overrides
+        for key in path:
+            node = node.get(key) if hasattr(node, "get") else None
+        if node not in (None, False):
+            key = "parallelism.deepspeed_overrides." + ".".join(path)
+            shown = str(node).lower() if isinstance(node, bool) else repr(node)[:40]
+            raise DtuneError(
+                f"{key}={shown} is refused: {why}, which DeepSpeed unpickles with "
+                "torch.load(weights_only=False), past dtune's weights-only loader, so a file "
+                "in a checkpoint folder could run code on resume. dtune resumes only its own "
+                f"checkpoints; remove {key} (to convert a universal checkpoint, load it outside "
+                "dtune, in code you trust).")
 
 
 TRACKERS = ("none", "wandb")  # dtune/tracking.py holds one class for each

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import reprlib
 import sys
 import textwrap
 
@@ -17,6 +18,21 @@ class DtuneError(Exception):
     The message names the field or file, the value found, and the fix. Entry points print it
     without a traceback unless HYDRA_FULL_ERROR=1 (or DTUNE_TRACEBACK=1) is set.
     """
+
+
+def excerpt(value, limit: int = 200) -> str:
+    """`repr(value)` cut to about `limit` characters, for quoting user data in a message: a
+    2 MB field shows as its start and its length, and the whole repr is never built."""
+    shorten = reprlib.Repr()
+    shorten.maxstring = shorten.maxother = max(limit, 12)
+    shorten.maxlevel = 3  # nested lists and objects: three levels, then `[...]`
+    shorten.maxlist = shorten.maxtuple = shorten.maxdict = shorten.maxset = 8
+    text = shorten.repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        text += f" ({len(value):,} {'characters' if isinstance(value, str) else 'bytes'})"
+    return text
 
 
 def show_tracebacks() -> bool:

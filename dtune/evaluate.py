@@ -17,6 +17,7 @@ from dtune.data.batching import collate, loss_token_count
 from dtune.data.formatting import prompt_and_reference
 from dtune.distributed import Ranks, all_reduce_sum, gather
 from dtune.engines.base import move_batch
+from dtune.errors import DtuneError
 from dtune.loss import sequence_logps, summed_token_loss
 
 
@@ -79,6 +80,17 @@ def eval_loss_sum(engine, examples, batch_size: int, pad_id: int) -> tuple[float
             total, count = total + float(loss), count + tokens
     model.train(was_training)
     return all_reduce_sum(total), int(all_reduce_sum(count))
+
+
+def check_new_tokens(value: int, setting: str, model, name) -> None:
+    """Refuse a generation length beyond the model's context (`max_position_embeddings`): no
+    answer can be longer, and generating toward it would run for hours."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and value > limit:
+        raise DtuneError(
+            f"{setting}={value} is longer than the context of {name} ({limit} positions): no "
+            "answer can be that long, and generating toward it would run until killed. Set "
+            f"{setting}<={limit} (an exact-match answer needs a few dozen tokens).")
 
 
 @torch.no_grad()

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
-import secrets
+import re
 import shutil
 import socket
 import stat
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 from dtune.errors import DtuneError
+
+log = logging.getLogger("dtune")
 
 OUTPUT_MARKER = ".dtune-output.json"  # in every folder dtune writes whole (final/, merged, report)
 # In every temporary folder dtune makes beside what it builds: which host and process made it,
@@ -87,9 +90,9 @@ def open_no_follow(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> i
         raise
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path, errors: str = "strict") -> str:
     """A file's text, refusing a link planted in its place."""
-    with os.fdopen(open_no_follow(path), encoding="utf-8") as handle:
+    with os.fdopen(open_no_follow(path), encoding="utf-8", errors=errors) as handle:
         return handle.read()
 
 
@@ -156,7 +159,7 @@ def make_temp_dir(beside: Path, name: str, token: str | None = None) -> Path:
 
 
 def clear_temp_marker(tmp: Path) -> None:
-    os.unlink(Path(tmp) / TEMP_MARKER)
+    (Path(tmp) / TEMP_MARKER).unlink(missing_ok=True)
 
 
 def remove_stale_temp_dirs(parent: Path, name: str = "*", ours: bool = False) -> list[Path]:
@@ -198,51 +201,187 @@ def current_umask() -> int:
     return mask
 
 
-def check_replaceable(final: Path, force: bool = False,
+# What each kind of output folder holds, in a message's words. `final` is a run's trained
+# model: it is replaced only by the run that trained it, never through --out.
+OUTPUT_KINDS = {"final": "a run's trained model (its final/ folder)",
+                "merged": "a merged model (dtune merge)", "report": "a report (dtune report)"}
+SET_ASIDE = "previous"  # an output being replaced waits here, inside a marked temporary folder
+# A write that failed because the disk (or the user's quota, or a file size limit) is full:
+# the errno of an OSError, or the words torch's and safetensors' writers put in their errors.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+DISK_FULL_TEXT = re.compile(r"no space left|disk quota|file too large|os error (?:27|28|122)\b|"
+                            r"file write failed|unexpected pos \d+ vs \d+", re.IGNORECASE)
+
+
+def output_kind(folder: Path) -> str | None:
+    """The kind of output dtune wrote into `folder`, from its marker (None: no readable
+    marker). A marker without a kind is a run's final/ from before kinds were recorded."""
+    try:
+        marker = json.loads(read_text(Path(folder) / OUTPUT_MARKER))
+    except (OSError, ValueError, DtuneError):
+        return None
+    if not isinstance(marker, dict) or marker.get("written_by") not in (None, "dtune"):
+        return None
+    kind = marker.get("kind", "final")
+    return kind if isinstance(kind, str) else None
+
+
+def check_replaceable(final: Path, kind: str, force: bool = False,
                       option: str = "the output folder") -> None:
-    """Refuse to replace `final` unless dtune wrote it (its marker), it is empty, or `force`."""
+    """Refuse to replace `final` unless it is missing or empty, or dtune wrote it as an output
+    of the same `kind`, or `force` (which never replaces a run's trained model: only the run
+    that trained it does, as kind `final`)."""
     final = Path(final)
     refuse_symlink(final)
     if final.exists() and not final.is_dir():
         raise DtuneError(f"{option} {final} is a file, not a folder; name a new folder.")
-    foreign = final.is_dir() and any(final.iterdir()) and not (final / OUTPUT_MARKER).is_file()
-    if foreign and not force:
+    if not final.is_dir() or not any(final.iterdir()):
+        return
+    found = output_kind(final)
+    if found == kind:
+        return
+    if found == "final":
         raise DtuneError(
-            f"{option} {final} already exists and holds files dtune did not write (it has no "
-            f"{OUTPUT_MARKER}), so dtune will not replace it. Name a new or empty folder, or "
-            "pass --force to replace that folder and everything in it."
-        )
+            f"{option} {final} holds {OUTPUT_KINDS['final']}, and dtune never replaces a "
+            f"trained model with {OUTPUT_KINDS[kind]}, --force or not. Name another folder "
+            "for the output, one that does not exist yet.")
+    if force:
+        return
+    if found is not None:
+        raise DtuneError(
+            f"{option} {final} holds {OUTPUT_KINDS.get(found, f'an output of kind {found!r}')}"
+            f", and this command writes {OUTPUT_KINDS[kind]}: dtune replaces an output only with "
+            f"one of its own kind. Name another folder, or pass --force to replace that one.")
+    raise DtuneError(
+        f"{option} {final} already exists and holds files dtune did not write (it has no "
+        f"{OUTPUT_MARKER}), so dtune will not replace it. Name a new or empty folder, or "
+        "pass --force to replace that folder and everything in it."
+    )
+
+
+def refuse_enclosing(out: Path, keep=(), option: str = "--out") -> None:
+    """Refuse an output folder whose replacement would delete far more than an output: the
+    root folder, the home folder, the current directory or a folder above it, or a folder
+    holding one of `keep` (what the command reads). --force does not change this."""
+    target = Path(os.path.realpath(out))
+    guarded = [(Path("/"), "the root folder")]
+    with contextlib.suppress(RuntimeError, KeyError, OSError):
+        guarded.append((Path.home(), "your home folder"))
+    with contextlib.suppress(OSError):
+        guarded.append((Path.cwd(), "the current directory"))
+    guarded += [(Path(path), "a folder this command reads") for path in keep]
+    for path, what in guarded:
+        path = Path(os.path.realpath(path))
+        if target == path or target in path.parents:
+            where = what if target == path else f"a folder that holds {what} ({path})"
+            raise DtuneError(
+                f"{option} {out} is {where}: replacing it with the output would delete "
+                "everything in it, so dtune refuses it, --force or not. Name a new folder for "
+                "the output, one that does not exist yet.")
 
 
 @contextlib.contextmanager
-def output_folder(final: Path, provenance: dict, force: bool = False,
+def output_folder(final: Path, kind: str, provenance: dict | None = None, force: bool = False,
                   option: str = "the output folder"):
-    """Yield an empty temporary folder beside `final`; once the block completes it becomes
-    `final`, with a marker saying dtune wrote it. An existing `final` is replaced only if
-    dtune wrote it (the marker) or `force`; otherwise it is refused before any work."""
+    """Yield an empty temporary folder beside `final` (an unguessable name, mode 0700, dtune's
+    temporary marker); once the block completes it becomes `final`, with a marker saying
+    dtune wrote it and its `kind`. An existing `final` is replaced only as check_replaceable
+    allows, refused before any work. Leftovers of an earlier attempt that was killed (dtune's
+    marked temporary folders of this name whose process is gone) are removed first."""
     final = Path(final)
-    check_replaceable(final, force, option)
+    check_replaceable(final, kind, force, option)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()  # fails rather than reuse anything already there
+    restore_set_aside(final)
+    remove_stale_temp_dirs(final.parent, glob.escape(final.name))
+    tmp = make_temp_dir(final.parent, final.name)
     try:
         yield tmp
-        (tmp / OUTPUT_MARKER).write_text(json.dumps({"written_by": "dtune", **provenance},
-                                                    indent=1))
+        (tmp / OUTPUT_MARKER).write_text(json.dumps(
+            {"written_by": "dtune", **(provenance or {}), "kind": kind}, indent=1))
         for path in tmp.rglob("*"):
             if path.is_file():
                 fsync_file(path)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
+        os.chmod(tmp, 0o777 & ~current_umask())  # readable as any folder the user makes
+        put_in_place(tmp, final)
         fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def put_in_place(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` to `final`. An existing `final` first moves into a marked
+    temporary folder and is deleted once the new one is in place: a kill between the renames
+    loses nothing (the next start puts it back), and one while deleting leaves only a marked
+    folder, which the next start removes."""
+    if not final.exists():
+        clear_temp_marker(tmp)
+        os.rename(tmp, final)
+        return
+    aside = make_temp_dir(final.parent, final.name)
+    os.rename(final, aside / SET_ASIDE)
+    try:
+        clear_temp_marker(tmp)
+        os.rename(tmp, final)
+    except BaseException:
+        os.rename(aside / SET_ASIDE, final)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore_set_aside(final: Path) -> None:
+    """Put back an output that a killed process had moved aside (put_in_place) before its
+    replacement took its place: `final` is missing and the maker of the folder is gone."""
+    if os.path.lexists(final):
+        return
+    for aside in final.parent.glob(f".{glob.escape(final.name)}.tmp-*/{SET_ASIDE}"):
+        if aside.is_dir() and not aside.is_symlink() and maker_gone(aside.parent) \
+                and output_kind(aside) is not None:
+            os.rename(aside, final)
+            log.warning("%s was being replaced when its writer stopped; the previous one is "
+                        "back in place.", final)
+            return
+
+
+def maker_gone(tmp: Path) -> bool:
+    """Whether the dtune process that made the temporary folder `tmp` no longer runs."""
+    try:
+        marker = json.loads(read_text(Path(tmp) / TEMP_MARKER))
+    except (OSError, ValueError, DtuneError):
+        return False
+    return isinstance(marker, dict) and marker.get("written_by") == "dtune" \
+        and marker.get("host") == socket.gethostname() and not process_alive(marker.get("pid"))
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a failed write failed for want of space (OSError, or torch's RuntimeError and
+    safetensors' error, which carry no errno)."""
+    return getattr(exc, "errno", None) in DISK_FULL_ERRNOS or \
+        bool(DISK_FULL_TEXT.search(str(exc)))
+
+
+def disk_full_error(path: Path, needed: int, what: str, exc: BaseException,
+                    fix: str) -> DtuneError:
+    """The one paragraph for a write to `path` that ran out of space: the bytes needed, the
+    bytes free, and `fix`."""
+    path = Path(path)
+    try:
+        free = f", and {human_bytes(shutil.disk_usage(path.parent).free)} are free now"
+    except OSError:
+        free = ""
+    return DtuneError(
+        f"the disk is full: writing {what} to {path} failed "
+        f"({' '.join(str(exc).split())[:200]}). It needs about {human_bytes(needed)} "
+        f"({needed:,} bytes) on the disk of {path.parent}{free}. Nothing was left half-written: "
+        f"{path} is as it was before. {fix}")
+
+
+def human_bytes(count: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def fsync_file(path: Path) -> None:

@@ -70,11 +70,32 @@ def load_final_model(run_dir: Path, trust_remote_code: bool = False):
     if run.final_is_adapter():
         say_base(cfg, run_dir)
         base, _, _ = load_model_and_tokenizer(cfg.model, load_options(cfg.method))
-        model = PeftModel.from_pretrained(base, run.final)
+        model = load_adapter(base, run.path, cfg)
     else:
         model = load_model_folder(run.final, trust_remote_code)
     model.eval()
     return model, tokenizer, cfg
+
+
+def load_adapter(base, run_dir: Path, cfg: Config):
+    """The run's final/ adapter on `base`. An adapter trained on another model (another size:
+    peft's size mismatch) is one paragraph naming both, not a traceback."""
+    run = RunDir(run_dir)
+    try:
+        return PeftModel.from_pretrained(base, run.final)
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        first = next((line.strip() for line in str(exc).splitlines()
+                      if "size mismatch" in line and "copying a param" in line),
+                     " ".join(str(exc).split()))
+        raise DtuneError(
+            f"the adapter in {run.final} does not fit the base model {cfg.model.name_or_path} "
+            f"that {run.config_file} names: its weights have other shapes ({first[:300]}). The "
+            "adapter was trained on another model (another size or architecture), or the run's "
+            "config was changed after training. Pass the run directory that trained this "
+            f"adapter, or restore model.* in {run.config_file} to the model it was trained on."
+        ) from None
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):

@@ -4,16 +4,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from peft import PeftModel
-
 from dtune.checkpoint import save_final
 from dtune.errors import DtuneError
-from dtune.files import check_replaceable
-from dtune.load_run import load_run_config, load_tokenizer, say_base
+from dtune.load_run import load_adapter, load_run_config, load_tokenizer, say_base
 from dtune.logs import quiet_libraries
 from dtune.methods import METHODS
 from dtune.models import load_model_and_tokenizer
-from dtune.run_dir import RunDir
+from dtune.run_dir import RunDir, check_output_target
 
 log = logging.getLogger("dtune")
 
@@ -42,10 +39,9 @@ def merge_run(run_dir: Path, out_dir: Path | None = None, force: bool = False,
     if not run.final_is_adapter():
         raise DtuneError(f"{run.final} holds no adapter: the run has not finished.")
     out_dir = Path(out_dir) if out_dir else run.merged
-    provenance = {"kind": "merged", "run_dir": str(run.path.resolve()),
-                  "base": cfg.model.name_or_path, "revision": cfg.model.revision,
-                  "method": spec.name}
-    check_replaceable(out_dir, force, option="--out")  # before the slow part
+    provenance = {"run_dir": str(run.path.resolve()), "base": cfg.model.name_or_path,
+                  "revision": cfg.model.revision, "method": spec.name}
+    check_output_target(out_dir, "merged", force, [run.path])  # before the slow part
     say_base(cfg, run.path)
     # The base loads unquantized: a QLoRA/8-bit adapter merges into the de-quantized weights.
     base, _, _ = load_model_and_tokenizer(cfg.model, {"dtype": "auto"})
@@ -54,6 +50,7 @@ def merge_run(run_dir: Path, out_dir: Path | None = None, force: bool = False,
             "Merging a %s adapter into the full-precision base: the adapter was trained against "
             "quantized weights, so the merged model's outputs may differ slightly from the "
             "adapter model's (a known effect of merging quantized training).", spec.name)
-    merged = PeftModel.from_pretrained(base, run.final).merge_and_unload()
-    save_final(merged, load_tokenizer(run.final), out_dir, provenance=provenance, force=force)
+    merged = load_adapter(base, run.path, cfg).merge_and_unload()
+    save_final(merged, load_tokenizer(run.final), out_dir, provenance=provenance, force=force,
+               kind="merged", fix="Free space there, or give --out a folder on a disk with room.")
     return out_dir

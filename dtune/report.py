@@ -26,7 +26,7 @@ from PIL import Image, ImageChops  # noqa: E402
 
 from dtune.errors import DtuneError  # noqa: E402
 from dtune.files import output_folder, read_text  # noqa: E402
-from dtune.run_dir import RunDir  # noqa: E402
+from dtune.run_dir import RunDir, check_output_target  # noqa: E402
 
 GIB = 1024**3
 # Keys that differ between runs without being hyperparameters.
@@ -431,9 +431,13 @@ def write_report(paths: list[Path], out_dir: Path, metric: str | None = None,
         metric = "eval_loss" if any(r.final("eval_loss") is not None for r in runs) \
             else "final_loss"
     out_dir = Path(out_dir)
+    # Never a run's own files, nor a folder holding what it reads, --force or not.
+    check_output_target(out_dir, "report", force, list(map(Path, paths)))
     # Built beside out_dir and renamed into place: a link planted in a run's report/ folder
     # redirects nothing, and a folder dtune did not write is refused.
-    with output_folder(out_dir, {"kind": "report"}, force, option="--out") as building:
+    # Labels are run names and config values, shown as written: `$` is no mathtext marker.
+    with output_folder(out_dir, "report", force=force, option="--out") as building, \
+            matplotlib.rc_context({"text.parse_math": False}):
         plots = {
             "loss": plot_loss(runs, building),
             "lr": plot_step_metric(runs, building, "lr", "Learning rate", "lr"),

@@ -11,14 +11,18 @@ Every file here is read and written without following a link planted in its plac
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtune.files import own_directory, read_text, write_atomically
+from dtune.errors import DtuneError, excerpt
+from dtune.files import (check_replaceable, own_directory, read_text, refuse_enclosing,
+                         write_atomically)
 
 log = logging.getLogger("dtune")
 
@@ -131,7 +135,23 @@ class RunDir:
         return [r for r in self.read_metrics() if "loss" in r and r.get("split") != "eval"]
 
     def read_summary(self) -> dict | None:
-        return json.loads(read_text(self.summary_file)) if self.summary_file.exists() else None
+        """summary.json, None before the run finishes; a damaged one is an error naming it."""
+        if not self.summary_file.exists() and not self.summary_file.is_symlink():
+            return None
+        text = read_text(self.summary_file, errors="replace")
+        try:
+            summary = json.loads(text)
+        except json.JSONDecodeError as exc:
+            summary = exc
+        if not isinstance(summary, dict):
+            found = f"not JSON ({summary.msg} at line {summary.lineno})" \
+                if isinstance(summary, Exception) else f"a JSON {type(summary).__name__}"
+            raise DtuneError(
+                f"{self.summary_file} is damaged: it is {found}, and a run's summary is one "
+                f"JSON object (this one starts {excerpt(text, 80)}). The run wrote it when it "
+                "finished; restore it from a copy, or delete it to treat the run as unfinished "
+                "(its metrics.jsonl still shows its steps).")
+        return summary
 
     def write_summary(self, summary: dict) -> None:
         write_atomically(self.summary_file, json.dumps(summary, indent=2))
@@ -150,17 +170,70 @@ class RunDir:
         write_atomically(self.overrides_file, overrides)
 
 
+def check_output_target(out: Path, kind: str, force: bool, reads: list[Path],
+                        option: str = "--out") -> None:
+    """Refuse, before any work, an output folder whose replacement would destroy more than an
+    output: a folder holding what the command reads, the current directory or the home folder
+    (files.refuse_enclosing), a run directory or a folder of them, or a run's final/ or
+    checkpoints/ (or a folder inside them), --force or not. Then the kind rule
+    (files.check_replaceable)."""
+    target = Path(os.path.realpath(out))
+    suggest = "one that does not exist yet"
+    if reads:
+        suggest = f"e.g. {option} {getattr(RunDir(reads[0]), kind, RunDir(reads[0]).report)}"
+    for folder in (target, *target.parents):
+        run = RunDir(folder.parent)
+        if folder in (run.final, run.checkpoints) and run.is_run():
+            held = "its trained model" if folder == run.final else "its resumable checkpoints"
+            where = f"the {folder.name}/ folder" if folder == target else \
+                f"inside the {folder.name}/ folder"
+            raise DtuneError(
+                f"{option} {out} is {where} of the run {run.path}, which holds {held}; dtune "
+                f"never replaces a run's own files, --force or not. Name another folder, "
+                f"{suggest}.")
+    if RunDir(target).is_run():
+        raise DtuneError(
+            f"{option} {out} is a run directory: replacing it would delete the run (its config, "
+            "metrics, checkpoints and trained model), so dtune refuses it, --force or not. Name "
+            f"another folder, {suggest}.")
+    runs = []
+    with contextlib.suppress(OSError):  # an unreadable folder: check_replaceable says so
+        runs = [child for child in (target.iterdir() if target.is_dir() else ())
+                if child.is_dir() and not child.is_symlink() and RunDir(child).is_run()]
+    if runs:
+        raise DtuneError(
+            f"{option} {out} holds run directories ({runs[0].name} is one): replacing it would "
+            f"delete those runs, so dtune refuses it, --force or not. Name another folder, "
+            f"{suggest}.")
+    refuse_enclosing(out, reads, option)
+    check_replaceable(out, kind, force, option)
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl. A last line cut short (a kill or a full disk during
-    the write) is left out with a warning; anything else that is not JSON is an error."""
-    lines = [line for line in read_text(Path(path)).splitlines() if line.strip()]
+    the write) is left out with a warning; any other line that is not a JSON object is an
+    error naming it."""
+    lines = [(number, line) for number, line in enumerate(
+        read_text(Path(path), errors="replace").splitlines(), start=1)
+        if line.strip()]
     records = []
-    for number, line in enumerate(lines, start=1):
+    for index, (number, line) in enumerate(lines):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if index + 1 < len(lines):
+                raise damaged_metrics(path, number, line, f"not JSON ({exc.msg})") from None
             log.warning("%s: its last line is cut short (a run killed while writing it); "
                         "it is left out.", path)
+            continue
+        if not isinstance(record, dict):
+            raise damaged_metrics(path, number, line, f"a JSON {type(record).__name__}")
+        records.append(record)
     return records
+
+
+def damaged_metrics(path: Path, number: int, line: str, found: str) -> DtuneError:
+    return DtuneError(
+        f"{path}, line {number}: the line is {found}, and every line of metrics.jsonl is one "
+        f"JSON object that the run appended ({excerpt(line, 80)}); the file was damaged or "
+        "edited. Delete or repair that line (the other records stay as they are).")

@@ -34,7 +34,7 @@ from dtune import precision
 from dtune.engines import Engine, build_engine, run_context
 from dtune.engines.base import StepStatus, process_device
 from dtune.errors import DtuneError
-from dtune.evaluate import eval_loss_sum, exact_match, preference_accuracy
+from dtune.evaluate import check_new_tokens, eval_loss_sum, exact_match, preference_accuracy
 from dtune.logs import quiet_libraries
 from dtune.families import check_packing
 from dtune.loss import (chunked_loss_mismatch, has_plain_lm_head, require_plain_lm_head,
@@ -583,6 +583,8 @@ def check_context_length(cfg: Config, model) -> None:
             f"data.max_seq_len={cfg.data.max_seq_len} is longer than the context of "
             f"{cfg.model.name_or_path} ({limit} positions); set data.max_seq_len<={limit}."
         )
+    check_new_tokens(cfg.eval.max_new_tokens, "eval.max_new_tokens", model,
+                     cfg.model.name_or_path)
 
 
 def planned_steps(cfg: Config, stream: BatchStream) -> int:

@@ -167,7 +167,7 @@ def test_disk_full_while_saving_keeps_earlier_checkpoints(tmp_path, monkeypatch)
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(DtuneError, match=r"could not write the checkpoint for step 4.*No space"):
+    with pytest.raises(DtuneError, match=r"writing the checkpoint for step 4.*No space"):
         train(tmp_path, *overrides)
     assert [c.name for c in valid_checkpoints(tmp_path)] == ["step-2"]
     assert not list((tmp_path / "checkpoints").glob(".step-*.tmp-*"))

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,3 +237,192 @@ def test_deepspeed_skips_a_nonfinite_step_as_one_process_does(tmp_path, monkeypa
     assert expected[2] is None and got[2] is None
     assert got[:2] + got[3:] == pytest.approx(expected[:2] + expected[3:], abs=1e-5)
     assert all(p.isfinite().all() for p in zero.model.parameters())
+
+
+# --- clear errors instead of tracebacks (issue 21, point 12) ------------------------------
+
+def copy_run(run, to):
+    shutil.copytree(run, to, symlinks=True)
+    return to
+
+
+def test_deeply_nested_json_is_named_by_file_and_line(tmp_path):
+    from dtune.data.loading import read_records
+
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "hello"}]})
+    deep = {depth: '{"messages": ' + "[" * depth + "]" * depth + "}\n" for depth in (900, 10**5)}
+    # Python's JSON reader gives up on the first, Arrow on the second
+    for rows, line in (([good, deep[10**5]], 2), ([deep[900]], 1)):
+        path = tmp_path / f"deep{line}.jsonl"
+        path.write_text("\n".join(rows))
+        with pytest.raises(DtuneError) as caught:
+            read_records(str(path), "chat", "data.path")
+        message = str(caught.value)
+        assert f"{path}, line {line}" in message and "nests lists or objects" in message
+        assert "Flatten" in message
+
+
+def word_tokenizer(chat_template: str):
+    """A tokenizer with no files behind it: enough to render a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>",
+                                        unk_token="[UNK]")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def test_a_chat_template_that_raises_is_one_paragraph():
+    from dtune.data.formatting import tokenize
+
+    record = {"messages": [{"role": "user", "content": "hi"},
+                           {"role": "user", "content": "again"},
+                           {"role": "assistant", "content": "hello"}]}
+    for template, says in [
+        ("{% for m in messages %}{% if loop.index0 % 2 == 0 and m.role != 'user' %}"
+         "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+         "{% if loop.index0 % 2 == 1 and m.role != 'assistant' %}"
+         "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+         "{{ m.content }}{% endfor %}", "roles must alternate"),
+        ("{{ messages[0].content + 1 }}", "TypeError"),  # a template's own bug
+    ]:
+        with pytest.raises(DtuneError) as caught:
+            tokenize(record, "chat", word_tokenizer(template), 64, False)
+        message = str(caught.value)
+        assert says in message and "roles user, user, assistant" in message
+        assert "data.chat_template=chatml" in message
+
+
+def failing_save(error: Exception):
+    def save_pretrained(self, folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"\0" * 1000)  # half-written
+        raise error
+    return save_pretrained
+
+
+def test_a_full_disk_during_merge_names_the_bytes_needed_and_leaves_nothing(
+        tiny_lora_run, tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    from dtune.merge import merge_run
+
+    out = tmp_path / "merged"
+    for error in (OSError(errno.ENOSPC, "No space left on device"),
+                  RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                               "576 vs 534"),  # torch.save cut short
+                  SafetensorError("Error while serializing: I/O error: No space left on "
+                                  "device (os error 28)")):
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing_save(error))
+        with pytest.raises(DtuneError) as caught:
+            merge_run(tiny_lora_run, out)
+        message = str(caught.value)
+        assert message.startswith(f"the disk is full: writing the model's weights to {out}")
+        assert "bytes) on the disk of" in message and "give --out a folder" in message
+        needed = int(message.split("It needs about ")[1].split("(")[1].split(" bytes")[0]
+                     .replace(",", ""))
+        assert needed > 100_000  # the tiny model's weights, not the adapter's
+        assert list(tmp_path.iterdir()) == []  # no merged/, no temporary folder
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing_save(ValueError("bug")))
+    with pytest.raises(ValueError, match="bug"):  # anything else is not called a full disk
+        merge_run(tiny_lora_run, out)
+
+
+def test_report_on_a_damaged_metrics_or_summary_file_is_one_paragraph(tiny_lora_run,
+                                                                       tmp_path):
+    from dtune.report import write_report
+    from dtune.run_dir import RunDir
+
+    run = RunDir(copy_run(tiny_lora_run, tmp_path / "run"))
+    lines = run.metrics_file.read_text().splitlines()
+    run.metrics_file.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    with pytest.raises(DtuneError, match=rf"{run.metrics_file}, line 2: the line is not JSON"):
+        write_report([run.path], tmp_path / "report")
+    run.metrics_file.write_text("\n".join([lines[0], "[1, 2]", *lines[1:]]) + "\n")
+    with pytest.raises(DtuneError, match="line 2: the line is a JSON list"):
+        run.read_metrics()
+    run.metrics_file.write_text("\n".join(lines) + "\n")
+    for text, found in (("[1, 2]", "is a JSON list"), ("{oops", "is not JSON")):
+        run.summary_file.write_text(text)
+        with pytest.raises(DtuneError, match=rf"{run.summary_file} is damaged: it {found}"):
+            write_report([run.path], tmp_path / "report")
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_run_name_with_dollar_signs_is_reported_as_written(tiny_lora_run, tmp_path):
+    """Plot labels are not mathtext: `$_$` in a run's name broke the report."""
+    from dtune.report import write_report
+
+    run = copy_run(tiny_lora_run, tmp_path / "lr$_$run")
+    page = write_report([run], tmp_path / "report")
+    assert "lr$_$run" in page.read_text()
+
+
+def test_an_adapter_trained_on_another_model_size_is_one_paragraph(tiny_lora_run, tmp_path):
+    import yaml
+
+    from dtune.load_run import load_final_model
+    from dtune.merge import merge_run
+    from dtune.run_dir import RunDir
+
+    run = RunDir(copy_run(tiny_lora_run, tmp_path / "run"))
+    config = yaml.safe_load(run.config_file.read_text())
+    config["model"]["random_init"]["hidden_size"] = 128  # not the size it was trained on
+    run.config_file.write_text(yaml.safe_dump(config))
+    for load in (lambda: load_final_model(run.path), lambda: merge_run(run.path)):
+        with pytest.raises(DtuneError) as caught:
+            load()
+        message = one_line(str(caught.value))
+        assert f"the adapter in {run.final} does not fit the base model tiny-llama" in message
+        assert "size mismatch" in message and f"model.* in {run.config_file}" in message
+    assert not run.merged.exists()
+
+
+def test_data_values_in_messages_are_cut_to_an_excerpt():
+    from dtune.data.loading import validate_record
+
+    huge = ["word " * 460_000]  # 2.3 MB, in a list where a string belongs
+    with pytest.raises(DtuneError) as caught:
+        validate_record({"text": huge}, "text", "data.jsonl, line 7")
+    message = str(caught.value)
+    assert message.startswith("data.jsonl, line 7: the column 'text' must be a string, "
+                              "found list ['word word")
+    assert len(message) < 400
+    with pytest.raises(DtuneError) as caught:
+        validate_record({"messages": [{"role": "x" * 10**6, "content": "hi"}]}, "chat", "here")
+    assert len(str(caught.value)) < 400 and "(1,000,000 characters)" in str(caught.value)
+
+
+def test_max_new_tokens_beyond_the_models_context_is_refused(tiny_lora_run, monkeypatch,
+                                                             capsys):
+    """eval.max_new_tokens=100000000000 generated until killed."""
+    from types import SimpleNamespace
+
+    import dtune.evaluate
+    from dtune import cli
+    from dtune.train import check_context_length
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=1024))
+    cfg = compose(*TINY, "eval.max_new_tokens=100000000000")
+    with pytest.raises(DtuneError, match=r"eval.max_new_tokens=100000000000 is longer than "
+                                         r"the context of tiny-llama \(1024 positions\)"):
+        check_context_length(cfg, model)
+    check_context_length(compose(*TINY, "eval.max_new_tokens=1024"), model)
+
+    def never(*args, **kwargs):
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(dtune.evaluate, "generate", never)
+    for command in (["generate", str(tiny_lora_run), "--prompt", "hi"],
+                    ["eval", str(tiny_lora_run), "--samples", "1"]):
+        with pytest.raises(SystemExit):
+            cli.main([*command, "--max-new-tokens", "100000000000"])
+        message = one_line(capsys.readouterr().err)
+        assert "--max-new-tokens=100000000000 is longer than the context" in message
+        assert "Set --max-new-tokens<=1024" in message

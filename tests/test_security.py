@@ -151,10 +151,10 @@ def test_merge_out_never_replaces_a_folder_dtune_did_not_write(tiny_lora_run, tm
     models = tmp_path / "models"  # meant as a parent folder
     (models / "keep").mkdir(parents=True)
     (models / "keep" / "weights.bin").write_text("precious")
-    for out in (models, run):
-        result = run_dtune("merge", str(run), "--out", str(out), module=False)
-        assert result.returncode != 0
-        assert "dtune did not write" in one_line(result.stderr) and "--force" in result.stderr
+    result = run_dtune("merge", str(run), "--out", str(models), module=False)
+    assert result.returncode != 0
+    assert "dtune did not write" in one_line(result.stderr) and "--force" in result.stderr
+    # the run directory itself is never replaced: tests/test_security_outputs.py
     assert (models / "keep" / "weights.bin").read_text() == "precious"
     assert RunDir(run).config_file.is_file() and RunDir(run).final.is_dir()
 
@@ -197,7 +197,8 @@ def test_report_rebuilds_its_folder_instead_of_writing_through_links(tiny_lora_r
     victim.write_bytes(b"precious")
     report = RunDir(run).report
     report.mkdir()
-    (report / OUTPUT_MARKER).write_text("{}")  # even one that looks like dtune's
+    # even one that looks like dtune's report
+    (report / OUTPUT_MARKER).write_text(json.dumps({"written_by": "dtune", "kind": "report"}))
     (report / "loss.png").symlink_to(victim)
     result = run_dtune("report", str(run), module=False)
     assert result.returncode == 0, result.stderr[-2000:]

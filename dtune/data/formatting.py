@@ -150,6 +150,25 @@ def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
         )
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    return render_chat(tokenizer, messages, add_generation_prompt)
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The tokenizer's chat template applied to `messages`. A template that raises (its own
+    `raise_exception`, or a Jinja error while rendering) is one paragraph naming the roles of
+    the conversation it refused, not a traceback."""
+    import jinja2  # transformers renders templates with it
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except (jinja2.TemplateError, TypeError, ValueError) as exc:
+        roles = ", ".join(str(m.get("role")) for m in messages[:12]) + \
+            (", ..." if len(messages) > 12 else "")
+        raise DtuneError(
+            f"the tokenizer's chat template (data.chat_template, or the model's own) refused a "
+            f"conversation with the roles {roles}: {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}. A template raises this for "
+            "conversations it does not accept (roles that must alternate, a system message it "
+            "does not allow); drop or fix such rows (or data.system_prompt), or choose a "
+            "template that accepts them, e.g. data.chat_template=chatml.") from None

@@ -21,7 +21,7 @@ from dtune.config import DataConfig
 from dtune.data import builtin
 from dtune.data.sources import (SourceSpec, load_arguments, open_source, saved_to_disk,
                                 source_specs)
-from dtune.errors import DtuneError
+from dtune.errors import DtuneError, excerpt
 from dtune.files import write_atomically
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv")  # read as UTF-8 text; parquet is binary
@@ -235,11 +235,21 @@ def _check_jsonl_lines(path: Path) -> None:
                     f"{path}, line {number}: malformed JSON ({exc.msg} at column {exc.colno}). "
                     "Each line of a .jsonl file must be one JSON object."
                 ) from None
+            except RecursionError:
+                raise too_deep(path, number) from None
             if not isinstance(value, dict):
                 raise DtuneError(
                     f"{path}, line {number}: expected a JSON object, found "
                     f"{type(value).__name__}. Each line of a .jsonl file must be one object."
                 )
+
+
+def too_deep(path: Path, number: int | None = None) -> DtuneError:
+    where = f"{path}, line {number}" if number else str(path)
+    return DtuneError(
+        f"{where}: a record nests lists or objects inside each other deeper than can be read "
+        "(hundreds of levels), and dtune's formats need a few (a list of messages, each an "
+        "object with strings). Flatten that record or drop it.")
 
 
 def _where(spec: SourceSpec, split: str, files: list[Path], index: int) -> str:
@@ -298,7 +308,7 @@ def _require_string(row: dict, column: str, where: str, fmt: str, allow_empty=Fa
     if not isinstance(value, str):
         raise DtuneError(
             f"{where}: the column {column!r} must be a string, found "
-            f"{type(value).__name__} {value!r}."
+            f"{type(value).__name__} {excerpt(value)}."
         )
     if not allow_empty and not value.strip():
         raise DtuneError(f"{where}: the column {column!r} is empty; give it text or drop the row.")
@@ -328,8 +338,8 @@ def validate_record(row: dict, fmt: str, where: str) -> None:
                 accepted = "human, gpt, system (or user, assistant)" if fmt == "sharegpt" \
                     else ", ".join(ROLES)
                 raise DtuneError(
-                    f"{where}: message {turn} has the role {role!r}; roles must be one of "
-                    f"{accepted}."
+                    f"{where}: message {turn} has the role {excerpt(role, 80)}; roles must be "
+                    f"one of {accepted}."
                 )
             _require_string(message, "content", f"{where}, message {turn}", fmt,
                             allow_empty=role != "assistant")
@@ -360,8 +370,9 @@ def validate_pair(row: dict, where: str) -> None:
         _require_string(row, side, where, "preference")
     if row["chosen"].strip() == row["rejected"].strip():
         raise DtuneError(
-            f"{where}: 'chosen' and 'rejected' are the same response ({row['chosen'][:80]!r}), "
-            "so the pair prefers nothing; give a different rejected response or drop the row.")
+            f"{where}: 'chosen' and 'rejected' are the same response "
+            f"({excerpt(row['chosen'], 80)}), so the pair prefers nothing; give a different "
+            "rejected response or drop the row.")
 
 
 def _check_prompt_messages(messages, where: str) -> None:
@@ -369,12 +380,12 @@ def _check_prompt_messages(messages, where: str) -> None:
         raise DtuneError(
             f"{where}: data.format=preference needs 'messages' to be a non-empty list of "
             "{role, content} objects (the prompt), found "
-            f"{type(messages).__name__} {str(messages)[:80]!r}.")
+            f"{type(messages).__name__} {excerpt(messages, 80)}.")
     for turn, message in enumerate(messages, start=1):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
-            raise DtuneError(f"{where}: message {turn} has the role {role!r}; roles must be "
-                             f"one of {', '.join(ROLES)}.")
+            raise DtuneError(f"{where}: message {turn} has the role {excerpt(role, 80)}; roles "
+                             f"must be one of {', '.join(ROLES)}.")
         _require_string(message, "content", f"{where}, message {turn}", "preference",
                         allow_empty=role != "user")
     if messages[-1]["role"] != "user":

@@ -28,6 +28,8 @@ from dtune.errors import DtuneError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
             ".arrow": "arrow"}
+# How `datasets` and Arrow word a record nested too deeply to read.
+TOO_DEEP = re.compile(r"recursion|depth limit|nesting depth", re.IGNORECASE)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The fields each format reads; `data.columns` may map these (and `task`, the exact-match group).
 FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",),
@@ -288,6 +290,13 @@ def _load_failure(spec: SourceSpec, split: str, arguments: dict, exc: Exception)
     if "data_files" in arguments:
         files = [f for fs in arguments["data_files"].values() for f in fs]
         shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        innermost = _innermost(exc)
+        if isinstance(innermost, RecursionError) or TOO_DEEP.search(str(innermost)):
+            return (f"{spec.key}={spec.path!r}: {_deepest_record(files) or shown} nests lists "
+                    "or objects inside each other deeper than can be read "
+                    f"({' '.join(str(innermost).split())[:200]}), and dtune's formats need a few "
+                    "levels (a list of messages, each an object with strings). Flatten such "
+                    "records or drop them.")
         return (f"{spec.key}={spec.path!r}: {shown} could not be read as {arguments['path']}: "
                 f"{cause}. Check that every record has the same fields with the same types.")
     return (
@@ -296,6 +305,47 @@ def _load_failure(spec: SourceSpec, split: str, arguments: dict, exc: Exception)
         f"cache: {cause}. Check the id, data.subset and data.split; offline, load it once "
         "online first so that the datasets cache holds it, or save it with save_to_disk and "
         "give that folder.")
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The first cause of an error that `datasets` wrapped (often twice)."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    return exc
+
+
+def _deepest_record(files: list[str]) -> str | None:
+    """`FILE, line N` of the most deeply nested record of the .jsonl files (read only once
+    loading has failed for nesting, to name the row)."""
+    deepest, where = 0, None
+    for name in files:
+        if not name.endswith(".jsonl"):
+            continue
+        with open(name, encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, start=1):
+                depth = _nesting(line)
+                if depth > deepest:
+                    deepest, where = depth, f"{name}, line {number}"
+    return where
+
+
+def _nesting(text: str) -> int:
+    """How deeply JSON brackets nest in `text`, brackets inside strings not counted."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def to_dtune_columns(rows, spec: SourceSpec):
