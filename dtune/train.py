@@ -439,8 +439,9 @@ def check_final_weights(recipe: Recipe, state: TrainState) -> None:
         f"{nonfinite_origin(recipe.first_nonfinite_step, state.step)}. "
         f"{recipe.run_dir.final} was not written. Likely causes: a learning rate too high for "
         f"this model and method (train.lr={recipe.cfg.train.lr}); an fp16 overflow (try "
-        "precision=bf16 or fp32); or a bad data row. The checkpoints hold the same weights: "
-        "fix the cause and train again in a new run directory.")
+        "precision=bf16 or fp32); or a bad data row. No checkpoint of these weights was saved at "
+        "the end, so the earlier checkpoints are as they were: fix the cause and train again "
+        "in a new run directory (or with train.overwrite=true).")
 
 
 def nonfinite_origin(first: Optional[int], last: int) -> str:
@@ -481,8 +482,9 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
     cfg, engine = recipe.cfg, recipe.engine
     final_eval = evaluate(recipe, state.step, with_generation=True)
     reporter.log_eval(final_eval)
-    save_checkpoint(recipe.run_dir.path, state, engine, cfg.train.keep_checkpoints)
+    # before the final checkpoint, whose pruning would otherwise drop an earlier, finite one
     check_final_weights(recipe, state)
+    save_checkpoint(recipe.run_dir.path, state, engine, cfg.train.keep_checkpoints)
     engine.save_final(recipe.run_dir.final, recipe.tokenizer)
     barrier()
     summary = {

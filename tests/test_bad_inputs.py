@@ -71,6 +71,16 @@ CASES = [
     Case("unknown tracker", ["tracker=mlflow"], ["tracker/mlflow", "wandb"]),
     Case("unknown non-finite policy", ["train.on_nonfinite=ignore"],
          ["train.on_nonfinite='ignore'", "skip, stop"]),
+    Case("non-finite setting", ["train.lr=inf"], ["train.lr=inf", "not a finite number"]),
+    Case("resume and overwrite together", ["train.resume=true", "train.overwrite=true"],
+         ["train.resume=true", "train.overwrite=true", "set one of them"]),
+    Case("secret nested in a mapping", ["parallelism.deepspeed_overrides={api_key: abc12345}"],
+         ["parallelism.deepspeed_overrides.api_key", "=***", "in the environment"]),
+    Case("DeepSpeed setting that unpickles", [
+        "parallelism=zero2", "parallelism.deepspeed_overrides={checkpoint: {load_universal: true}}"],
+         ["checkpoint.load_universal", "weights_only=False"]),
+    Case("generation longer than the model's context", ["eval.max_new_tokens=100000000000"],
+         ["eval.max_new_tokens=100000000000", "1024 positions"]),
     # --- data ----------------------------------------------------------------------------
     Case("missing file", data("nope.jsonl"), ["data.path=", "nope.jsonl", "no such file"]),
     Case("empty file", data("empty.jsonl"), ["empty.jsonl", "is empty"], {"empty.jsonl": ""}),

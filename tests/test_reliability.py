@@ -237,6 +237,12 @@ def test_deepspeed_skips_a_nonfinite_step_as_one_process_does(tmp_path, monkeypa
     assert expected[2] is None and got[2] is None
     assert got[:2] + got[3:] == pytest.approx(expected[:2] + expected[3:], abs=1e-5)
     assert all(p.isfinite().all() for p in zero.model.parameters())
+    # Its checkpoint resumed in one process: the changed stage is named, not called damage.
+    with pytest.raises(DtuneError) as caught:
+        train(tmp_path / "zero2", *common, "train.max_steps=6", "train.resume=true")
+    message = str(caught.value)
+    assert "parallelism.zero_stage: 2 in the checkpoint, null now" in message
+    assert "damaged" not in message and "delete" not in message.lower()
 
 
 # --- clear errors instead of tracebacks (issue 21, point 12) ------------------------------
