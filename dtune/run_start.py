@@ -238,8 +238,10 @@ def settings_changed(folder: Path, changed: list) -> DtuneError:
         f"train.resume=true, but this run's settings differ from those that wrote "
         f"{folder}: {listed}. These change what training computes, so the resumed run would "
         "not continue the same training. Resume with the checkpoint's values, or start a new "
-        "run in another directory (hydra.run.dir=...); the checkpoint is left as it is. "
-        f"Settings a resume may change: {', '.join(k.rstrip('.') for k in SAFE_TO_CHANGE)}.")
+        "run in another directory (hydra.run.dir=...); the checkpoint is left as it is. (A "
+        "resume may change eval.*, tracker.*, launcher.*, the process layout, train.max_steps "
+        "and epochs, the log, eval and save cadence, and the speed switches: the README's "
+        "Reliability section lists them.)")
 
 
 def short(value) -> str:

@@ -37,6 +37,7 @@ from dtune.errors import DtuneError
 from dtune.evaluate import check_new_tokens, eval_loss_sum, exact_match, preference_accuracy
 from dtune.logs import quiet_libraries
 from dtune.families import check_packing
+from dtune.files import read_text
 from dtune.loss import (chunked_loss_mismatch, has_plain_lm_head, require_plain_lm_head,
                         sequence_logps, summed_token_loss)
 from dtune.methods import apply_method, count_parameters, is_adapter, load_options
@@ -46,7 +47,6 @@ from dtune.models import load_model_and_tokenizer
 from dtune.objectives import OBJECTIVES, ObjectiveSpec, objective_spec, pair_loss
 from dtune.reference import build_reference
 from dtune.reporter import SilentReporter, create_reporter
-from dtune.files import read_text
 from dtune.run_dir import RunDir
 from dtune.run_start import (all_damaged, changed_settings, claimed, settings_changed,
                              training_settings)
