@@ -12,11 +12,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from dtune.compose import check_moved, check_overrides, config_dir, register_schema, to_config
-from dtune.errors import DtuneError, exit_with
+from dtune.errors import DtuneError, JobFailed, exit_with, print_error
 from dtune.redaction import MaskSecrets, redact, take_env_secrets
 from dtune.run_dir import RunDir
 
@@ -39,7 +40,15 @@ def train_app(cfg: DictConfig) -> float | None:
             record_run(run_dir, cfg, hydra_cfg)
             return launch(config, str(run_dir.path), list(hydra_cfg.overrides.task))
     except DtuneError as error:
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweep goes on; its table says why
+            print_error(error)
+            return JobFailed(str(error))
         exit_with(error)
+    except SystemExit as stop:  # the workers of a multi-process job failed (their words above)
+        if hydra_cfg.mode == RunMode.MULTIRUN and stop.code:
+            return JobFailed(f"its worker processes exited with status {stop.code}; their "
+                             "messages are in the sweep's output")
+        raise
 
 
 def record_run(run_dir: RunDir, cfg: DictConfig, hydra_cfg: DictConfig) -> None:

@@ -39,8 +39,27 @@ def show_tracebacks() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("DTUNE_TRACEBACK") == "1"
 
 
+class JobFailed(float):
+    """What a sweep job returns when dtune refused it, so that the sweep goes on to its next
+    job: NaN, which a sweeper that minimises counts as a failed trial, carrying the paragraph
+    for the sweep's results table."""
+
+    message: str
+
+    def __new__(cls, message: str = ""):
+        value = super().__new__(cls, "nan")
+        value.message = message
+        return value
+
+
 def exit_with(error: DtuneError, code: int = 2) -> None:
     """Print a DtuneError as one wrapped paragraph on stderr and exit non-zero."""
+    print_error(error)
+    sys.exit(code)
+
+
+def print_error(error: DtuneError) -> None:
+    """A DtuneError as one wrapped paragraph on stderr (raised, with HYDRA_FULL_ERROR=1)."""
     if show_tracebacks():
         raise error
     text = " ".join(str(error).split())
@@ -51,4 +70,3 @@ def exit_with(error: DtuneError, code: int = 2) -> None:
                           break_long_words=False)
     print("\n".join(lines), file=sys.stderr)
     print("(set HYDRA_FULL_ERROR=1 to see the traceback)", file=sys.stderr)
-    sys.exit(code)

@@ -216,7 +216,7 @@ def batch_stream(cfg: Config, tokenizer, ranks: Ranks, sources, eval_records):
     count for the log): the sources tokenized into the cache up front, or with
     data.streaming tokenized as they come."""
     if cfg.data.streaming:
-        fmt = streaming.row_format(streaming.stream_specs(cfg))
+        fmt = streaming.row_format(cfg, streaming.stream_specs(cfg))
         eval_examples = tokenize_records(eval_records[: cfg.eval.max_loss_samples], cfg,
                                          tokenizer, "eval", fmt=fmt)
         return (streaming.open_stream(cfg, tokenizer, ranks.rank, ranks.world_size),

@@ -35,8 +35,9 @@ import torch
 
 from dtune.config import Config
 from dtune.data import builtin
-from dtune.data.batching import collate, collate_packed, pack_rows
+from dtune.data.batching import collate, collate_packed, collate_pairs, pack_rows
 from dtune.data.formatting import IGNORE, Example, tokenize
+from dtune.data.preference import PairExample, tokenize_pair
 from dtune.data.loading import validate_record
 from dtune.data.sources import SourceSpec, open_source, source_specs
 from dtune.errors import DtuneError
@@ -47,12 +48,6 @@ START = {"epoch": 0, "block": None, "row": 0, "offset": 0}
 
 
 def check_streaming(cfg: Config, specs: list[SourceSpec]) -> None:
-    if any(s.format == "preference" for s in specs):
-        raise DtuneError(
-            "data.streaming=true does not read preference pairs (data.format=preference): "
-            "their batches need fixed pair indices (the precomputed reference log-probs are "
-            "stored by them). Set data.streaming=false; pairs are tokenized once into the "
-            "cache and memory-mapped, so a large set still fits.")
     if cfg.train.max_steps <= 0:
         raise DtuneError(
             f"data.streaming=true needs train.max_steps (it is {cfg.train.max_steps}): a stream "
@@ -71,6 +66,14 @@ def check_streaming(cfg: Config, specs: list[SourceSpec]) -> None:
             "data.streaming=false.")
 
 
+def builtin_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The built-in (train, eval) rows: chat conversations, or with data.format=preference
+    the built-in pairs."""
+    b = cfg.data.builtin
+    make = builtin.generate_pairs if cfg.data.format == "preference" else builtin.generate
+    return make(list(b.tasks), b.train_size, b.eval_size, b.seed)
+
+
 def held_out_count(cfg: Config) -> int:
     return max(cfg.eval.max_loss_samples, cfg.eval.exact_match_samples)
 
@@ -78,8 +81,7 @@ def held_out_count(cfg: Config) -> int:
 def open_rows(cfg: Config, specs: list[SourceSpec]) -> datasets.IterableDataset:
     """The training rows as one stream, opened afresh (each epoch and each resume opens one)."""
     if cfg.data.path == "builtin" and not cfg.data.sources:
-        b = cfg.data.builtin
-        train, _ = builtin.generate(list(b.tasks), b.train_size, b.eval_size, b.seed)
+        train, _ = builtin_rows(cfg)
         return datasets.Dataset.from_list(train).to_iterable_dataset()
     streams = [open_source(spec, spec.split, streaming=True) for spec in specs]
     if len(streams) == 1:
@@ -97,8 +99,7 @@ def eval_records(cfg: Config) -> list[dict]:
     check_streaming(cfg, specs)
     n = held_out_count(cfg)
     if not specs:
-        b = cfg.data.builtin
-        records = builtin.generate(list(b.tasks), b.train_size, b.eval_size, b.seed)[1][:n]
+        records = builtin_rows(cfg)[1][:n]
     elif any(s.eval_path or s.eval_split for s in specs):
         records = []
         for spec in specs:
@@ -111,7 +112,7 @@ def eval_records(cfg: Config) -> list[dict]:
         records = list(islice(open_rows(cfg, specs), n))
     else:
         records = []
-    fmt = row_format(specs)
+    fmt = row_format(cfg, specs)
     for index, record in enumerate(records):
         validate_record(record, fmt, f"the streamed eval rows, row {index + 1}")
     return records
@@ -154,7 +155,8 @@ class StreamingBatches:
     stream: see the module's docstring for the order and the position."""
 
     open_stream: Callable[[], datasets.IterableDataset]
-    to_example: Callable[[dict, int], Optional[Example]]  # None: the row is dropped
+    # an Example, a PairExample (data.format=preference), or None: the row is dropped
+    to_example: Callable[[dict, int], Optional[Example | PairExample]]
     micro_batch_size: int
     seed: int
     pad_id: int
@@ -185,21 +187,22 @@ class StreamingBatches:
             self._next = {**position, "offset": position["offset"] + 1}
             example = self.to_example(record, index)
             if example is not None:
-                self._pending.append((position, example))
+                self._pending.append((position, example, index))
 
-    def _take(self, count: int) -> list[Example]:
-        return [self._pending.popleft()[1] for _ in range(count)]
+    def _take(self, count: int) -> list[tuple[Example | PairExample, int]]:
+        """The next `count` examples, each with its row's index in the pass."""
+        return [self._pending.popleft()[1:] for _ in range(count)]
 
-    def _next_rows(self) -> list[list[Example]]:
+    def _next_rows(self) -> list[list[tuple[Example | PairExample, int]]]:
         if not self.pack_len:
             self._fill(self.micro_batch_size)
-            return [[e] for e in self._take(self.micro_batch_size)]
+            return [[taken] for taken in self._take(self.micro_batch_size)]
         # pack_rows decides each example from the ones before it alone, so a prefix that
         # stops before its end gives what the whole candidate list would (BatchStream's).
         limit, count = self.micro_batch_size * self.pack_len, self.micro_batch_size
         while True:
             self._fill(count)
-            lengths = [len(e.input_ids) for _, e in islice(self._pending, count)]
+            lengths = [len(e.input_ids) for _, e, _ in islice(self._pending, count)]
             rows, taken = pack_rows(lengths, self.micro_batch_size, self.pack_len)
             if taken < count or count >= limit:
                 break
@@ -217,9 +220,13 @@ class StreamingBatches:
             if index // accum != self.rank:
                 continue
             if self.pack_len:
-                mine.append(collate_packed(rows, self.pad_id, self.one_row))
+                mine.append(collate_packed([[e for e, _ in row] for row in rows], self.pad_id,
+                                           self.one_row))
+            elif isinstance(rows[0][0][0], PairExample):  # a pair's index: its row in the pass
+                mine.append(collate_pairs([row[0][0] for row in rows], self.pad_id,
+                                          [row[0][1] for row in rows]))
             else:
-                mine.append(collate([row[0] for row in rows], self.pad_id))
+                mine.append(collate([row[0][0] for row in rows], self.pad_id))
         return mine
 
     def state_dict(self) -> dict:
@@ -235,16 +242,22 @@ class StreamingBatches:
         self._restart({k: state[k] for k in START})
 
 
-def example_maker(cfg: Config, tokenizer, fmt: str) -> Callable[[dict, int], Optional[Example]]:
-    """Check and tokenize one streamed row; None when truncation left it no response."""
+def example_maker(cfg: Config, tokenizer, fmt: str
+                  ) -> Callable[[dict, int], Optional[Example | PairExample]]:
+    """Check and tokenize one streamed row (a pair with data.format=preference); None when
+    truncation left it (or either of a pair's responses) no response."""
     d, dropped = cfg.data, {"n": 0}
 
-    def to_example(record: dict, index: int) -> Optional[Example]:
+    def to_example(record: dict, index: int) -> Optional[Example | PairExample]:
         validate_record(record, fmt, f"the data stream ({d.path or 'data.sources'}), row "
                                      f"{index + 1} of its pass")
-        example = tokenize(record, fmt, tokenizer, d.max_seq_len, d.train_on_inputs,
-                           d.system_prompt)
-        if all(label == IGNORE for label in example.labels[1:]):
+        if fmt == "preference":
+            example = tokenize_pair(record, tokenizer, d.max_seq_len, d.system_prompt)
+        else:
+            example = tokenize(record, fmt, tokenizer, d.max_seq_len, d.train_on_inputs,
+                               d.system_prompt)
+        if example is None or (not isinstance(example, PairExample)
+                                and all(label == IGNORE for label in example.labels[1:])):
             dropped["n"] += 1
             if dropped["n"] == 1:
                 log.warning("Streamed row %d lost its whole response to data.max_seq_len=%d "
@@ -261,15 +274,17 @@ def stream_specs(cfg: Config) -> list[SourceSpec]:
     return [] if cfg.data.path == "builtin" and not cfg.data.sources else source_specs(cfg.data)
 
 
-def row_format(specs: list[SourceSpec]) -> str:
+def row_format(cfg: Config, specs: list[SourceSpec]) -> str:
     """The format of the streamed rows (one for all sources: check_streaming)."""
-    return specs[0].row_format if specs else "chat"
+    if not specs:  # the built-in rows
+        return "preference" if cfg.data.format == "preference" else "chat"
+    return specs[0].row_format
 
 
 def open_stream(cfg: Config, tokenizer, rank: int, world_size: int) -> StreamingBatches:
     """The streamed batches of this rank, from the start of the stream."""
     specs = stream_specs(cfg)
-    fmt = row_format(specs)
+    fmt = row_format(cfg, specs)
     held_out = 0
     if specs and cfg.data.eval_fraction > 0 and not any(s.eval_path or s.eval_split
                                                         for s in specs):
