@@ -42,6 +42,7 @@ class TrainState:
     settings: dict = field(default_factory=dict)
     data_fingerprint: Optional[str] = None  # the training rows and tokenizer (non-streaming)
     step: int = 0
+    total_steps: int = 0  # what the run planned when it saved: a resume names a change
     trained_tokens: int = 0
     loss_tokens: int = 0
     train_seconds: float = 0.0

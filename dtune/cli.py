@@ -107,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="devices in all (default: what parallelism.* would start)")
     p_plan.add_argument("--device-gib", type=float, default=None,
                         help="memory of one device in GiB (default: this machine's GPU, "
-                             "else its RAM)")
+                             "else its RAM); given, the plan is for GPUs unless --device cpu")
     p_plan.add_argument("--device", choices=("gpu", "cpu"), default=None,
-                        help="plan for GPU (allocator figures) or CPU (process RSS)")
+                        help="plan for GPUs (allocator figures) or CPU processes (RSS); "
+                             "default: this machine's GPU, or GPUs when --device-gib is given")
 
     return parser
 
@@ -146,7 +147,7 @@ def run_plan(args) -> None:
     check_overrides(args.overrides)
     cfg = compose_config(args.overrides)
     local_bytes, local_gpu = device_memory_bytes()
-    on_gpu = local_gpu if args.device is None else args.device == "gpu"
+    on_gpu, said = planned_device(args.device, args.device_gib, local_gpu)
     device_bytes = int(args.device_gib * GIB) if args.device_gib else local_bytes
     if cfg.parallelism.name in ("single", "auto") and args.world_size is None:
         cfg.parallelism.name = "ddp"
@@ -156,12 +157,26 @@ def run_plan(args) -> None:
     print(f"{cfg.model.name_or_path}, +method={cfg.method.name}, precision={cfg.precision.name}, "
           f"{world} device(s), micro-batch {cfg.train.micro_batch_size} x "
           f"{cfg.data.max_seq_len} tokens, {device_bytes / GIB:.1f} GiB per device "
-          f"({'GPU' if on_gpu else 'CPU'}):")
+          f"({'GPU' if on_gpu else 'CPU'}: {said}):")
     print(table(estimates, device_bytes))
     try:
-        print("parallelism=auto would choose " + choose(estimates, device_bytes)[1] + ".")
+        print("parallelism=auto would choose " +
+              choose(estimates, device_bytes, cfg.method.name)[1] + ".")
     except DtuneError as error:
         print(str(error))
+
+
+def planned_device(device: str | None, device_gib: float | None,
+                   local_gpu: bool) -> tuple[bool, str]:
+    """(plan for a GPU?, why): --device when given; else this machine's GPU; else a GPU when
+    --device-gib names one's memory; only else this machine's CPU, said so."""
+    if device is not None:
+        return device == "gpu", f"--device {device}"
+    if local_gpu:
+        return True, "this machine's GPU"
+    if device_gib:
+        return True, "--device-gib given; --device cpu plans for CPU processes instead"
+    return False, "this machine has no GPU; --device gpu --device-gib N plans for GPUs"
 
 
 def run_eval(args) -> None:

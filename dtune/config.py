@@ -343,8 +343,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = -1  # > 0 wins over epochs
-    epochs: int = 1
+    # How long a run trains: train.max_steps optimizer steps, or train.epochs passes over the
+    # data; with both set, whichever ends first; with neither, one epoch. The summary and the
+    # start-up line say which one ended the run.
+    max_steps: int = -1
+    epochs: Optional[int] = None
     micro_batch_size: int = 4
     grad_accum_steps: int = 1
     # null: the method's recommended rate (its spec in dtune/methods.py; the README lists them)
@@ -383,7 +386,8 @@ class TrainConfig:
                 f"train.max_steps={self.max_steps} is out of range; give a positive number of "
                 "optimizer steps, or -1 to train for train.epochs."
             )
-        check_positive("train.epochs", self.epochs)
+        if self.epochs is not None:
+            check_positive("train.epochs", self.epochs)
         check_positive("train.micro_batch_size", self.micro_batch_size)
         check_positive("train.grad_accum_steps", self.grad_accum_steps)
         if self.lr is not None:

@@ -11,10 +11,8 @@ import json
 import logging
 import os
 import re
-import socket
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import try_to_load_from_cache
@@ -29,6 +27,7 @@ from dtune.config import GgufConfig, ModelConfig, RandomInitConfig
 from dtune.data.builtin import corpus_for_tokenizer
 from dtune.errors import DtuneError
 from dtune.families import family_config
+from dtune.hub import hub_reachable
 from dtune.files import own_directory, read_text, write_atomically
 from dtune.tokenizer_setup import set_up_tokenizer
 
@@ -184,7 +183,7 @@ def resolve_model(cfg: ModelConfig) -> tuple[str, str]:
         looked.append("the Hugging Face cache (not there)")
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             looked.append("the hub (skipped: HF_HUB_OFFLINE=1)")
-        elif _hub_reachable():
+        elif hub_reachable():
             return cfg.name_or_path, "Hugging Face hub"
         else:
             looked.append("the hub (not reachable)")
@@ -322,16 +321,6 @@ def _looks_like_hub_id(name: str) -> bool:
 def _in_hf_cache(cfg: ModelConfig) -> bool:
     found = try_to_load_from_cache(cfg.name_or_path, "config.json", revision=cfg.revision)
     return isinstance(found, str)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    # huggingface_hub retries an unreachable host for ~45 s; a plain connect answers at once.
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:

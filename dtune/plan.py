@@ -39,6 +39,7 @@ from dtune.config import Config, ModelConfig, loss_chunk_size
 from dtune.distributed import wanted_processes
 from dtune.errors import DtuneError
 from dtune.families import resolve_targets
+from dtune.hub import hub_reachable
 from dtune.methods import METHODS
 from dtune.models import cached_conversion, random_model_config
 from dtune.objectives import objective_spec, resolve_reference
@@ -167,6 +168,8 @@ def _hf_config(model_cfg: ModelConfig, auto_config):
     converted = None if Path(source).expanduser().exists() else cached_conversion(model_cfg)
     if converted is not None:
         source = str(converted)
+    elif not Path(source).expanduser().exists():
+        hub_reachable()  # offline: the hub cache at once, not half a minute of retries
     try:
         return auto_config.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -270,8 +273,19 @@ def plan(cfg: Config, world_size: int, on_gpu: bool, shape: ModelShape | None = 
     return [estimate(cfg, shape, layout, world_size, on_gpu) for layout in options]
 
 
-def choose(estimates: list[Estimate], device_bytes: int) -> tuple[Estimate, str]:
-    """The cheapest option that fits, and a sentence saying why."""
+def smaller_method(method: str | None) -> str:
+    """A method that holds less than `method`, as the end of a suggestion ("" for none)."""
+    if method in (None, "full"):
+        return ", use +method=lora (or +method=qlora)"
+    if METHODS[method].quantized_bits == 4:
+        return ""
+    return ", use +method=qlora (a 4-bit base)"
+
+
+def choose(estimates: list[Estimate], device_bytes: int,
+           method: str | None = None) -> tuple[Estimate, str]:
+    """The cheapest option that fits, and why: "<option>, the cheapest option that fits
+    (...)"."""
     fitting = [e for e in estimates if e.total <= device_bytes]
     if not fitting:
         smallest = min(estimates, key=lambda e: e.total)
@@ -279,12 +293,12 @@ def choose(estimates: list[Estimate], device_bytes: int) -> tuple[Estimate, str]
             f"parallelism=auto: no option fits in {device_bytes / GIB:.1f} GiB per device; the "
             f"smallest, {smallest.parallelism}, needs about {smallest.total / GIB:.1f} GiB. "
             "Lower train.micro_batch_size or data.max_seq_len, set "
-            "train.gradient_checkpointing=true, or use +method=qlora."
-        )
+            f"train.gradient_checkpointing=true{smaller_method(method)}, or give it more or "
+            "larger devices.")
     cost = {name: layout.cost for name, layout in layouts().items()}
     best = min(fitting, key=lambda e: cost[e.parallelism])
     skipped = [e for e in estimates if cost[e.parallelism] < cost[best.parallelism]]
-    why = f"{best.parallelism} is the cheapest option that fits " \
+    why = f"{best.parallelism}, the cheapest option that fits " \
           f"({best.total / GIB:.2f} of {device_bytes / GIB:.1f} GiB per device)"
     if skipped:
         why += "; " + ", ".join(f"{e.parallelism} needs {e.total / GIB:.2f} GiB"
@@ -318,7 +332,7 @@ def resolve_auto(cfg: Config) -> str:
     device_bytes, on_gpu = device_memory_bytes()
     cfg.parallelism.name = "ddp"  # to count processes as a multi-process option would
     world = wanted_processes(cfg.parallelism)
-    best, why = choose(plan(cfg, world, on_gpu), device_bytes)
+    best, why = choose(plan(cfg, world, on_gpu), device_bytes, cfg.method.name)
     layout = layouts()[best.parallelism]
     cfg.parallelism.name, cfg.parallelism.zero_stage, cfg.parallelism.offload = \
         layout.name, layout.zero_stage, layout.offload

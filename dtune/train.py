@@ -71,6 +71,7 @@ class Recipe:
     eval_records: list  # the first eval rows, for exact match
     eval_examples: dict  # eval set name (a mixture: each source's) -> ExampleTable
     total_steps: int
+    steps_set_by: str  # what set total_steps (planned_steps): it goes in the summary
     # of the chunked loss; 0: the plain full-logits loss. Pairs: >0 scores responses with the
     # LM head on labelled positions only (dtune.loss.sequence_logps), 0 from the full logits.
     chunk_size: int
@@ -118,6 +119,9 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
         reporter, stop = SilentReporter(), StopFlag()
         try:
             state = resume_or_start(recipe)
+            if finished_before(recipe, state):
+                return RunResult(recipe.run_dir.read_summary(), recipe.engine.module,
+                                 recipe.tokenizer)
             reporter = create_reporter(cfg, recipe.run_dir, run_id, ranks.is_main,
                                        state.step if recipe.resumed_from else None)
             if state.step == 0 and state.exact_match_before is None:
@@ -172,7 +176,7 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     model = apply_method(model, cfg.method, tokenizer)
     precision.keep_trainable_fp32(model, cfg)
     trainable, total = count_parameters(model)
-    total_steps = planned_steps(cfg, stream)
+    total_steps, steps_set_by = planned_steps(cfg, stream)
     engine = build_engine(cfg, model, ranks, total_steps)
     chunk_size = loss_chunk_size(cfg.train, cfg.parallelism.zero_stage)
     if cfg.train.loss_chunk_size is None and not has_plain_lm_head(engine.model):
@@ -183,10 +187,10 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     objective = objective_spec(cfg.objective)
     log.info(
         "Method %s, %s on %d process(es): %s trainable of %s parameters (%.2f%%); %s training "
-        "and %d eval examples; %d steps of %d %s", cfg.method.name,
+        "and %d eval examples; %d steps (%s) of %d %s", cfg.method.name,
         cfg.parallelism.name, ranks.world_size, f"{trainable:,}", f"{total:,}",
         100 * trainable / total, train_count, sum(map(len, data.evals.values())), total_steps,
-        global_batch_size(cfg, ranks), "pairs" if objective.pairs else "sequences")
+        steps_set_by, global_batch_size(cfg, ranks), "pairs" if objective.pairs else "sequences")
     # Before any checkpoint loads: the reference is the starting model (dtune/reference.py).
     reference = build_reference(cfg, engine, stream, tokenizer, run_dir,
                                 resuming=cfg.train.resume or slurm_restarted(),
@@ -196,7 +200,8 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
                   for examples in data.evals.values() if len(examples)] \
         if objective.pairs else None
     return Recipe(cfg, run_dir, run_id, ranks, engine, tokenizer, stream, data.eval_records,
-                  data.evals, total_steps, chunk_size, (trainable, total), source, started,
+                  data.evals, total_steps, steps_set_by, chunk_size, (trainable, total), source,
+                  started,
                   eval_format=data.eval_format, objective=objective, reference=reference,
                   eval_pairs=eval_pairs, data_fingerprint=data.fingerprint,
                   identical_pairs=data.identical_pairs)
@@ -253,6 +258,7 @@ def resume_or_start(recipe: Recipe) -> TrainState:
     cfg, run_dir = recipe.cfg, recipe.run_dir
     template = recipe.tokenizer.chat_template
     state = TrainState(data=recipe.stream.state_dict(), run_id=recipe.run_id,
+                       total_steps=recipe.total_steps,
                        settings=training_settings(cfg, recipe.ranks.world_size),
                        data_fingerprint=recipe.data_fingerprint, chat_template=template)
     if not (cfg.train.resume or slurm_restarted()):  # a requeued SLURM job always resumes
@@ -282,9 +288,29 @@ def resume_or_start(recipe: Recipe) -> TrainState:
     loaded = load_checkpoint(checkpoints[0], recipe.engine)
     loaded.chat_template = template  # a checkpoint written before templates were saved: None
     loaded.settings, loaded.data_fingerprint = state.settings, state.data_fingerprint
+    if loaded.total_steps and loaded.total_steps != recipe.total_steps:
+        log.warning("The run planned %d steps when %s was saved and plans %d now (%s): the "
+                    "learning-rate schedule, whose warmup and decay span the planned steps, "
+                    "changes from step %d on.", loaded.total_steps, checkpoints[0].name,
+                    recipe.total_steps, recipe.steps_set_by, loaded.step + 1)
+    loaded.total_steps = recipe.total_steps
     recipe.stream.load_state_dict(loaded.data)
     log.info("Resumed from %s (step %d)", checkpoints[0], loaded.step)
     return loaded
+
+
+def finished_before(recipe: Recipe, state: TrainState) -> bool:
+    """A resume of a run that had already finished (its last step, summary.json and final/
+    written): nothing to train, and nothing it wrote is written again."""
+    run_dir = recipe.run_dir
+    if recipe.resumed_from is None or state.step < recipe.total_steps \
+            or not run_dir.summary_file.exists() or not run_dir.final.is_dir():
+        return False
+    log.warning("The run in %s finished at step %d (%s): nothing to train, and its summary.json, "
+                "metrics and final/ are left as they are. To train on, resume with more steps "
+                "(a larger train.max_steps or train.epochs).", run_dir.path, state.step,
+                recipe.steps_set_by)
+    return True
 
 
 def evaluate_before_training(recipe: Recipe, state: TrainState, reporter) -> None:
@@ -527,6 +553,7 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
         "final_artifact": "peft_adapter" if is_adapter(engine.module) else "full_model",
         "loss_scale": engine.loss_scale, "skipped_steps": state.skipped_steps,
         "nonfinite_steps": state.nonfinite_steps, "steps": state.step,
+        "steps_set_by": recipe.steps_set_by,
         "global_batch_size": global_batch_size(cfg, recipe.ranks),
         "final_loss": loop.last_step.get("loss"),
         "eval_loss": final_eval.get("eval_loss"),
@@ -622,8 +649,17 @@ def check_context_length(cfg: Config, model) -> None:
                      cfg.model.name_or_path)
 
 
-def planned_steps(cfg: Config, stream: BatchStream) -> int:
-    if cfg.train.max_steps > 0:
-        return cfg.train.max_steps
-    per_step = cfg.train.grad_accum_steps * stream.world_size
-    return max(stream.batches_per_epoch // per_step, 1) * cfg.train.epochs
+def planned_steps(cfg: Config, stream: BatchStream) -> tuple[int, str]:
+    """The run's optimizer steps, and what set them: train.max_steps, train.epochs, or with
+    both set the one that ends first (one epoch when neither is)."""
+    t = cfg.train
+    if t.epochs is None and t.max_steps > 0:
+        return t.max_steps, f"train.max_steps={t.max_steps}"
+    epochs = t.epochs or 1
+    by_epochs = max(stream.batches_per_epoch // (t.grad_accum_steps * stream.world_size), 1) \
+        * epochs
+    if 0 < t.max_steps < by_epochs:
+        return t.max_steps, (f"train.max_steps={t.max_steps}, before train.epochs={epochs} "
+                             f"({by_epochs} steps)")
+    return by_epochs, f"train.epochs={epochs}" + (
+        f", before train.max_steps={t.max_steps}" if t.max_steps > 0 else "")

@@ -30,6 +30,7 @@ from dtune.errors import DtuneError, JobFailed, exit_with
 from dtune.files import check_own_directory, own_directory, read_text, refuse_symlink, \
     write_atomically
 from dtune.redaction import redact
+from dtune.launchers.slurm import require_sbatch
 from dtune.run_dir import RunDir
 
 COLUMNS = ["job", "overrides", "state", "eval_loss", "final_loss", "exact_match_after",
@@ -50,6 +51,11 @@ class SweepResults(Callback):
                 refuse_symlink(sweep_dir / name)
             outcomes = own_directory(sweep_dir / OUTCOMES, "the sweep's job records")
             shutil.rmtree(outcomes)  # an earlier sweep's, in this dir: this one starts afresh
+            if "submitit" in str(config.hydra.launcher.get("_target_", "")) \
+                    and "Slurm" in str(config.hydra.launcher._target_):
+                require_sbatch("hydra/launcher=submitit_slurm",
+                               "or sweep here with the default launcher (leave out "
+                               "hydra/launcher=submitit_slurm)")
         except DtuneError as error:
             exit_with(error)
 

@@ -89,12 +89,7 @@ def sbatch_parameters(launcher: LauncherConfig) -> dict:
 
 def check_cluster(launcher: LauncherConfig) -> None:
     """Refuse early, in words, what sbatch would refuse later in its own."""
-    if shutil.which("sbatch") is None:
-        raise DtuneError(
-            "launcher=slurm submits with `sbatch`, which is not on PATH. Run dtune on a SLURM "
-            "login node (or load SLURM, e.g. `module load slurm`), start the local test "
-            "cluster with slurm/local-cluster/start.sh, or train here with launcher=local."
-        )
+    require_sbatch("launcher=slurm", "or train here with launcher=local")
     try:
         # partition (the default marked *) and generic resources, such as gpu:8
         listed = subprocess.run(["sinfo", "-h", "-o", "%P %G"], capture_output=True, text=True,
@@ -120,6 +115,15 @@ def check_cluster(launcher: LauncherConfig) -> None:
                               launcher.gpus_per_node)
     if warning:
         log.warning(warning)
+
+
+def require_sbatch(what: str, alternative: str) -> None:
+    """Refuse, in words, to submit where SLURM's `sbatch` is missing."""
+    if shutil.which("sbatch") is None:
+        raise DtuneError(
+            f"{what} submits with `sbatch`, which is not on PATH. Run dtune on a SLURM login "
+            "node (or load SLURM, e.g. `module load slurm`), start the local test cluster with "
+            f"slurm/local-cluster/start.sh, {alternative}.")
 
 
 def gpu_warning(partition: str | None, gres: set[str], gpus_per_node: int) -> str | None:

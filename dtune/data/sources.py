@@ -25,6 +25,7 @@ import datasets
 from dtune.cache import cache_dir
 from dtune.config import DataConfig
 from dtune.errors import DtuneError
+from dtune.hub import hub_reachable
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
             ".arrow": "arrow"}
@@ -161,6 +162,7 @@ def load_arguments(spec: SourceSpec, split: str) -> dict:
                              "dtune in).")
         split_name = _single_split(spec, split, "a glob")
     elif HUB_ID.match(spec.path):
+        hub_reachable()  # offline: the datasets cache at once, not half a minute of retries
         return {"path": spec.path, "name": spec.subset, "revision": spec.revision,
                 "split": split}
     else:
