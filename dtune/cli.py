@@ -85,21 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="replace --out even if dtune did not write it")
     add_checkpoint_flag(p_merge)
     add_trust_flag(p_merge)
-
-    p_export = sub.add_parser("export", help="write a run's merged model as one GGUF file "
-                              "(llama.cpp, Ollama, LM Studio)")
-    p_export.add_argument("run_dir", type=Path)
-    p_export.add_argument("--gguf", type=Path, nargs="?", const=None, required=True,
-                          metavar="OUT.gguf",
-                          help="write GGUF (default file: RUN_DIR/model[-step-N]-QUANT.gguf); "
-                               "an existing file dtune did not write is refused")
-    p_export.add_argument("--quant", choices=("f16", "q8_0"), default="f16",
-                          help="the weights' type: f16 (default) or q8_0 (8-bit blocks, about "
-                               "half the size); norms stay fp32")
-    p_export.add_argument("--force", action="store_true",
-                          help="replace the file even if dtune did not write it")
-    add_checkpoint_flag(p_export)
-    add_trust_flag(p_export)
+    add_export_parser(sub)
 
     p_check = sub.add_parser("check", help="prove that parallel layouts train identically")
     p_check.add_argument("--steps", type=int, default=20)
@@ -139,6 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plan for GPU (allocator figures) or CPU (process RSS)")
 
     return parser
+
+
+def add_export_parser(sub) -> None:
+    p_export = sub.add_parser("export", help="write a run's merged model as one GGUF file "
+                              "(llama.cpp, Ollama, LM Studio)")
+    p_export.add_argument("run_dir", type=Path)
+    p_export.add_argument("--gguf", type=Path, nargs="?", const=None, required=True,
+                          metavar="OUT.gguf",
+                          help="write GGUF (default file: RUN_DIR/model[-step-N]-QUANT.gguf); "
+                               "an existing file dtune did not write is refused")
+    p_export.add_argument("--quant", choices=("f16", "q8_0"), default="f16",
+                          help="the weights' type: f16 (default) or q8_0 (8-bit blocks, about "
+                               "half the size); norms stay fp32")
+    p_export.add_argument("--force", action="store_true",
+                          help="replace the file even if dtune did not write it")
+    add_checkpoint_flag(p_export)
+    add_trust_flag(p_export)
 
 
 def add_checkpoint_flag(parser: argparse.ArgumentParser, more: str = "") -> None:
