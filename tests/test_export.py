@@ -260,3 +260,25 @@ def test_export_writes_only_where_an_output_may_go(tiny_lora_run, exported, tmp_
     for out, force in ((again, False), (mine, True)):
         assert export_gguf(run.path, out, force=force) == out
         assert out.read_bytes()[:4] == b"GGUF" and not list(tmp_path.glob(".*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_smollm2_round_trips_through_gguf(tmp_path, monkeypatch):
+    """The real default model (about a minute: 270 MB written and read back per quant)."""
+    from dtune.models import load_model_and_tokenizer
+
+    monkeypatch.setenv("DTUNE_CACHE_DIR", os.environ["DTUNE_REAL_CACHE_DIR"])  # its conversion
+    cfg = compose("model=smollm2-135m")
+    model, tokenizer, _ = load_model_and_tokenizer(cfg.model)
+    ids = torch.tensor([tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True, tokenize=True, return_dict=False)])
+    expected = logits(model.eval(), ids)
+    for quant, share in (("f16", F16), ("q8_0", Q8_0)):
+        out = tmp_path / f"smollm2-{quant}.gguf"
+        write_gguf(model, tokenizer, out, quant, check_architecture(model.config),
+                   {"base": cfg.model.name_or_path})
+        back, back_tokenizer, _ = load_for_generation(out)
+        assert_close(expected, logits(back, ids), share)
+        assert_same_tokenizer(tokenizer, back_tokenizer)
+        del back
