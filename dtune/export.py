@@ -20,6 +20,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
 from dtune.config import Config
 from dtune.errors import DtuneError, excerpt
@@ -55,11 +56,12 @@ ARCHITECTURES = {
 QUANTS = {"f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
           "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0)}
 # Byte-level BPE pre-tokenizers (as tokenizer.json spells them) -> llama.cpp's name, which
-# tells llama.cpp (and transformers' GGUF loader) how to split text before the merges.
+# tells llama.cpp (and transformers' GGUF loader) how to split text before the merges
+# (transformers' loader splits "smollm" as "gpt-2": digits are split by llama.cpp alone). A
+# normalizer other than NFC is refused; NFC (Qwen2's) has no GGUF field and is left out, which
+# changes only text that is not already in NFC.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {("byte-level",): "gpt-2", ("digits", "byte-level"): "smollm",
                   (LLAMA3_SPLIT,): "llama-bpe", (QWEN2_SPLIT,): "qwen2"}
 MARKER = "dtune.output"  # metadata key: {"written_by": "dtune", "kind": "gguf", provenance}

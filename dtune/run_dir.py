@@ -6,7 +6,7 @@ find a run's files through `RunDir`, so the layout is spelled out once, here:
     RUN_DIR/.hydra/config.yaml    the run's config (`write_record`) metrics.jsonl, summary.json
     RUN_DIR/checkpoints/step-N/   resumable state                   final/  (the HF artifact)
     RUN_DIR/dtune_run.json        the run's id, .dtune.lock         wandb/, slurm_job_id, slurm/
-    RUN_DIR/merged/  dtune merge    model-f16.gguf  dtune export    eval.json  dtune eval
+    RUN_DIR/merged[-step-N]/      dtune merge's model               model-*.gguf, eval*.json
 
 Every file here is read and written without following a link planted in its place.
 """

@@ -282,3 +282,17 @@ def test_smollm2_round_trips_through_gguf(tmp_path, monkeypatch):
         assert_close(expected, logits(back, ids), share)
         assert_same_tokenizer(tokenizer, back_tokenizer)
         del back
+
+
+def test_each_pre_tokenizer_name_means_the_split_transformers_gguf_loader_applies():
+    """A name whose split differed in transformers' reader would tokenize prompts otherwise
+    than training did; "gpt-2" and "smollm" it leaves to GPT-2's own split."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    from dtune.export import PRE_TOKENIZERS
+
+    for shape, name in PRE_TOKENIZERS.items():
+        if isinstance(shape[0], str) and shape[0].startswith("("):  # a Split's regex
+            assert GGUF_PRE_TOKENIZER_SPLITS[name] == shape[0], name
+        else:
+            assert name not in GGUF_PRE_TOKENIZER_SPLITS, name
