@@ -241,14 +241,16 @@ def load_checkpoint(folder: Path, engine) -> TrainState:
     return state
 
 
-def check_same_parameters(folder: Path, weights: dict, model) -> None:
+def check_same_parameters(folder: Path, weights: dict, model,
+                          fix: str = "Resume with the settings that wrote it, or start a new "
+                                     "run in another directory (hydra.run.dir=...); the "
+                                     "checkpoint is left as it is.") -> None:
     expected = set(trainable_state(model))
     if set(weights) != expected:
         raise DtuneError(
             f"the checkpoint {folder} holds weights for other parameters than this run trains "
             f"({len(set(weights) ^ expected)} names differ): it was written by another model or "
-            "method. Resume with the settings that wrote it, or start a new run in another "
-            "directory (hydra.run.dir=...); the checkpoint is left as it is."
+            f"method. {fix}"
         )
 
 

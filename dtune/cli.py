@@ -1,5 +1,5 @@
 """The `dtune` command: `train` (same as `python -m dtune`), `eval`, `generate`, `merge`,
-`check`, `report`, `plan`."""
+`export`, `check`, `report`, `plan`."""
 from __future__ import annotations
 
 import argparse
@@ -31,8 +31,15 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "merge":
             from dtune.merge import merge_run
 
-            out = merge_run(args.run_dir, args.out, args.force, args.trust_remote_code)
+            out = merge_run(args.run_dir, args.out, args.force, args.trust_remote_code,
+                            args.checkpoint)
             print(f"Merged model written to {out}")
+        elif args.command == "export":
+            from dtune.export import export_gguf
+
+            out = export_gguf(args.run_dir, args.gguf, args.quant, args.checkpoint, args.force,
+                              args.trust_remote_code)
+            print(f"GGUF ({args.quant}) written to {out}")
         elif args.command == "report":
             run_report(args)
         elif args.command == "plan":
@@ -51,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--samples", type=int, default=None,
                         help="held-out prompts to answer (default: the whole held-out split)")
     p_eval.add_argument("--max-new-tokens", type=int, default=None)
+    add_checkpoint_flag(p_eval, "writes RUN_DIR/eval-step-N.json")
     add_trust_flag(p_eval)
 
-    p_gen = sub.add_parser("generate", help="answer prompts with a run's model or a model folder")
-    p_gen.add_argument("run_dir", type=Path, metavar="RUN_DIR_OR_MODEL_DIR")
+    p_gen = sub.add_parser("generate", help="answer prompts with a run's model, a model folder "
+                           "or a GGUF file")
+    p_gen.add_argument("run_dir", type=Path, metavar="RUN_DIR_OR_MODEL_DIR_OR_GGUF")
     p_gen.add_argument("--prompt", action="append",
                        help="a user message (repeatable); without it, an interactive chat")
     p_gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -63,16 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--top-p", type=float, default=0.9)
     p_gen.add_argument("--raw", action="store_true",
                        help="send the prompt as plain text, without the chat template")
+    add_checkpoint_flag(p_gen)
     add_trust_flag(p_gen)
 
     p_merge = sub.add_parser("merge", help="merge a run's adapter into its base model")
     p_merge.add_argument("run_dir", type=Path)
     p_merge.add_argument("--out", type=Path, default=None,
-                         help="the folder to write (default: RUN_DIR/merged); an existing "
-                              "folder dtune did not write is refused")
+                         help="the folder to write (default: RUN_DIR/merged, or "
+                              "RUN_DIR/merged-step-N); an existing folder dtune did not write "
+                              "is refused")
     p_merge.add_argument("--force", action="store_true",
                          help="replace --out even if dtune did not write it")
+    add_checkpoint_flag(p_merge)
     add_trust_flag(p_merge)
+    add_export_parser(sub)
 
     p_check = sub.add_parser("check", help="prove that parallel layouts train identically")
     p_check.add_argument("--steps", type=int, default=20)
@@ -113,6 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: this machine's GPU, or GPUs when --device-gib is given")
 
     return parser
+
+
+def add_export_parser(sub) -> None:
+    p_export = sub.add_parser("export", help="write a run's merged model as one GGUF file "
+                              "(llama.cpp, Ollama, LM Studio)")
+    p_export.add_argument("run_dir", type=Path)
+    p_export.add_argument("--gguf", type=Path, nargs="?", const=None, required=True,
+                          metavar="OUT.gguf",
+                          help="write GGUF (default file: RUN_DIR/model[-step-N]-QUANT.gguf); "
+                               "an existing file dtune did not write is refused")
+    p_export.add_argument("--quant", choices=("f16", "q8_0"), default="f16",
+                          help="the weights' type: f16 (default) or q8_0 (8-bit blocks, about "
+                               "half the size); norms stay fp32")
+    p_export.add_argument("--force", action="store_true",
+                          help="replace the file even if dtune did not write it")
+    add_checkpoint_flag(p_export)
+    add_trust_flag(p_export)
+
+
+def add_checkpoint_flag(parser: argparse.ArgumentParser, more: str = "") -> None:
+    parser.add_argument("--checkpoint", default=None, metavar="step-N",
+                        help="use the run's sealed checkpoint step-N instead of final/ (checked "
+                             "against its manifest, as a resume checks it)"
+                             + (f"; {more}" if more else ""))
 
 
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
@@ -186,7 +223,8 @@ def run_eval(args) -> None:
     from dtune.load_run import load_final_model
     from dtune.run_dir import RunDir
 
-    model, tokenizer, cfg = load_final_model(args.run_dir, args.trust_remote_code)
+    model, tokenizer, cfg = load_final_model(args.run_dir, args.trust_remote_code,
+                                             args.checkpoint)
     check_new_tokens(args.max_new_tokens or cfg.eval.max_new_tokens,
                      "--max-new-tokens" if args.max_new_tokens else "eval.max_new_tokens",
                      model, cfg.model.name_or_path)
@@ -209,20 +247,26 @@ def run_eval(args) -> None:
         # scored as training scored them (dtune.loss.sequence_logps), so the figures agree
         response_head = has_plain_lm_head(model) and checked_chunk_size(engine, tokenizer, 1) > 0
         result = {"preference_accuracy": preference_accuracy(engine, [pairs], response_head),
-                  "n": len(examples)}
-        RunDir(args.run_dir).write_json(RunDir(args.run_dir).eval_file, result)
+                  "n": len(examples), **checkpoint_field(args)}
+        RunDir(args.run_dir).write_json(RunDir(args.run_dir).eval_file_at(args.checkpoint),
+                                        result)
         print(json.dumps(result, indent=2))
         return
     result = {"eval_loss": eval_loss(engine, examples, cfg.eval.batch_size,
-                                     tokenizer.pad_token_id)}
+                                     tokenizer.pad_token_id), **checkpoint_field(args)}
     em = exact_match(engine, tokenizer, eval_records, fmt, cfg.data.system_prompt,
                      args.samples or len(eval_records),
                      args.max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.batch_size)
     if em is not None:
         result.update(exact_match=em["exact_match"], exact_match_by_task=em["by_task"], n=em["n"])
     run = RunDir(args.run_dir)
-    run.write_json(run.eval_file, result)
+    run.write_json(run.eval_file_at(args.checkpoint), result)
     print(json.dumps(result, indent=2))
+
+
+def checkpoint_field(args) -> dict:
+    """eval.json says which weights it measured where they are not final/'s."""
+    return {"checkpoint": args.checkpoint} if args.checkpoint else {}
 
 
 def run_report(args) -> None:
@@ -243,8 +287,8 @@ def run_generate(args) -> None:
     from dtune.evaluate import Inference, check_new_tokens, generate
     from dtune.load_run import load_for_generation
 
-    model, tokenizer, system_prompt = load_for_generation(args.run_dir,
-                                                         args.trust_remote_code)
+    model, tokenizer, system_prompt = load_for_generation(args.run_dir, args.trust_remote_code,
+                                                         args.checkpoint)
     check_new_tokens(args.max_new_tokens, "--max-new-tokens", model, args.run_dir)
     engine = Inference.place(model)
     use_chat = not args.raw and bool(getattr(tokenizer, "chat_template", None))

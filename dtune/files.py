@@ -204,7 +204,8 @@ def current_umask() -> int:
 # What each kind of output folder holds, in a message's words. `final` is a run's trained
 # model: it is replaced only by the run that trained it, never through --out.
 OUTPUT_KINDS = {"final": "a run's trained model (its final/ folder)",
-                "merged": "a merged model (dtune merge)", "report": "a report (dtune report)"}
+                "merged": "a merged model (dtune merge)", "report": "a report (dtune report)",
+                "gguf": "a GGUF model file (dtune export)"}
 SET_ASIDE = "previous"  # an output being replaced waits here, inside a marked temporary folder
 # A write that failed because the disk (or the user's quota, or a file size limit) is full:
 # the errno of an OSError, or the words torch's and safetensors' writers put in their errors.
@@ -307,6 +308,50 @@ def output_folder(final: Path, kind: str, provenance: dict | None = None, force:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_replaceable_file(final: Path, kind: str, kind_of, force: bool = False,
+                           option: str = "the output file") -> None:
+    """Refuse to replace the file `final` unless it is missing, or dtune wrote it as an output
+    of the same `kind` (`kind_of(path)` reads the marker the file carries in its own format;
+    None: no marker), or `force`. A folder or a link in its place is refused, --force or not."""
+    final = Path(final)
+    refuse_symlink(final)
+    if final.is_dir():
+        raise DtuneError(
+            f"{option} {final} is a folder, and this command writes one file; name the file, "
+            f"e.g. {option} {final / 'model.gguf'}.")
+    if not final.exists() or kind_of(final) == kind or force:
+        return
+    raise DtuneError(
+        f"{option} {final} already exists and dtune did not write it as {OUTPUT_KINDS[kind]} "
+        "(it carries no dtune marker of that kind), so dtune will not replace it. Name a new "
+        "file, or pass --force to replace that one.")
+
+
+@contextlib.contextmanager
+def output_file(final: Path, kind: str, kind_of, force: bool = False,
+                option: str = "the output file"):
+    """Yield a path inside a fresh temporary folder beside `final` (an unguessable name, mode
+    0700, dtune's temporary marker, so a later start removes what a killed export left); once
+    the block has written the file there, it is renamed onto `final` in one step. An existing
+    `final` is replaced only as check_replaceable_file allows, refused before any work. The
+    file must carry its own marker of `kind` (what `kind_of` reads)."""
+    final = Path(final)
+    check_replaceable_file(final, kind, kind_of, force, option)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(final.parent, glob.escape(final.name))
+    tmp = make_temp_dir(final.parent, final.name)
+    try:
+        building = tmp / final.name
+        yield building
+        fsync_file(building)
+        os.chmod(building, 0o666 & ~current_umask())  # readable as any file the user makes
+        refuse_symlink(final)  # a link planted while the file was written
+        os.replace(building, final)
+        fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def put_in_place(tmp: Path, final: Path) -> None:

@@ -1,27 +1,36 @@
-"""Read back a finished run for `dtune eval`, `generate` and `merge`: its config and model.
+"""Read back a run for `dtune eval`, `generate`, `merge` and `export`: its config and its
+trained model, from final/ or from one sealed checkpoint (`--checkpoint step-N`).
 
 A run directory may come from someone else, so nothing read from it enables remote code:
-only the user's own `--trust-remote-code` does, and every load says so to transformers.
+only the user's own `--trust-remote-code` does, and every load says so to transformers. A
+checkpoint is read only as a resume would read it: every file as its manifest recorded, and
+written by the run whose directory holds it.
 """
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dtune.checkpoint import (TrainState, check_same_parameters, checkpoint_folders,
+                              checkpoint_problem, run_id_of)
 from dtune.compose import to_config
 from dtune.config import Config
 from dtune.errors import DtuneError
-from dtune.files import read_text
+from dtune.files import read_text, refuse_symlink
 from dtune.logs import quiet_libraries
-from dtune.methods import load_options
+from dtune.methods import METHODS, load_options
 from dtune.models import load_model_and_tokenizer
 from dtune.precision import resolve
 from dtune.run_dir import RunDir, resume_overrides
+from dtune.run_start import read_run_file
 from dtune.tokenizer_setup import set_up_tokenizer
 
 log = logging.getLogger("dtune")
@@ -56,25 +65,120 @@ def say_base(cfg: Config, run_dir: Path) -> None:
           f"{RunDir(run_dir).config_file} names it{allowed}.", file=sys.stderr, flush=True)
 
 
-def load_final_model(run_dir: Path, trust_remote_code: bool = False):
-    """Return (model, tokenizer, config) from `run_dir/final`: base + adapter, or a full model."""
+def load_final_model(run_dir: Path, trust_remote_code: bool = False,
+                     checkpoint: str | None = None):
+    """Return (model, tokenizer, config): the run's trained model as final/ holds it (base +
+    adapter, or a full model), or as the sealed checkpoint `checkpoint` (step-N) holds it."""
     quiet_libraries()
     cfg = load_run_config(run_dir, trust_remote_code)
     run = RunDir(run_dir)
+    model, tokenizer = load_trained(run, cfg, trained_weights(run, cfg, checkpoint),
+                                    load_options(cfg.method))
+    return model, tokenizer, cfg
+
+
+def trained_weights(run: RunDir, cfg: Config, checkpoint: str | None) -> Path:
+    """The folder the run's trained weights are read from: the sealed checkpoint `checkpoint`
+    (step-N), or final/, refused (with the resume command) while the run has not finished."""
+    if checkpoint is not None:
+        return sealed_checkpoint(run, checkpoint)
     if not run.final.is_dir():
         raise DtuneError(
             f"{run.final} does not exist: the run has not finished. Resume it with "
-            f"`python -m dtune {resume_overrides(run_dir)}` plus its overrides."
+            f"`python -m dtune {resume_overrides(run.path)}` plus its overrides, or read one of "
+            "its checkpoints with --checkpoint step-N."
         )
-    tokenizer = load_tokenizer(run.final, trust_remote_code)
+    if METHODS[cfg.method.name].adapter and not run.final_is_adapter():
+        raise DtuneError(f"{run.final} holds no adapter (no adapter_config.json), though the run "
+                         f"trained +method={cfg.method.name}: the run has not finished, or "
+                         "final/ was changed since.")
+    return run.final
+
+
+def load_trained(run: RunDir, cfg: Config, folder: Path, options: dict,
+                 merging: bool = False):
+    """(model in eval mode, tokenizer) from `folder` (trained_weights): final/ (an adapter on
+    the run's base, or a full model) or a checkpoint. `options` go to from_pretrained for the
+    base; `merging`: a quantized method's adapter goes onto the unquantized base."""
+    if folder != run.final:
+        return load_checkpoint_model(run, cfg, folder, options, merging)
+    tokenizer = load_tokenizer(run.final, cfg.model.trust_remote_code)
     if run.final_is_adapter():
-        say_base(cfg, run_dir)
-        base, _, _ = load_model_and_tokenizer(cfg.model, load_options(cfg.method))
+        say_base(cfg, run.path)
+        base, _, _ = load_model_and_tokenizer(cfg.model, options)
         model = load_adapter(base, run.path, cfg)
     else:
-        model = load_model_folder(run.final, trust_remote_code)
-    model.eval()
-    return model, tokenizer, cfg
+        model = load_model_folder(run.final, cfg.model.trust_remote_code, options)
+    return model.eval(), tokenizer
+
+
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+
+
+def sealed_checkpoint(run: RunDir, name: str) -> Path:
+    """RUN_DIR/checkpoints/<name> (step-N), checked as a resume checks it: complete, every
+    file's SHA-256 the one its manifest recorded, and written by this run (the run id in its
+    trainer_state.json is RunDir.run_file's). Anything else is one paragraph naming it."""
+    folder = run.checkpoints / name
+    found = ", ".join(f.name for _, f in checkpoint_folders(run.path)) or "none"
+    match = CHECKPOINT_NAME.fullmatch(name)
+    if match is None or folder.is_symlink() or not folder.is_dir():
+        raise DtuneError(
+            f"--checkpoint {name}: {run.checkpoints} holds no checkpoint of that name (it holds: "
+            f"{found}). Name one of those, or leave --checkpoint out to use the run's final/.")
+    problem = checkpoint_problem(folder, int(match[1]), verify=True)
+    if problem is not None:
+        raise DtuneError(
+            f"--checkpoint {name}: {folder} is damaged or incomplete: {problem}. dtune reads a "
+            "checkpoint only when every file is the one its manifest recorded at the save, as a "
+            f"resume does. Name another checkpoint (the run has: {found}), or use final/.")
+    record, owner = read_run_file(run), run_id_of(folder)
+    if record is None or owner != record["run_id"]:
+        mine = f"run {record['run_id']}" if record else f"no run ({run.run_file} is missing)"
+        raise DtuneError(
+            f"--checkpoint {name}: {folder} was not written by the run in {run.path}: its "
+            f"trainer_state.json names run {owner or '(none)'}, and {run.run_file.name} names "
+            f"{mine}. Its weights need not fit this run's config, so dtune does not read it. "
+            "Read it from the run directory that wrote it, or name one of this run's.")
+    return folder
+
+
+def load_checkpoint_model(run: RunDir, cfg: Config, folder: Path, options: dict,
+                          merging: bool = False):
+    """(model in eval mode, tokenizer) as the sealed checkpoint `folder` holds them: the base
+    and tokenizer loaded as training loads them, the method applied, the trained weights (a
+    checkpoint holds only those) put in. `merging`: see load_trained."""
+    state = checkpoint_state(folder)
+    say_base(cfg, run.path)
+    base, tokenizer, _ = load_model_and_tokenizer(cfg.model, options,
+                                                  chat_template=cfg.data.chat_template)
+    if state.chat_template is not None:
+        tokenizer.chat_template = state.chat_template  # the one the run trained with
+    spec = METHODS[cfg.method.name]
+    adapt = METHODS["lora"].apply if merging and spec.quantized_bits else spec.apply
+    model = adapt(base, cfg.method, tokenizer)
+    weights = load_file(folder / "model.safetensors")
+    check_same_parameters(folder, weights, model, fix=(
+        f"The run's config ({run.config_file}) was changed after training, or the checkpoint "
+        "comes from another run; restore the config, or read the run that wrote it."))
+    with torch.no_grad():
+        model.load_state_dict(weights, strict=False)
+    return model.eval(), tokenizer
+
+
+def checkpoint_state(folder: Path) -> TrainState:
+    """A sealed checkpoint's trainer_state.json; one DeepSpeed ZeRO wrote is refused, since
+    its weights are in DeepSpeed's own sharded files, which only DeepSpeed reads back."""
+    state = TrainState.from_json(read_text(folder / "trainer_state.json"))
+    weights = folder / "model.safetensors"
+    refuse_symlink(weights)
+    if "zero_world_size" in state.engine or not weights.is_file():
+        raise DtuneError(
+            f"{folder} was written by DeepSpeed ZeRO (parallelism=zero*): its weights are "
+            "sharded in DeepSpeed's own files, which dtune reads back only when resuming under "
+            "DeepSpeed, not in eval, generate, merge or export. Use the run's final/ (leave "
+            "--checkpoint out).")
+    return state
 
 
 def load_adapter(base, run_dir: Path, cfg: Config):
@@ -115,9 +219,11 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model_folder(folder: Path, trust_remote_code: bool = False):
+def load_model_folder(folder: Path, trust_remote_code: bool = False,
+                      options: dict | None = None):
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                    **(options or {}))
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
@@ -132,19 +238,47 @@ def custom_code_refused(folder: Path) -> DtuneError:
     )
 
 
-def load_for_generation(path: Path, trust_remote_code: bool = False):
-    """A run directory (its final model) or a plain model folder, such as `dtune merge` writes.
+def load_for_generation(path: Path, trust_remote_code: bool = False,
+                        checkpoint: str | None = None):
+    """A run directory (its final model, or its sealed checkpoint `checkpoint`), a plain model
+    folder such as `dtune merge` writes, or a GGUF file such as `dtune export` writes.
 
     Returns (model, tokenizer, system prompt or None)."""
     path = Path(path)
     if RunDir(path).config_file.is_file():
-        model, tokenizer, cfg = load_final_model(path, trust_remote_code)
+        model, tokenizer, cfg = load_final_model(path, trust_remote_code, checkpoint)
         return model, tokenizer, cfg.data.system_prompt
+    if checkpoint is not None:
+        raise DtuneError(
+            f"--checkpoint {checkpoint} names a checkpoint of a run directory, and {path} is not "
+            "one (no .hydra/config.yaml); pass the run's directory, or leave --checkpoint out.")
+    quiet_libraries()
+    if path.suffix == ".gguf" and path.is_file():
+        model, tokenizer = load_gguf_file(path)
+        return model, tokenizer, None
     if (path / "config.json").is_file():
-        quiet_libraries()
         model = load_model_folder(path, trust_remote_code).eval()
         return model, load_tokenizer(path, trust_remote_code), None
     raise DtuneError(
-        f"{path} is neither a dtune run directory (no .hydra/config.yaml) nor a model folder "
-        "(no config.json); pass a training run's directory or a folder written by dtune merge."
+        f"{path} is neither a dtune run directory (no .hydra/config.yaml), nor a model folder "
+        "(no config.json), nor a .gguf file; pass a training run's directory, a folder written "
+        "by dtune merge or a file written by dtune export --gguf."
     )
+
+
+def load_gguf_file(path: Path):
+    """(model in eval mode, tokenizer) from a GGUF file, through transformers' GGUF loader:
+    the weights dequantized to fp32, the tokenizer and chat template from its metadata."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     dtype=torch.float32)
+    except (OSError, ValueError, KeyError, NotImplementedError) as exc:
+        raise DtuneError(
+            f"{path} could not be read by transformers' GGUF loader ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}). It reads the architectures and tokenizers "
+            "llama.cpp's common files use (those dtune export --gguf writes among them); "
+            "generate with llama.cpp itself, or pass the model folder the file came from."
+        ) from None
+    set_up_tokenizer(tokenizer)  # a pad token, as for any model folder
+    return model.eval(), tokenizer

@@ -50,11 +50,32 @@ def load_model_and_tokenizer(cfg: ModelConfig, load_options: dict | None = None,
     entered around the weights' load alone (ZeRO-3 partitions them as they load).
     `chat_template` is data.chat_template (dtune/tokenizer_setup.py).
     """
+    folder, source, kwargs = located(cfg)
+    check_causal_lm(folder, cfg, kwargs)
+    # Before the weights (a bad template fails fast) and before anything tokenizes (the
+    # tokenization cache's key reads the template).
+    tokenizer = folder_tokenizer(folder, cfg, kwargs, chat_template)
+    options = {"dtype": torch.float32, **(load_options or {}), **attention_option(cfg)}
+    with weights_context or contextlib.nullcontext():
+        model = load_weights(folder, cfg, {**kwargs, **options})
+    if "quantization_config" in options:
+        keep_4bit_layout_trainable(model)
+        release_checkpoint_mapping(model)
+    return model, tokenizer, source
+
+
+def located(cfg: ModelConfig) -> tuple[str, str, dict]:
+    """(what from_pretrained loads, where it came from, from_pretrained's common options)."""
     folder, source = resolve_model(cfg)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if folder != cfg.name_or_path:
         kwargs.pop("revision")
-    check_causal_lm(folder, cfg, kwargs)
+    return folder, source, kwargs
+
+
+def folder_tokenizer(folder: str, cfg: ModelConfig, kwargs: dict,
+                     chat_template: str | None = None):
+    """The base's tokenizer, set up as training sets it up (data.chat_template, pad token)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as exc:
@@ -63,16 +84,16 @@ def load_model_and_tokenizer(cfg: ModelConfig, load_options: dict | None = None,
             f"from {folder} ({' '.join(str(exc).split())[:200]}); the folder needs the "
             "tokenizer files that tokenizer.save_pretrained writes."
         ) from None
-    # Before the weights (a bad template fails fast) and before anything tokenizes (the
-    # tokenization cache's key reads the template).
     set_up_tokenizer(tokenizer, chat_template)
-    options = {"dtype": torch.float32, **(load_options or {}), **attention_option(cfg)}
-    with weights_context or contextlib.nullcontext():
-        model = load_weights(folder, cfg, {**kwargs, **options})
-    if "quantization_config" in options:
-        keep_4bit_layout_trainable(model)
-        release_checkpoint_mapping(model)
-    return model, tokenizer, source
+    return tokenizer
+
+
+def base_config_and_tokenizer(cfg: ModelConfig, chat_template: str | None = None):
+    """(the base's transformers config, its tokenizer set up as training sets it up), without
+    loading a weight: what a tool checks before the slow part."""
+    folder, _, kwargs = located(cfg)
+    config = check_causal_lm(folder, cfg, kwargs)
+    return config, folder_tokenizer(folder, cfg, kwargs, chat_template)
 
 
 def attention_option(cfg: ModelConfig) -> dict:
@@ -137,8 +158,9 @@ def remote_code_refused(cfg: ModelConfig) -> DtuneError:
     )
 
 
-def check_causal_lm(folder: str, cfg: ModelConfig, kwargs: dict) -> None:
-    """Refuse an encoder or other non-causal model before loading any weight."""
+def check_causal_lm(folder: str, cfg: ModelConfig, kwargs: dict):
+    """The model's transformers config; an encoder or other non-causal model is refused
+    before any weight loads."""
     try:
         config = AutoConfig.from_pretrained(folder, **kwargs)
     except ValueError as exc:
@@ -154,6 +176,7 @@ def check_causal_lm(folder: str, cfg: ModelConfig, kwargs: dict) -> None:
             "not a causal language model (AutoModelForCausalLM cannot load it); pick a "
             "decoder-only model such as Llama, Qwen or SmolLM."
         )
+    return config
 
 
 def resolve_model(cfg: ModelConfig) -> tuple[str, str]:

@@ -6,6 +6,7 @@ find a run's files through `RunDir`, so the layout is spelled out once, here:
     RUN_DIR/.hydra/config.yaml    the run's config (`write_record`) metrics.jsonl, summary.json
     RUN_DIR/checkpoints/step-N/   resumable state                   final/  (the HF artifact)
     RUN_DIR/dtune_run.json        the run's id, .dtune.lock         wandb/, slurm_job_id, slurm/
+    RUN_DIR/merged[-step-N]/      dtune merge's model               model-*.gguf, eval*.json
 
 Every file here is read and written without following a link planted in its place.
 """
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dtune.errors import DtuneError, excerpt
-from dtune.files import (check_replaceable, own_directory, read_text, refuse_enclosing,
-                         write_atomically)
+from dtune.files import (check_replaceable, check_replaceable_file, own_directory, read_text,
+                         refuse_enclosing, write_atomically)
 
 log = logging.getLogger("dtune")
 
@@ -92,6 +93,18 @@ class RunDir:
     @property
     def eval_file(self) -> Path:
         return self.path / "eval.json"
+
+    def eval_file_at(self, checkpoint: str | None) -> Path:
+        """`dtune eval`'s figures: eval.json for final/, eval-step-N.json for a checkpoint."""
+        return self.eval_file if checkpoint is None else self.path / f"eval-{checkpoint}.json"
+
+    def merged_at(self, checkpoint: str | None) -> Path:
+        """`dtune merge`'s default folder: merged/ from final/, merged-step-N/ from a checkpoint."""
+        return self.merged if checkpoint is None else self.path / f"merged-{checkpoint}"
+
+    def gguf_file(self, quant: str, checkpoint: str | None = None) -> Path:
+        """`dtune export --gguf`'s default file: model-f16.gguf, model-step-N-q8_0.gguf."""
+        return self.path / f"model-{checkpoint + '-' if checkpoint else ''}{quant}.gguf"
 
     @property
     def reference_logps(self) -> Path:
@@ -171,16 +184,21 @@ class RunDir:
 
 
 def check_output_target(out: Path, kind: str, force: bool, reads: list[Path],
-                        option: str = "--out") -> None:
-    """Refuse, before any work, an output folder whose replacement would destroy more than an
-    output: a folder holding what the command reads, the current directory or the home folder
-    (files.refuse_enclosing), a run directory or a folder of them, or a run's final/ or
-    checkpoints/ (or a folder inside them), --force or not. Then the kind rule
-    (files.check_replaceable)."""
+                        option: str = "--out", file_kind_of=None,
+                        suggestion: Path | None = None) -> None:
+    """Refuse, before any work, an output whose writing would destroy more than an output:
+    anything in a run's final/ or checkpoints/ (or those folders themselves), --force or not.
+    A folder output (`file_kind_of` None) is also refused where it is a folder holding what
+    the command reads, the current directory or the home folder (files.refuse_enclosing), a
+    run directory or a folder of them; then the kind rule (files.check_replaceable). A file
+    output (`file_kind_of` reads the kind a file's own marker names) follows
+    files.check_replaceable_file. `suggestion`: the output to name in the messages."""
     target = Path(os.path.realpath(out))
+    noun = "folder" if file_kind_of is None else "file"
     suggest = "one that does not exist yet"
-    if reads:
-        suggest = f"e.g. {option} {getattr(RunDir(reads[0]), kind, RunDir(reads[0]).report)}"
+    if suggestion is not None or reads:
+        suggest = f"e.g. {option} " + str(suggestion or getattr(
+            RunDir(reads[0]), kind, RunDir(reads[0]).report))
     for folder in (target, *target.parents):
         run = RunDir(folder.parent)
         if folder in (run.final, run.checkpoints) and run.is_run():
@@ -189,8 +207,11 @@ def check_output_target(out: Path, kind: str, force: bool, reads: list[Path],
                 f"inside the {folder.name}/ folder"
             raise DtuneError(
                 f"{option} {out} is {where} of the run {run.path}, which holds {held}; dtune "
-                f"never replaces a run's own files, --force or not. Name another folder, "
+                f"never replaces a run's own files, --force or not. Name another {noun}, "
                 f"{suggest}.")
+    if file_kind_of is not None:
+        check_replaceable_file(out, kind, file_kind_of, force, option)
+        return
     if RunDir(target).is_run():
         raise DtuneError(
             f"{option} {out} is a run directory: replacing it would delete the run (its config, "
