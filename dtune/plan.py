@@ -41,7 +41,7 @@ from dtune.errors import DtuneError
 from dtune.families import resolve_targets
 from dtune.hub import hub_reachable
 from dtune.methods import METHODS
-from dtune.models import cached_conversion, random_model_config
+from dtune.models import cached_conversion, gguf_file, random_model_config
 from dtune.objectives import objective_spec, resolve_reference
 
 log = logging.getLogger("dtune")
@@ -164,17 +164,29 @@ def _hf_config(model_cfg: ModelConfig, auto_config):
     folder, an earlier GGUF conversion, or the hub (which sends that one small file)."""
     if model_cfg.random_init is not None:
         return random_model_config(model_cfg.random_init)
-    source = model_cfg.name_or_path
+    source, options = model_cfg.name_or_path, {}
     converted = None if Path(source).expanduser().exists() else cached_conversion(model_cfg)
     if converted is not None:
         source = str(converted)
-    elif not Path(source).expanduser().exists():
-        hub_reachable()  # offline: the hub cache at once, not half a minute of retries
+    elif not Path(source).expanduser().exists() and not hub_reachable():
+        gguf = offline_gguf(model_cfg)  # no conversion yet: the GGUF file's own header
+        if gguf is not None:
+            source, options = str(gguf.parent), {"gguf_file": gguf.name}
     try:
-        return auto_config.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+        return auto_config.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code,
+                                           **options)
     except (OSError, ValueError) as exc:
         raise DtuneError(f"dtune plan could not read the config of model.name_or_path="
                          f"{model_cfg.name_or_path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def offline_gguf(model_cfg: ModelConfig) -> Path | None:
+    """The model group's GGUF file, where it holds this model and its package is installed."""
+    gguf = model_cfg.gguf
+    if gguf is None or not gguf.package or (gguf.holds and gguf.holds != model_cfg.name_or_path):
+        return None
+    path = gguf_file(gguf)
+    return path if path is not None and path.is_file() else None
 
 
 def estimate(cfg: Config, shape: ModelShape, layout: Layout, world_size: int,

@@ -1,11 +1,14 @@
 """The catalogue of bad inputs: every case exits non-zero with one paragraph naming the field or
-file, the bad value and the fix, and no traceback. docs/errors.md lists each message."""
+file, the bad value and the fix, and no traceback; and docs/errors.md holds each message as
+dtune prints it now (tests/catalogue.py; python docs/make_errors.py writes the page)."""
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+import catalogue
 from conftest import TINY, one_line, run_dtune
 
 ALPACA_ROW = {"instruction": "say hi", "input": "", "output": "hi"}
@@ -151,6 +154,8 @@ def test_bad_input_gets_one_clear_paragraph(tmp_path, case):
     for fragment in case.expect:
         assert fragment.replace("{tmp}", str(tmp_path)) in message, result.stderr[-2500:]
     assert "Traceback" not in result.stderr
+    assert not catalogue.stale(case.name, catalogue.message(result.stderr, tmp_path)), \
+        catalogue.stale(case.name, catalogue.message(result.stderr, tmp_path))
 
 
 def test_the_catalogue_is_large_enough():
@@ -181,3 +186,99 @@ def test_disk_full_while_saving_keeps_earlier_checkpoints(tmp_path, monkeypatch)
         train(tmp_path, *overrides)
     assert [c.name for c in valid_checkpoints(tmp_path)] == ["step-2"]
     assert not list((tmp_path / "checkpoints").glob(".step-*.tmp-*"))
+
+
+# --- run directories: situations a config alone cannot make --------------------------------
+
+RUN = [*TINY, "train.max_steps=2", "train.save_every=1"]
+
+
+def held(tmp: Path, run: Path):
+    from dtune import run_lock
+    from dtune.run_dir import RunDir
+
+    run_lock.hold(RunDir(run))  # this process holds it while the command runs
+    return [*RUN, "train.resume=true", "hydra.run.dir={tmp}/run"], True
+
+
+def used(tmp: Path, run: Path):
+    return [*RUN, "train.lr=3e-3", "hydra.run.dir={tmp}/run"], True
+
+
+def changed(tmp: Path, run: Path):
+    return [*RUN, "train.resume=true", "train.micro_batch_size=2", "hydra.run.dir={tmp}/run"], \
+        True
+
+
+def damaged(tmp: Path, run: Path):
+    for manifest in run.glob("checkpoints/step-*/manifest.json"):
+        manifest.unlink()
+    return [*RUN, "train.resume=true", "hydra.run.dir={tmp}/run"], True
+
+
+def linked(tmp: Path, run: Path):
+    (run / ".hydra" / "config.yaml").unlink()
+    (run / ".hydra" / "config.yaml").symlink_to(tmp / "yours.yaml")
+    return [*RUN, "train.resume=true", "hydra.run.dir={tmp}/run"], True
+
+
+def report_into_final(tmp: Path, run: Path):
+    return ["report", "{tmp}/run", "--out", "{tmp}/run/final"], False
+
+
+def merge_into_root(tmp: Path, run: Path):
+    return ["merge", "{tmp}/run", "--out", "/", "--force"], False
+
+
+def damaged_summary(tmp: Path, run: Path):
+    (run / "summary.json").write_text("[1, 2]")
+    return ["report", "{tmp}/run"], False
+
+
+SITUATIONS = [
+    ("a second run in a directory another run holds", held),
+    ("a fresh run in a directory that holds another run", used),
+    ("a resume under settings that change training", changed),
+    ("a resume whose every checkpoint is damaged", damaged),
+    ("a link planted in the run directory", linked),
+    ("report --out a run's final/ folder", report_into_final),
+    ("merge --out / --force", merge_into_root),
+    ("report of a run whose summary.json is damaged", damaged_summary),
+]
+
+
+def situation(make, tmp: Path, trained: Path) -> tuple[str, str]:
+    """(the command as shown, the message as written down) of one situation, set up in a copy
+    of a finished run at tmp/run."""
+    run = tmp / "run"
+    shutil.copytree(trained, run, symlinks=True)
+    overrides, module = make(tmp, run)
+    try:
+        result = run_dtune(*[a.replace("{tmp}", str(tmp)) for a in overrides], module=module)
+    finally:
+        from dtune import run_lock
+        from dtune.run_dir import RunDir
+
+        run_lock.release(RunDir(run))
+    shown = " ".join(a.replace("{tmp}", "DIR") for a in overrides if a not in TINY)
+    command = f"python -m dtune {shown}" if module else f"dtune {shown}"
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return command, catalogue.message(result.stderr, tmp)
+
+
+def train_run(folder: Path) -> Path:
+    """A finished tiny run with checkpoints at steps 1 and 2."""
+    result = run_dtune(*RUN, f"hydra.run.dir={folder}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    return train_run(tmp_path_factory.mktemp("trained") / "run")
+
+
+@pytest.mark.parametrize("name, make", SITUATIONS, ids=[name for name, _ in SITUATIONS])
+def test_a_run_directory_situation_gets_its_catalogued_paragraph(tmp_path, trained, name, make):
+    _, text = situation(make, tmp_path, trained)
+    assert not catalogue.stale(name, text), catalogue.stale(name, text)
