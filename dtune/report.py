@@ -120,8 +120,14 @@ def load_run(path: Path, label: str) -> Run:
 
 
 def mark_swept(runs: list[Run]) -> list[str]:
-    """The config keys whose values differ between runs: the sweep's hyperparameters."""
+    """The config keys whose values differ between runs: the sweep's hyperparameters. Where
+    every run recorded its command line, only keys set there count (runs that are no sweep
+    differ in their model or data group's every key, and those are not what was varied)."""
     keys = sorted({k for r in runs for k in r.config})
+    if all(r.overrides for r in runs):
+        typed = {o.lstrip("+~").split("=", 1)[0] for r in runs for o in r.overrides}
+        keys = [k for k in keys if k in typed or any(k.startswith(t + ".") for t in typed)
+                or k.split(".", 1)[0] in typed]
     swept = [k for k in keys if k not in NOT_SWEPT and not k.startswith("hydra.")
              and len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
     for run in runs:

@@ -152,3 +152,23 @@ def test_resuming_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path, c
     assert {name: digest(name) for name in before} == before
     assert again.summary == first.summary
     assert "finished at step 2" in caplog.text and "nothing to train" in caplog.text
+
+
+# --- 9. dtune report over runs that are no sweep ----------------------------------------------
+
+def test_report_counts_as_swept_only_what_the_runs_command_lines_set():
+    from dtune.report import Run, mark_swept
+
+    def run(label, overrides, **config):
+        base = {"model.name": "tiny-llama", "model.random_init.hidden_size": 64,
+                "train.lr": 1e-3, "data.path": "builtin"}
+        return Run(label, None, {**base, **config}, overrides, [], None)
+
+    unrelated = [run("a", ["model=tiny-llama", "train.lr=1e-3"]),
+                 run("b", ["model=other", "train.lr=3e-3"], **{
+                     "model.name": "other", "model.random_init.hidden_size": 128,
+                     "train.lr": 3e-3, "data.path": "x.jsonl"})]
+    # data.path differs too, but neither command line set it: not what was varied
+    assert mark_swept(unrelated) == ["model.name", "model.random_init.hidden_size", "train.lr"]
+    unrecorded = [run("c", [], **{"train.lr": 1.0}), run("d", [])]
+    assert mark_swept(unrecorded) == ["train.lr"]
