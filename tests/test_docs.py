@@ -7,8 +7,17 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "docs"))
+sys.path[:0] = [str(ROOT / "docs"), str(ROOT / "bench")]
+import default_run  # noqa: E402
 import make_tables  # noqa: E402
+
+
+def test_the_readme_headline_figures_are_the_ones_the_benchmark_recorded():
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    figures = json.loads(default_run.RESULTS.read_text())
+    assert default_run.render(readme, figures) == readme, "run: python bench/default_run.py"
 
 
 def test_the_readme_method_table_is_the_one_the_specs_give():
