@@ -353,7 +353,9 @@ def image_section(out: Path) -> list[str]:
     head = (f"Image packages (image-pip-list.txt, {len(found)}) against bench/gpu_image.txt "
             f"({len(recorded)}): ")
     return [head + ("every recorded version found." if not differ
-                    else f"{len(differ)} differ: " + "; ".join(differ) + "."), ""]
+                    else f"{len(differ)} differ: " + "; ".join(differ) + "."), "",
+            "The image's whole list: " + ", ".join(
+                line.strip() for line in listed.read_text().splitlines() if line.strip()), ""]
 
 
 # --- the calls -----------------------------------------------------------------------------
