@@ -305,8 +305,9 @@ def cells(r: dict) -> list[str]:
     reserved = s.get("peak_memory_reserved_bytes") or s.get("peak_memory_bytes")
     result = "FAIL: " + "; ".join(r["problems"]) if r["problems"] else \
         "ok: refused clearly" if r.get("refused") else "ok"
-    if "flops" in r:
-        result += f": {r['flops'] / 1e12:.1f} TFLOP/s"
+    if "flops" in r:  # a CPU's is in GFLOP/s
+        result += f": {r['flops'] / 1e12:.1f} TFLOP/s" if r["flops"] > 1e12 else \
+            f": {r['flops'] / 1e9:.1f} GFLOP/s"
     return [r["step"], result, str(r.get("seconds", "")),
             f"{s['final_loss']:.3f}" if s.get("final_loss") is not None else "",
             f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "",

@@ -21,8 +21,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 R=${REHEARSAL_DIR:-$REPO/.rehearsal}
-PY312=${PY312:-$(command -v python3.12 || ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python \
-  | tail -1)}
+python312() {  # the first that runs: a pyenv shim on PATH may name a version it cannot start
+  local candidate
+  for candidate in "${PY312:-}" python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python; do
+    if [[ -n "$candidate" ]] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' \
+        2>/dev/null; then echo "$candidate"; return; fi
+  done
+  echo "gpu_rehearse: no Python 3.12 found (set PY312)" >&2
+  return 1
+}
+PY312=$(python312)
 WHEELS_PY=${WHEELS_PYTHON:-$REPO/.venv/bin/python}
 mkdir -p "$R"
 TIMES=$R/times.txt
