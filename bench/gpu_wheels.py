@@ -54,6 +54,10 @@ DIRECT = ["peft", "bitsandbytes", "deepspeed", "hydra-core", "omegaconf", "submi
           "datasets", "gguf"]
 INDIRECT = ["antlr4-python3-runtime", "dill", "multiprocess", "hjson", "pydantic",
             "pydantic-core", "annotated-types", "typing-inspection"]
+# The image has these, at versions never read (bench/gpu_image.txt assumes them): carried too,
+# and installed only where the image's does not meet what the carried wheels ask of them
+# (pydantic wants typing-extensions 4.16, of 2026-07; datasets caps fsspec at 2026.9.0)
+FALLBACK = ["typing-extensions", "fsspec"]
 SOURCE_ONLY = {"deepspeed", "antlr4-python3-runtime"}  # sdists, built into wheels here
 TRIM = {"bitsandbytes": [r"libbitsandbytes_(cuda1[12]\d|rocm\d+)\.so$"]}  # CUDA 13 kept
 LIMIT = 40 * 2**20
@@ -71,6 +75,14 @@ def requirement(name: str) -> str:
         if canonicalize_name(Requirement(spec).name) == canonicalize_name(name):
             return spec
     return f"{name}>={version(name)}"
+
+
+def asked_of(name: str, wheels: list[Wheel]) -> str:
+    """`name` with every version bound the carried wheels put on it, for the device."""
+    bounds = {str(spec) for w in wheels if w.name != canonicalize_name(name) for r in w.requires
+              if canonicalize_name(r.name) == canonicalize_name(name)
+              and (r.marker is None or r.marker.evaluate(DEVICE)) for spec in r.specifier}
+    return name + ",".join(sorted(bounds))
 
 
 def dtune_requirements() -> list[str]:
@@ -213,13 +225,15 @@ def check(wheel_dir: Path, image_file: Path = IMAGE) -> None:
 def build(out: Path, python_version: str) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    download(DIRECT + INDIRECT, out, python_version)
+    download(DIRECT + INDIRECT + FALLBACK, out, python_version)
     for wheel in out.glob("*.whl"):
         for package, patterns in TRIM.items():
             if wheel.name.startswith(package.replace("-", "_") + "-"):
                 trim(wheel, patterns)
-    (out / "requirements.txt").write_text("".join(requirement(n) + "\n"
-                                                  for n in DIRECT + INDIRECT))
+    wheels = [read_wheel(p) for p in out.glob("*.whl")]
+    (out / "requirements.txt").write_text(
+        "".join(requirement(n) + "\n" for n in DIRECT + INDIRECT)
+        + "".join(asked_of(n, wheels) + "\n" for n in FALLBACK))
     total = sum(p.stat().st_size for p in out.iterdir())
     for path in sorted(out.iterdir(), key=lambda p: -p.stat().st_size):
         print(f"{path.stat().st_size / 2**20:7.1f} MiB  {path.name}")

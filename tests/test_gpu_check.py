@@ -58,6 +58,14 @@ def test_wheels_that_fit_the_image_pass_and_the_image_keeps_what_satisfies(tmp_p
     assert ["httpx2" in p for p in gpu_wheels.requirement_problems(wheels, image)] == [True]
 
 
+def test_a_fallback_is_asked_for_with_every_bound_the_carried_wheels_put_on_it(tmp_path):
+    fake_wheel(tmp_path, "one", "1.0", "typing-extensions>=4.16", "fsspec<=2026.9.0")
+    fake_wheel(tmp_path, "two", "1.0", "typing_extensions>=4.15",
+               'typing-extensions<4; python_version < "3.8"')  # not for the device's 3.12
+    wheels = [gpu_wheels.read_wheel(p) for p in tmp_path.glob("*.whl")]
+    assert gpu_wheels.asked_of("typing-extensions", wheels) == "typing-extensions>=4.15,>=4.16"
+
+
 def test_the_recorded_image_list_parses_and_holds_the_seen_versions():
     recorded = gpu_wheels.read_image()
     assert str(recorded["transformers"]) == "5.17.0" and str(recorded["torch"]) == "2.11.0"
