@@ -24,6 +24,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def load() -> str:
+    """The 1, 5 and 15 minute load averages: how much else shared the cores."""
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def install_seconds(out: Path) -> str:
     found = re.search(r"== install: (\d+) s", read(out / "install.log"))
     return found.group(1) if found else ""
@@ -49,7 +54,9 @@ def summary(scratch: Path, times: dict) -> list[str]:
     return [
         "# The GPU check, rehearsed on a CPU", "",
         f"`bash bench/gpu_rehearse.sh` on {time.strftime('%Y-%m-%d')}: {os.cpu_count()} cores "
-        f"({cpu_model()}), Python {sys.version.split()[0]} (the image has 3.12.3). The image's "
+        f"({cpu_model()}; load average {load()} at the end, other jobs included: the seconds "
+        f"below are upper bounds), Python {sys.version.split()[0]} (the image has 3.12.3). "
+        "The image's "
         f"packages (bench/gpu_image.txt) installed into a fresh venv in "
         f"{times.get('image_venv_s', '?')} s; the working tree that travels, with bench/wheels: "
         f"{times.get('tree_mib', '?')} MiB (limit 64). Each call ran on a fresh copy of that "
