@@ -30,7 +30,8 @@ from dtune.distributed import Ranks, init_process_group  # noqa: E402
 from dtune.engines import build_engine  # noqa: E402
 from dtune.methods import apply_method, load_options  # noqa: E402
 from dtune.models import load_model_and_tokenizer  # noqa: E402
-from dtune.train import accumulate_gradients, enable_gradient_checkpointing  # noqa: E402
+from dtune.train import (accumulate_gradients, enable_gradient_checkpointing,  # noqa: E402
+                         window_counts)
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -99,11 +100,12 @@ def main() -> None:
 
     def step():
         window = stream.next_window(cfg.train.grad_accum_steps)
+        counts = window_counts(window)
         with record_function("forward+loss+backward"):
-            accumulate_gradients(engine, window, chunk_size)
+            loss = accumulate_gradients(engine, window, counts.loss_tokens, chunk_size)
         with record_function("optimizer"):
-            engine.step(loss_finite=True)
-        return sum(int(b["attention_mask"].sum()) for b in window)
+            engine.step(loss)
+        return counts.real_tokens
 
     step()  # warm-up: allocator, kernels, lazy optimizer state
     started = time.perf_counter()

@@ -34,7 +34,8 @@ def train_app(cfg: DictConfig) -> float | None:
         launch = get_method(config.launcher._target_)
         if not run_start.answers_for_run(config):  # a worker: its launcher holds the run dir
             return launch(config, str(run_dir.path), list(hydra_cfg.overrides.task))
-        with run_start.claimed(config, run_dir):  # the lock, a fresh run or a resume
+        with run_start.claimed(config, run_dir,  # the lock, a fresh run or a resume
+                               world_size=run_start.planned_world_size(config)):
             record_run(run_dir, cfg, hydra_cfg)
             return launch(config, str(run_dir.path), list(hydra_cfg.overrides.task))
     except DtuneError as error:

@@ -7,7 +7,6 @@ checkpoints go. Resume trusts only folders whose manifest matches what is on dis
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -25,8 +24,8 @@ import torch
 from dtune.distributed import all_reduce_max, barrier
 from dtune.errors import DtuneError
 from dtune.files import (clear_temp_marker, current_umask, disk_full, disk_full_error, fsync_dir,
-                         fsync_file, make_temp_dir, output_folder, put_in_place, read_bytes,
-                         read_text, refuse_symlink, write_atomically)
+                         fsync_file, make_temp_dir, output_folder, put_in_place, read_text,
+                         refuse_symlink, write_atomically)
 
 log = logging.getLogger("dtune")
 
@@ -220,8 +219,8 @@ def load_checkpoint(folder: Path, engine) -> TrainState:
         state = TrainState.from_json(read_text(folder / "trainer_state.json"))
         engine.load_state(folder, state.engine)
         rng_file = folder / f"rng-rank{engine.ranks.rank}.pt"
-        rng = torch.load(io.BytesIO(read_bytes(rng_file)), weights_only=True) \
-            if rng_file.is_file() else None
+        refuse_symlink(rng_file)
+        rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
     except DtuneError:
         raise
     except Exception as exc:  # torch, safetensors and DeepSpeed raise many kinds

@@ -1,7 +1,8 @@
-"""DeepSpeed's C++ kernels on CPU: built once per environment, never held up by a dead build.
+"""DeepSpeed's C++ kernels: built once per environment, never held up by a dead build.
 
-DeepSpeed compiles its CPU kernels (shared-memory all-reduce for every ZeRO run, CPU Adam for
-offload) on first use, through torch's JIT loader. That loader guards a build with a bare
+DeepSpeed compiles the kernels dtune asks of it on first use, through torch's JIT loader: on
+a CPU machine its shared-memory all-reduce (every ZeRO run), and CPU Adam for offload on CPU
+and GPU machines alike (the optimizer steps on the host either way). That loader guards a build with a bare
 `lock` file: a process killed while holding it (Ctrl-C, a preempted job, an OOM kill) leaves the
 file behind, and every later run waits on it forever without a word. Its build folder is also
 shared by every Python environment of the user, so two virtualenvs rebuild over each other.
@@ -39,11 +40,12 @@ def load_deepspeed_ops(offload: bool) -> None:
 
     DeepSpeed keeps loaded kernels in a process-wide table, so its own later calls find them.
     """
-    if torch.cuda.is_available():
-        return  # GPU runs use prebuilt or CUDA kernels; their builds are not ours to manage
+    builders = _builders(offload, torch.cuda.is_available())
+    if not builders:
+        return  # a GPU run without offload: NCCL and CUDA kernels, nothing to compile here
     folder, owned = extensions_folder()
     with build_lock(folder / "kernels"):
-        for builder in _builders(offload):
+        for builder in builders:
             lock = folder / builder.name / "lock"
             if lock.exists():
                 if owned:
@@ -82,11 +84,15 @@ def extensions_folder() -> tuple[Path, bool]:
     return folder, True
 
 
-def _builders(offload: bool) -> list:
+def _builders(offload: bool, on_gpu: bool) -> list:
+    """The op builders of the kernels this run compiles: CPU Adam for offload, and off a GPU
+    the shared-memory all-reduce that DeepSpeed's CPU collectives use."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
-    names = ["ShareMemCommBuilder"] + (["CPUAdamBuilder"] if offload else [])
+    names = ([] if on_gpu else ["ShareMemCommBuilder"]) + (["CPUAdamBuilder"] if offload else [])
+    if not names:
+        return []
     builders = [get_accelerator().create_op_builder(name) for name in names]
     return [b for b in builders
             if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False)]

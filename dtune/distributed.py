@@ -144,7 +144,7 @@ def init_process_group(cfg: ParallelismConfig, ranks: Ranks) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     device = None
     if torch.cuda.is_available():
-        device = torch.device("cuda", ranks.local_rank)
+        device = local_gpu(ranks)
         torch.cuda.set_device(device)
     # A lone process (ZeRO in one process), and the workers dtune starts on one machine
     # (DTUNE_STORE_FILE, dtune/launch.py), rendezvous through a file in a private folder:
@@ -155,6 +155,14 @@ def init_process_group(cfg: ParallelismConfig, ranks: Ranks) -> None:
                             timeout=timedelta(minutes=cfg.timeout_minutes),
                             device_id=device if backend == "nccl" else None,
                             **({"init_method": "file://" + store} if store else {}))
+
+
+def local_gpu(ranks: Ranks) -> torch.device:
+    """This process's GPU among those it can see: `cuda:LOCAL_RANK` where every process of the
+    node sees every GPU, `cuda:0` where each sees only its own (SLURM's --gpus-per-task=1,
+    or CUDA_VISIBLE_DEVICES set per rank), where LOCAL_RANK would name a device that is not
+    there."""
+    return torch.device("cuda", ranks.local_rank % max(torch.cuda.device_count(), 1))
 
 
 def collective_device() -> torch.device:
@@ -176,6 +184,26 @@ def all_reduce_sum(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return float(tensor.item())
+
+
+def all_reduce_sums(values: list[float]) -> list[float]:
+    """Sum several host numbers over ranks in one collective, read back once (themselves when
+    not distributed)."""
+    if not dist.is_initialized():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks where it lies, without reading it back: the caller reads it
+    once, with whatever else it reads at that moment."""
+    if dist.is_initialized():
+        moved = tensor.to(collective_device())
+        dist.all_reduce(moved)
+        return moved.to(tensor.device)
+    return tensor
 
 
 def all_reduce_max(value: float) -> float:

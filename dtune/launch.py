@@ -94,13 +94,15 @@ def launch_workers(cfg: ParallelismConfig, run_dir: str, overrides: list[str],
         nnodes = int(os.environ["SLURM_NNODES"])
         node_rank = int(os.environ.get("SLURM_NODEID", node_rank))
     kept = [o for o in overrides if not o.startswith("hydra.run.dir=")]
+    per_node = distributed.processes_per_node(cfg)
     # The run dir travels in the environment: as an override, a path with a space, a comma
     # or '=' would break the workers' command line or turn the run into a sweep.
-    env = {**os.environ, "DTUNE_DIE_WITH_PARENT": "1", "DTUNE_RUN_DIR": run_dir}
+    env = {**os.environ, "DTUNE_DIE_WITH_PARENT": "1", "DTUNE_RUN_DIR": run_dir,
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                             str(threads_per_worker(per_node)))}
     if run_id is not None:  # this process holds the run dir for them (dtune/run_start.py)
         env["DTUNE_RUN_ID"] = run_id
     args = ["-m", "dtune", *kept, "hydra.run.dir=${oc.env:DTUNE_RUN_DIR}"]
-    per_node = distributed.processes_per_node(cfg)
     if nnodes == 1:
         return run_local_workers(per_node, args, env)
     env.pop("DTUNE_STORE_FILE", None)  # a store of another run's: these meet through torch's
@@ -119,6 +121,16 @@ def launch_workers(cfg: ParallelismConfig, run_dir: str, overrides: list[str],
     # If this process is killed (kill -9, OOM), the launcher goes too, and it stops the workers.
     return subprocess.call(command, env=env,
                            preexec_fn=lambda: distributed.die_with_parent(15))
+
+
+def threads_per_worker(workers: int) -> int:
+    """The cores this process may use, shared among the node's workers. Not torchrun's one
+    each: that leaves most cores of a GPU node idle, and makes CPU Adam (the optimizer step
+    of an offload run, on the host) single-threaded; more than a share each, and the
+    workers' threads fight over the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    return max(1, cores // max(workers, 1))
 
 
 def master_port(cfg: ParallelismConfig, nnodes: int) -> int:
@@ -155,8 +167,6 @@ def run_local_workers(count: int, args: list[str], env: dict) -> int:
               "DTUNE_STORE_FILE": os.path.join(store, "store")}
     for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         common.setdefault(key, "lo")
-    # As torchrun does: one thread per worker, or the workers' threads fight over the cores.
-    common.setdefault("OMP_NUM_THREADS", "1")
     started: list[subprocess.Popen] = []
     previous = {}
 

@@ -7,8 +7,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from dtune.data.batching import label_positions
 from dtune.data.formatting import IGNORE
 from dtune.errors import DtuneError
+
+
+def _positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's label positions, found on the host when it was collated
+    (`data.batching.label_positions`), or here for a batch made another way."""
+    return batch if "label_positions" in batch else label_positions(batch["labels"])
 
 
 def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> torch.Tensor:
@@ -41,7 +48,7 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0
         head = _output_layer(model)
         return chunked_lm_loss(hidden.reshape(-1, hidden.size(-1)), head.weight,
                                batch["labels"][:, 1:].reshape(-1), chunk_size,
-                               logit_transform(model))
+                               logit_transform(model), _positions(batch)["label_positions"])
     logits = model(**inputs).logits
     labels = batch["labels"][:, 1:]
     # Prompt tuning prepends virtual tokens to the output; score only the real positions.
@@ -73,12 +80,14 @@ def sequence_logps(model, batch: dict[str, torch.Tensor],
         # logits_to_keep=1: the model computes a single position's logits, not all of them.
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][:, -length:-1]
-        scored = labels != IGNORE
-        logits = logit_transform(model)(_output_layer(model)(hidden[scored]).float())
-        token_logps = -F.cross_entropy(logits, labels[scored], reduction="none")
-        rows = torch.arange(labels.size(0), device=labels.device).unsqueeze(1)
-        return token_logps.new_zeros(labels.size(0)).index_add(
-            0, rows.expand_as(labels)[scored], token_logps)
+        where = _positions(batch)
+        scored = hidden.reshape(-1, hidden.size(-1)).index_select(0, where["label_positions"])
+        logits = logit_transform(model)(_output_layer(model)(scored).float())
+        token_logps = -F.cross_entropy(
+            logits, labels.reshape(-1).index_select(0, where["label_positions"]),
+            reduction="none")
+        return token_logps.new_zeros(labels.size(0)).index_add(0, where["label_rows"],
+                                                               token_logps)
     logits = model(**inputs).logits[:, -length:-1].float()
     token_logps = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                    ignore_index=IGNORE, reduction="none")
@@ -181,21 +190,30 @@ def chunked_loss_mismatch(model, input_ids: torch.Tensor) -> Optional[str]:
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    chunk_size: int, transform: LogitTransform = LogitTransform()
-                    ) -> torch.Tensor:
-    """sum(cross_entropy(transform(hidden @ weight.T), labels)), `chunk_size` rows at a time."""
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size, transform)
+                    chunk_size: int, transform: LogitTransform = LogitTransform(),
+                    rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sum(cross_entropy(transform(hidden @ weight.T), labels)), `chunk_size` rows at a time;
+    `rows`: the rows whose label carries loss (`label_positions`), else found here."""
+    if rows is None:
+        rows = (labels != IGNORE).nonzero().squeeze(1)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, rows, chunk_size, transform)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """LM head + cross-entropy whose gradients are computed during the forward pass, chunk by
     chunk, so that only one chunk of fp32 logits is alive at a time and nothing is recomputed
-    in backward (the idea of Liger's fused linear cross-entropy)."""
+    in backward (the idea of Liger's fused linear cross-entropy).
+
+    The gradient matmuls run outside autocast. Under fp16 autocast the weight's gradient, a
+    sum over every token of a chunk, passes fp16's 65,504 on real activations whatever the
+    loss scale (which multiplies only afterwards), and every step would be skipped: it is
+    computed in fp32. The hidden states' gradient is bounded by twice the largest weight
+    (softmax minus one-hot sums to zero), so it stays in the weight's dtype, and a 16-bit
+    LM head is never copied to fp32 whole."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, transform):
-        keep = labels != IGNORE
-        rows = keep.nonzero().squeeze(1)  # only tokens that carry loss need logits at all
+    def forward(ctx, hidden, weight, labels, rows, chunk_size, transform):
+        # only the `rows` whose tokens carry loss need logits at all
         grad_hidden = torch.zeros_like(hidden)
         need_weight_grad = weight.requires_grad
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
@@ -215,10 +233,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_logits *= 1 - (logits / transform.softcap) ** 2
             if transform.scale != 1.0:
                 grad_logits *= transform.scale
-            grad_logits = grad_logits.to(weight.dtype)
-            grad_hidden.index_copy_(0, index, (grad_logits @ weight).to(hidden.dtype))
-            if need_weight_grad:
-                grad_weight += (grad_logits.t() @ h).float()
+            with torch.autocast(hidden.device.type, enabled=False):
+                grad_hidden.index_copy_(0, index, (grad_logits.to(weight.dtype) @ weight)
+                                        .to(hidden.dtype))
+                if need_weight_grad:
+                    grad_weight += grad_logits.t() @ h.float()
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
@@ -227,4 +246,4 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_w = None if grad_weight is None else (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_w, None, None, None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_w, None, None, None, None

@@ -37,14 +37,16 @@ class MethodSpec:
 
     def load_options(self, cfg: MethodConfig, device=None) -> dict:
         """Extra from_pretrained arguments for the base: bitsandbytes quantization, and on a
-        GPU the device it is placed on (bitsandbytes quantizes while it places)."""
+        GPU the device it is placed on, so that the weights go straight there rather than
+        through a whole copy in host memory per process (bitsandbytes quantizes while it
+        places). `device` None: where the caller places it (ZeRO-3 partitions as it loads)."""
+        placement = {"device_map": {"": device.index or 0}} \
+            if device is not None and device.type == "cuda" else {}
         if self.quantized_bits is None:
-            return {}
+            return placement
         import torch
         from transformers import BitsAndBytesConfig
 
-        placement = {"device_map": {"": device.index or 0}} \
-            if device is not None and device.type == "cuda" else {}
         if self.quantized_bits == 8:
             return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), **placement}
         # compute_dtype still "auto" here: a tool loading a run's base, no precision settled

@@ -38,27 +38,35 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, optimizer, params, max_norm: float, loss_finite: bool) -> tuple[float, str]:
-        """Clip, then step unless something was not finite. Returns (grad norm, status):
+    def step(self, optimizer, params, max_norm: float, loss: torch.Tensor
+             ) -> tuple[float, float, str]:
+        """Clip, then step unless something was not finite. Returns (grad norm, loss, status):
         "applied"; "overflow" (fp16: the scaler skipped the step and lowered the scale);
-        "nonfinite" (NaN/inf loss or gradient without a scaler: nothing was applied)."""
+        "nonfinite" (NaN/inf loss or gradient without a scaler: nothing was applied). The
+        norm and the loss are read from the device together, once."""
         if self.scaler is None:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if not (loss_finite and math.isfinite(norm)):
-                return norm, "nonfinite"
+            norm, value = read_together(torch.nn.utils.clip_grad_norm_(params, max_norm), loss)
+            if not (math.isfinite(value) and math.isfinite(norm)):
+                return norm, value, "nonfinite"
             optimizer.step()
-            return norm, "applied"
+            return norm, value, "applied"
         self.scaler.unscale_(optimizer)
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm, value = read_together(torch.nn.utils.clip_grad_norm_(params, max_norm), loss)
         scale_before = self.scaler.get_scale()
         self.scaler.step(optimizer)  # does nothing when an inf/nan was found
         self.scaler.update()
         overflow = self.scaler.get_scale() < scale_before or not math.isfinite(norm)
-        return norm, "overflow" if overflow else "applied"
+        return norm, value, "overflow" if overflow else "applied"
 
     @property
     def loss_scale(self) -> Optional[float]:
         return self.scaler.get_scale() if self.scaler else None
+
+
+def read_together(norm: torch.Tensor, loss: torch.Tensor) -> tuple[float, float]:
+    """One device-to-host read for the step's two numbers."""
+    norm_value, loss_value = torch.stack([norm.double(), loss.double().to(norm.device)]).tolist()
+    return norm_value, loss_value
 
 
 def setup_precision(cfg: PrecisionConfig, model, device_type: str = "cpu") -> Precision:

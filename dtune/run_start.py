@@ -26,6 +26,7 @@ from pathlib import Path
 from dtune import run_lock
 from dtune.checkpoint import checkpoint_folders, checkpoint_problem, run_id_of
 from dtune.config import Config, check_no_control_characters
+from dtune.distributed import wanted_processes
 from dtune.errors import DtuneError
 from dtune.files import own_directory, read_text, remove_stale_temp_dirs, write_atomically
 from dtune.run_dir import RunDir, resume_overrides
@@ -37,6 +38,7 @@ log = logging.getLogger("dtune")
 # not what the next step computes. Everything else is compared with the checkpoint's.
 SAFE_TO_CHANGE = (
     "eval.", "tracker.", "launcher.", "parallelism.", "train.max_steps", "train.epochs",
+    "train.micro_batch_size", "train.grad_accum_steps",  # compared as the global batch
     "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
     "train.resume", "train.overwrite", "train.on_nonfinite", "train.deterministic",
     "train.gradient_checkpointing", "train.loss_chunk_size", "data.num_proc",
@@ -45,6 +47,7 @@ SAFE_TO_CHANGE = (
 )
 # What a fresh run would lose or mix with its own in a directory another run trained in.
 TRAINING_STATE = ("checkpoints", "metrics.jsonl", "summary.json", "final")
+GLOBAL_BATCH = "the global batch (train.micro_batch_size x train.grad_accum_steps x processes)"
 PREVIOUS_RUNS = "previous_runs"  # where train.overwrite=true moves another run's files
 _CLAIMED: dict[str, str] = {}  # run dirs this process answers for -> their run id
 
@@ -57,11 +60,12 @@ def answers_for_run(cfg: Config) -> bool:
 
 
 @contextlib.contextmanager
-def claimed(cfg: Config, run_dir: RunDir, expected_id: str | None = None):
+def claimed(cfg: Config, run_dir: RunDir, expected_id: str | None = None,
+            world_size: int | None = None):
     """`claim` for the block, yielding the run's id; released after it unless an outer block
     of this process holds the claim (a CLI run claims once, before it launches)."""
     outer = claimed_id(run_dir)
-    run_id = outer or claim(cfg, run_dir, expected_id)
+    run_id = outer or claim(cfg, run_dir, expected_id, world_size)
     try:
         yield run_id
     finally:
@@ -78,9 +82,11 @@ def release(run_dir: RunDir) -> None:
     run_lock.release(run_dir)
 
 
-def claim(cfg: Config, run_dir: RunDir, expected_id: str | None = None) -> str:
+def claim(cfg: Config, run_dir: RunDir, expected_id: str | None = None,
+          world_size: int | None = None) -> str:
     """Take `run_dir` for this run and return the run's id. `expected_id`: the id a launcher
-    claimed the directory under (a SLURM job continues its submission)."""
+    claimed the directory under (a SLURM job continues its submission); `world_size`: the
+    processes the run trains with, where known (the batch is compared as its global size)."""
     key = str(Path(run_dir.path).resolve())
     # a line break in the path would split the lines of logs and SLURM batch scripts
     check_no_control_characters("hydra.run.dir", run_dir.path)
@@ -94,7 +100,7 @@ def claim(cfg: Config, run_dir: RunDir, expected_id: str | None = None) -> str:
     known = record["run_id"] if record else None
     if cfg.train.resume or slurm_restarted():
         run_id = known or new_run_id_for_resume(run_dir)
-        check_resumable(cfg, run_dir, run_id)
+        check_resumable(cfg, run_dir, run_id, world_size)
     elif known is not None and known == expected_id:
         run_id = known
     else:
@@ -107,6 +113,15 @@ def claim(cfg: Config, run_dir: RunDir, expected_id: str | None = None) -> str:
         write_run_file(run_dir, {"run_id": run_id, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     _CLAIMED[key] = run_id
     return run_id
+
+
+def planned_world_size(cfg: Config) -> int | None:
+    """The processes a run will train with, where that is known before it launches: here,
+    or on SLURM with parallelism.nproc_per_node set (else each node's GPUs decide)."""
+    per_node = cfg.parallelism.nproc_per_node
+    if cfg.launcher.name != "local":
+        return cfg.launcher.nodes * per_node if per_node > 0 else None
+    return 1 if cfg.parallelism.name == "single" else wanted_processes(cfg.parallelism)
 
 
 def read_run_file(run_dir: RunDir) -> dict | None:
@@ -178,7 +193,7 @@ def new_run_id_for_resume(run_dir: RunDir) -> str:
     return secrets.token_hex(6)
 
 
-def check_resumable(cfg: Config, run_dir: RunDir, run_id: str) -> None:
+def check_resumable(cfg: Config, run_dir: RunDir, run_id: str, world_size: int | None) -> None:
     """Refuse, before anything loads, a resume whose checkpoints are all damaged, or whose
     settings differ from the newest complete checkpoint's (sizes checked here; the SHA-256
     when it loads)."""
@@ -192,7 +207,7 @@ def check_resumable(cfg: Config, run_dir: RunDir, run_id: str) -> None:
     if complete:
         saved = json.loads(read_text(complete[0] / "trainer_state.json"))
         changed = changed_settings(saved.get("settings") or {},
-                                   training_settings(cfg, world_size=None))
+                                   training_settings(cfg, world_size))
         if changed:
             raise settings_changed(complete[0], changed)
 
@@ -212,9 +227,13 @@ def training_settings(cfg: Config, world_size: int | None) -> dict:
     counts where the engine shards by rank (ZeRO); None: not known yet."""
     flat = {key: value for key, value in flatten(asdict(cfg)).items()
             if not key.startswith(SAFE_TO_CHANGE)}
-    flat["parallelism.zero_stage"] = cfg.parallelism.zero_stage
-    if cfg.parallelism.zero_stage is not None and world_size is not None:
-        flat["world_size"] = world_size
+    if cfg.parallelism.name != "auto":  # the planner settles it where the run trains
+        flat["parallelism.zero_stage"] = cfg.parallelism.zero_stage
+    if world_size is not None:
+        # The batch is its global size: 2 ranks of 1 micro-batch continue as 1 process of 2.
+        flat[GLOBAL_BATCH] = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
+        if cfg.parallelism.zero_stage is not None:
+            flat["processes (ZeRO shards its state by rank)"] = world_size
     return json.loads(json.dumps(flat, default=str))  # as a checkpoint stores them
 
 

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 
-from dtune.distributed import all_reduce_max
 from dtune.errors import DtuneError
 from dtune.run_dir import resume_overrides
 
@@ -24,7 +23,8 @@ REQUEUED_EXIT_CODE = 0
 
 
 class StopFlag:
-    """Install with `install()`, poll `requested()` once per step, `restore()` at the end."""
+    """Install with `install()`, read `signum` once per step (every rank learns of it through
+    the step's one collective: train.window_counts), `restore()` at the end."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -56,14 +56,6 @@ class StopFlag:
         else:
             log.warning("Received %s: saving a checkpoint at the end of this step, then "
                         "stopping", name)
-
-    def requested(self) -> bool:
-        """Whether any rank received a stop signal; all ranks must agree, or the ones that
-        stop would leave the others waiting in a collective (one tiny all_reduce per step)."""
-        flag = all_reduce_max(float(self.signum is not None))
-        if flag and self.signum is None:
-            self.signum = signal.SIGTERM  # another rank got it; act alike
-        return bool(flag)
 
 
 def stop_after_checkpoint(flag: StopFlag, run_dir, step: int, is_main: bool) -> None:

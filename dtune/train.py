@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,8 @@ from dtune.data.formatting import IGNORE
 from dtune.data.loading import load_splits
 from dtune.data import streaming
 from dtune.data.prepare import PreparedData, prepare_data, tokenize_records
-from dtune.distributed import (Ranks, all_reduce_max, all_reduce_sum, barrier, die_with_parent,
-                               gather, launched_ranks, process_group)
+from dtune.distributed import (Ranks, all_reduce_max, all_reduce_sums, all_reduce_tensor, barrier,
+                               die_with_parent, gather, launched_ranks, process_group)
 from dtune import precision
 from dtune.engines import Engine, build_engine, run_context
 from dtune.engines.base import StepStatus, process_device
@@ -138,7 +139,7 @@ def this_run(cfg: Config, run_dir: RunDir, ranks: Ranks):
         owned = contextlib.nullcontext(os.environ.get("DTUNE_RUN_ID", "0") if ranks.is_main
                                        else "0")
     else:
-        owned = claimed(cfg, run_dir)
+        owned = claimed(cfg, run_dir, world_size=ranks.world_size)
     with owned as run_id:
         # 48 bits (12 hex digits) are exact in float64: a tensor collective carries them
         yield f"{int(all_reduce_max(float(int(run_id, 16)))):012x}"
@@ -156,9 +157,7 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
         sources, eval_records = None, streaming.eval_records(cfg)
     else:  # every source, Arrow-backed; local rank 0 checks, the others wait for it
         sources, eval_records = load_splits(cfg.data, ranks.local_rank), None
-    options = {**load_options(cfg.method, process_device(ranks)),
-               "dtype": precision.base_dtype(cfg)}
-    model, tokenizer, source = load_model_and_tokenizer(cfg.model, options,
+    model, tokenizer, source = load_model_and_tokenizer(cfg.model, base_load_options(cfg, ranks),
                                                         chat_template=cfg.data.chat_template)
     check_context_length(cfg, model)
     check_packing(cfg, model)  # before minutes go into tokenizing
@@ -201,6 +200,15 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
                   eval_format=data.eval_format, objective=objective, reference=reference,
                   eval_pairs=eval_pairs, data_fingerprint=data.fingerprint,
                   identical_pairs=data.identical_pairs)
+
+
+def base_load_options(cfg: Config, ranks: Ranks) -> dict:
+    """from_pretrained's options for the base: the method's quantization, the dtype it is
+    stored in, and on a GPU this rank's device, which the weights load straight onto (eight
+    ranks each holding a 7B model in host memory first would need 224 GB of it). ZeRO-3
+    places nothing: it partitions the weights as they load (engines.run_context)."""
+    device = None if cfg.parallelism.zero_stage == 3 else process_device(ranks)
+    return {**load_options(cfg.method, device), "dtype": precision.base_dtype(cfg)}
 
 
 def batch_stream(cfg: Config, tokenizer, ranks: Ranks, sources, eval_records):
@@ -299,8 +307,17 @@ def train(recipe: Recipe, state: TrainState, reporter, stop: StopFlag) -> LoopRe
     recipe.engine.model.train()
     release_free_heap()
     started, memory, record = time.perf_counter(), TrainingPeakMemory().start(), {}
+    saved = recipe.resumed_from is not None  # nothing trained since the checkpoint resumed
     while state.step < total:
-        record = train_step(recipe, state)
+        window = recipe.stream.next_window(cfg.train.grad_accum_steps)
+        counts = window_counts(window, stop, recipe.objective.pairs)
+        if counts.stop:  # a signal on any rank: checkpoint here, then requeue or explain
+            if not saved:
+                save_checkpoint(recipe.run_dir.path, state, recipe.engine,
+                                cfg.train.keep_checkpoints)
+            reporter.close()
+            stop_after_checkpoint(stop, recipe.run_dir.path, state.step, recipe.ranks.is_main)
+        record = train_step(recipe, state, window, counts)
         reporter.log_step(record, last_step=state.step == total)
         if state.step == total:
             break
@@ -309,48 +326,69 @@ def train(recipe: Recipe, state: TrainState, reporter, stop: StopFlag) -> LoopRe
         saved = due(state.step, cfg.train.save_every)
         if saved:
             save_checkpoint(recipe.run_dir.path, state, recipe.engine, cfg.train.keep_checkpoints)
-        if stop.requested():  # a signal: checkpoint here, then requeue or explain; no return
-            if not saved:
-                save_checkpoint(recipe.run_dir.path, state, recipe.engine,
-                                cfg.train.keep_checkpoints)
-            reporter.close()
-            stop_after_checkpoint(stop, recipe.run_dir.path, state.step, recipe.ranks.is_main)
     stop.finishing = True  # handlers stay until run() ends: see StopFlag._handle
     reporter.training_finished()
     return LoopResult(time.perf_counter() - started, memory.stop(), record)
 
 
-def train_step(recipe: Recipe, state: TrainState) -> dict:
-    """One optimizer step over the next window of micro-batches; returns its metrics record."""
-    engine, accum = recipe.engine, recipe.cfg.train.grad_accum_steps
+@dataclass(frozen=True)
+class WindowCounts:
+    """What a window holds over every rank, and whether any rank was asked to stop: counted
+    on the host copies and summed in one collective, read back once."""
+
+    loss_tokens: int  # tokens that carry loss: SFT's normaliser
+    real_tokens: int  # tokens that are not padding: throughput
+    pairs: int  # preference pairs: a pair objective's normaliser
+    stop: bool
+
+
+def window_counts(window: list[dict], stop: Optional[StopFlag] = None,
+                  pairs: bool = False) -> WindowCounts:
+    local = [sum(loss_token_count(b) for b in window),
+             sum(int(b["attention_mask"].sum()) for b in window),
+             sum(len(b["pair_index"]) for b in window) if pairs else 0,
+             float(stop is not None and stop.signum is not None)]
+    loss_tokens, real_tokens, pair_count, stopping = all_reduce_sums(local)
+    if stopping and stop is not None and stop.signum is None:
+        stop.signum = signal.SIGTERM  # another rank got a signal: act alike
+    return WindowCounts(int(loss_tokens), int(real_tokens), int(pair_count), bool(stopping))
+
+
+def train_step(recipe: Recipe, state: TrainState, window: list[dict],
+               counts: WindowCounts) -> dict:
+    """One optimizer step over a window of micro-batches; returns its metrics record. The
+    loss (and a pair objective's metrics) are summed over ranks where they lie and read
+    once, with the gradient norm, by the engine's step."""
+    engine = recipe.engine
     started = time.perf_counter()
-    window = recipe.stream.next_window(accum)
     lr = engine.lr()
-    pair_metrics = {}  # the objective decides the loss and its normaliser
     if recipe.objective.pairs:  # per pair: the mean over every pair of the global window
-        loss, loss_tokens, pair_metrics = accumulate_pair_gradients(
-            engine, window, recipe.cfg.objective, recipe.reference, recipe.chunk_size > 0)
+        sums = accumulate_pair_gradients(engine, window, counts.pairs, recipe.cfg.objective,
+                                         recipe.reference, recipe.chunk_size > 0)
+        result = engine.step(sums[0])
+        names = objective_spec(recipe.cfg.objective).metrics
+        pair_metrics = {**dict(zip(names, sums[1:].tolist())), "pairs": counts.pairs}
     else:  # per token: the mean over every loss-carrying token of the global window
-        loss, loss_tokens = accumulate_gradients(engine, window, recipe.chunk_size)
-    result = engine.step(loss_finite=math.isfinite(loss))
+        result = engine.step(accumulate_gradients(engine, window, counts.loss_tokens,
+                                                  recipe.chunk_size))
+        pair_metrics = {}
     state.step += 1
     state.skipped_steps += result.status is StepStatus.OVERFLOW
     state.nonfinite_steps += result.status is StepStatus.NONFINITE
     if result.status is StepStatus.NONFINITE:
         if recipe.first_nonfinite_step is None:
             recipe.first_nonfinite_step = state.step
-        handle_nonfinite(recipe, state, loss, result.grad_norm)
+        handle_nonfinite(recipe, state, result.loss, result.grad_norm)
     seconds = time.perf_counter() - started
-    real_tokens = int(all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in window)))
-    state.trained_tokens += real_tokens
-    state.loss_tokens += loss_tokens
+    state.trained_tokens += counts.real_tokens
+    state.loss_tokens += counts.loss_tokens
     state.train_seconds += seconds
     state.data = recipe.stream.state_dict()
-    record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
-              "tokens_per_s": real_tokens / seconds, "trained_tokens": state.trained_tokens,
-              "loss_tokens": state.loss_tokens, "epoch": recipe.stream.epoch,
-              "step_time_s": seconds, "skipped_steps": state.skipped_steps,
-              "nonfinite_steps": state.nonfinite_steps}
+    record = {"step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+              "tokens_per_s": counts.real_tokens / seconds,
+              "trained_tokens": state.trained_tokens, "loss_tokens": state.loss_tokens,
+              "epoch": recipe.stream.epoch, "step_time_s": seconds,
+              "skipped_steps": state.skipped_steps, "nonfinite_steps": state.nonfinite_steps}
     # a mixture's examples and tokens per source so far: {"examples/<source>": n, ...}
     record.update(getattr(recipe.stream, "source_totals", dict)())
     record.update(pair_metrics)
@@ -359,13 +397,12 @@ def train_step(recipe: Recipe, state: TrainState) -> dict:
     return record
 
 
-def accumulate_gradients(engine: Engine, window: list[dict], chunk_size: int = 0
-                         ) -> tuple[float, int]:
+def accumulate_gradients(engine: Engine, window: list[dict], window_tokens: int,
+                         chunk_size: int = 0) -> torch.Tensor:
     """Forward, loss and backward for each micro-batch of a window, on every rank, as one
-    batch: the loss is the mean over every loss-carrying token in the global window, not a
-    mean of means. Returns (that mean, its token count)."""
-    # Counted on the host copies: no GPU sync.
-    window_tokens = int(all_reduce_sum(sum(loss_token_count(b) for b in window)))
+    batch: the loss is the mean over every loss-carrying token of the global window
+    (`window_tokens`, from `window_counts`), not a mean of means. Returns that mean, summed
+    over ranks where it lies (float64), not yet read."""
     total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for index, batch in enumerate(window):
         batch = engine.to_device(batch)
@@ -373,20 +410,18 @@ def accumulate_gradients(engine: Engine, window: list[dict], chunk_size: int = 0
             loss = summed_token_loss(engine.model, batch, chunk_size) / max(window_tokens, 1)
         engine.backward(loss)
         total += loss.detach().double()
-    return all_reduce_sum(float(total)), window_tokens
+    return all_reduce_tensor(total)
 
 
-def accumulate_pair_gradients(engine: Engine, window: list[dict], objective, reference,
-                              response_head: bool = False) -> tuple[float, int, dict]:
+def accumulate_pair_gradients(engine: Engine, window: list[dict], window_pairs: int,
+                              objective, reference, response_head: bool = False
+                              ) -> torch.Tensor:
     """A preference objective's forward, loss and backward for each micro-batch of a window
     (chosen and rejected rows of n pairs in one forward), on every rank, as one batch: the
-    loss and each metric are means over every pair of the global window, not means of
-    per-micro-batch means. Returns (that loss, the window's response tokens, {metric: its
-    mean, "pairs": the pair count}). The reference log-probs (DPO) come first, without grad."""
-    # Counted on the host copies, both in one collective: no GPU sync.
-    counts = torch.tensor([[sum(len(b["pair_index"]) for b in window),
-                            sum(loss_token_count(b) for b in window)]], dtype=torch.float64)
-    window_pairs, loss_tokens = (int(c) for c in torch.cat(gather(counts)).sum(0))
+    loss and each metric are means over every pair of the global window (`window_pairs`),
+    not means of per-micro-batch means. Returns [loss, *the objective's metrics], summed over
+    ranks where they lie (float64), not yet read. The reference log-probs (DPO) come first,
+    without grad."""
     names = ("loss", *objective_spec(objective).metrics)
     totals = torch.zeros(len(names), dtype=torch.float64, device=engine.device)
     for index, batch in enumerate(window):
@@ -398,9 +433,7 @@ def accumulate_pair_gradients(engine: Engine, window: list[dict], objective, ref
             loss, metrics = pair_loss(objective, logps, on_device["response_tokens"], ref_logps)
         engine.backward(loss / max(window_pairs, 1))
         totals += torch.stack([loss.detach(), *(metrics[k] for k in names[1:])]).double()
-    sums = torch.stack(gather(totals.cpu())).sum(0) / max(window_pairs, 1)
-    return float(sums[0]), loss_tokens, {**dict(zip(names[1:], sums[1:].tolist())),
-                                         "pairs": window_pairs}
+    return all_reduce_tensor(totals / max(window_pairs, 1))
 
 
 def handle_nonfinite(recipe: Recipe, state: TrainState, loss: float, grad_norm: float) -> None:

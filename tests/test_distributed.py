@@ -95,7 +95,8 @@ def test_zero_checkpoint_refuses_another_world_size(tmp_path):
                        "parallelism.nproc_per_node=1", "train.resume=true",
                        f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0
-    assert "written by 2 ZeRO ranks and this run has 1" in one_line(result.stderr + result.stdout)
+    assert "processes (ZeRO shards its state by rank): 2 in the checkpoint, 1 now" in \
+        one_line(result.stderr + result.stdout)
 
 
 def test_two_nodes_on_localhost_match_one_node_with_two_processes(tmp_path):

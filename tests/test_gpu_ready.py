@@ -380,3 +380,169 @@ def test_zero3_loads_each_rank_a_shard_of_the_weights(tmp_path):
     held, total = int(held.replace(",", "")), int(total.replace(",", ""))
     assert total == json.loads((tmp_path / "summary.json").read_text())["total_params"]
     assert 0.45 * total <= held <= 0.55 * total
+
+
+# --- GPU-only faults found by reading (issue 22) --------------------------------------------
+
+def test_the_chunked_losss_weight_gradient_does_not_overflow_under_fp16_autocast():
+    """Its gradients are made inside the forward, where fp16's 65,504 caps a sum over a chunk
+    of tokens whatever the loss scale: the weight's gradient is summed in fp32."""
+    from dtune.loss import chunked_lm_loss
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(1024, 64, generator=generator) * 4 + 80).requires_grad_()
+    weight = (torch.randn(512, 64, generator=generator) * 0.02).requires_grad_()
+    labels = torch.randint(0, 512, (1024,), generator=generator)
+    labels[:1000] = 0  # most tokens on one id: its row of the gradient sums them all
+    with torch.autocast("cpu", dtype=torch.float16):
+        chunked_lm_loss(hidden, weight, labels, 1024).backward()
+    assert weight.grad.isfinite().all() and hidden.grad.isfinite().all()
+    reference_hidden = hidden.detach().clone().requires_grad_()
+    reference_weight = weight.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(reference_hidden @ reference_weight.t(), labels,
+                                      reduction="sum").backward()
+    assert weight.grad.abs().max() > 65504  # what fp16 could not have held
+    torch.testing.assert_close(weight.grad, reference_weight.grad, rtol=2e-2, atol=1.0)
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [(8, 3, 3), (1, 3, 0), (2, 3, 1)])
+def test_a_process_takes_a_gpu_it_can_see(monkeypatch, visible, local_rank, expected):
+    """SLURM's --gpus-per-task=1 shows each process one GPU, as cuda:0."""
+    from dtune.distributed import Ranks
+    from dtune.engines import base
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(base, "allow_tf32", lambda enabled: None)
+    device = base.process_device(Ranks(rank=local_rank, world_size=8, local_rank=local_rank))
+    assert device == torch.device("cuda", expected)
+
+
+@pytest.mark.parametrize("overrides, placed, dtype", [
+    (["+method=full"], True, torch.float32), (["precision=bf16"], True, torch.bfloat16),
+    (["+method=full", "parallelism=zero2"], True, torch.float32),
+    (["+method=full", "parallelism=zero3"], False, torch.float32)])
+def test_ranks_load_the_base_straight_onto_their_gpu_in_its_storage_dtype(
+        monkeypatch, overrides, placed, dtype):
+    """Not through a whole copy in host memory per rank; ZeRO-3 partitions instead."""
+    from dtune.distributed import Ranks
+    from dtune.engines import base
+    from dtune.train import base_load_options
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(base, "allow_tf32", lambda enabled: None)
+    options = base_load_options(compose(*TINY, *overrides),
+                                Ranks(rank=2, world_size=4, local_rank=2))
+    assert options["dtype"] == dtype
+    assert options.get("device_map") == ({"": 2} if placed else None)
+
+
+def test_deepspeed_kernels_build_under_dtunes_lock_on_a_gpu_machine_too(monkeypatch, tmp_path):
+    """CPU Adam (offload) compiles on GPU machines as well: a build killed there must not leave
+    every later run waiting on torch's bare lock file."""
+    from dtune import deepspeed_ops
+
+    assert [b.name for b in deepspeed_ops._builders(offload=True, on_gpu=True)] == ["cpu_adam"]
+    assert deepspeed_ops._builders(offload=False, on_gpu=True) == []
+    loaded = []
+
+    class Builder:
+        name = "cpu_adam"
+
+        def load(self, verbose):
+            loaded.append(not (tmp_path / "cpu_adam" / "lock").exists())
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(deepspeed_ops, "_builders", lambda offload, on_gpu: [Builder()])
+    monkeypatch.setattr(deepspeed_ops, "extensions_folder", lambda: (tmp_path, True))
+    (tmp_path / "cpu_adam").mkdir()
+    (tmp_path / "cpu_adam" / "lock").touch()  # left by a build that was killed
+    deepspeed_ops.load_deepspeed_ops(offload=True)
+    assert loaded == [True]
+
+
+def test_adamw_is_fused_on_a_gpu_and_as_recorded_on_the_cpu():
+    from dtune.engines.base import adamw
+
+    cfg = compose(*TINY, "+method=full")
+    params = [torch.nn.Parameter(torch.ones(4))]
+    assert adamw(cfg, [{"params": params}], torch.device("cuda", 0)).defaults["fused"]
+    assert not adamw(cfg, [{"params": params}], torch.device("cpu")).defaults["fused"]
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts what makes the host wait on a GPU: nonzero, and indexing with a boolean mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.nonzero.default or (
+                func is torch.ops.aten.index.Tensor
+                and any(t is not None and t.dtype == torch.bool for t in args[1])):
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_losses_index_labels_by_positions_found_on_the_host():
+    from dtune.data.batching import collate
+    from dtune.data.formatting import Example
+    from dtune.loss import sequence_logps, summed_token_loss
+    from dtune.models import load_model_and_tokenizer
+
+    model, _, _ = load_model_and_tokenizer(compose(*TINY).model)
+    examples = [Example([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), Example([5, 6, 7], [-100, 6, 7])]
+    batch = collate(examples, 0)  # the host work happens here
+    with OpCounter() as counter:
+        chunked = summed_token_loss(model, batch, chunk_size=2)
+        logps = sequence_logps(model, batch, response_head=True)
+    assert counter.syncs == []
+    plain = summed_token_loss(model, batch)
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logps.sum(), -plain, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_reduces_its_scalars_in_one_collective_before_and_one_after(tmp_path, monkeypatch):
+    """The window's counts and the stop flag in one all-reduce, the loss in another: not one
+    collective (and one host read) per number."""
+    import torch.distributed as dist
+
+    import dtune.train as train_module
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    calls, inside = [], []
+    real_all_reduce, real_loop = dist.all_reduce, train_module.train
+
+    def counted(tensor, *args, **kwargs):
+        if inside:
+            calls.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    def loop(*args):
+        inside.append(True)
+        try:
+            return real_loop(*args)
+        finally:
+            inside.clear()
+
+    monkeypatch.setattr(dist, "all_reduce", counted)
+    monkeypatch.setattr(train_module, "train", loop)
+    try:
+        result = train(tmp_path / "run", *TINY, "+method=full", "train.max_steps=3",
+                       "eval.exact_match_samples=0")
+    finally:
+        dist.destroy_process_group()
+    assert result.summary["steps"] == 3
+    assert calls == [4, 1] * 3  # per step: counts and stop flag; the loss
+
+
+def test_workers_share_the_cores_the_launcher_owns(monkeypatch):
+    """Not one thread each (torchrun's default): CPU Adam in an offload run steps on the
+    host, with the threads of its worker."""
+    from dtune import launch
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert launch.threads_per_worker(8) == 2 and launch.threads_per_worker(32) == 1

@@ -241,7 +241,8 @@ def test_eight_by_one_equals_one_by_eight_in_loss_metrics_and_gradient(name):
     from dtune.loss import sequence_logps
     from dtune.models import load_model_and_tokenizer
     from dtune.reference import NoReference, Precomputed
-    from dtune.train import accumulate_pair_gradients
+    from dtune.objectives import objective_spec
+    from dtune.train import accumulate_pair_gradients, window_counts
 
     cfg = compose(*PREF, "+method=full", f"objective={name}")
     model, _, _ = load_model_and_tokenizer(cfg.model)
@@ -253,9 +254,11 @@ def test_eight_by_one_equals_one_by_eight_in_loss_metrics_and_gradient(name):
 
     def grads(window):
         model.zero_grad()
-        loss, tokens, metrics = accumulate_pair_gradients(engine, window, cfg.objective,
-                                                          reference)
-        return loss, metrics, [p.grad.clone() for p in model.parameters()]
+        sums = accumulate_pair_gradients(engine, window, window_counts(window, pairs=True).pairs,
+                                         cfg.objective, reference).tolist()
+        metrics = {**dict(zip(objective_spec(cfg.objective).metrics, sums[1:])),
+                   "pairs": window_counts(window, pairs=True).pairs}
+        return sums[0], metrics, [p.grad.clone() for p in model.parameters()]
 
     one_by_eight = grads([pair_batch([pairs[i]], [i]) for i in range(8)])
     eight_by_one = grads([pair_batch(pairs, list(range(8)))])
@@ -380,10 +383,13 @@ def test_resumed_dpo_run_gives_bitwise_the_same_losses(tmp_path, pair_data, meth
 
 
 def test_resume_refuses_a_reference_file_of_other_data(tmp_path, pair_data):
+    """Other data settings are named before the stored reference is read or replaced."""
     common = ["+method=full", "objective=dpo", "train.max_steps=2", "train.save_every=1"]
     train(tmp_path, *common)
-    with pytest.raises(DtuneError, match="reference log-probs of other training pairs"):
+    stamp = (tmp_path / "reference_logps.safetensors").stat().st_mtime_ns
+    with pytest.raises(DtuneError, match="data.max_seq_len: 256 in the checkpoint, 128 now"):
         train(tmp_path, *common, "train.resume=true", "data.max_seq_len=128")
+    assert (tmp_path / "reference_logps.safetensors").stat().st_mtime_ns == stamp
 
 
 # --- refused before anything loads ----------------------------------------------------------

@@ -128,8 +128,8 @@ def test_weights_that_went_nan_are_never_written_to_final(tmp_path, monkeypatch)
 
     real = train_module.train_step
 
-    def step(recipe, state):
-        record = real(recipe, state)
+    def step(recipe, state, *window):
+        record = real(recipe, state, *window)
         if state.step == 2:
             with torch.no_grad():
                 next(p for p in recipe.engine.module.parameters() if p.requires_grad) \

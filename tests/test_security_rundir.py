@@ -342,7 +342,8 @@ def test_a_resume_under_changed_settings_names_each_and_changes_nothing(run_a, t
         run_in(run, *FULL, "train.max_steps=5", "train.resume=true",
                "train.micro_batch_size=2", "data.builtin.train_size=200")
     message = str(caught.value)
-    assert "train.micro_batch_size: 4 in the checkpoint, 2 now" in message
+    assert "the global batch (train.micro_batch_size x train.grad_accum_steps x processes): " \
+        "4 in the checkpoint, 2 now" in message
     assert "data.builtin.train_size: 256 in the checkpoint, 200 now" in message
     assert "left as it is" in message and "delete" not in message.lower()
     assert tree(run) == before

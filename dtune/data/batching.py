@@ -11,6 +11,16 @@ from dtune.data.preference import PairExample
 from dtune.errors import DtuneError
 
 
+def label_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where a batch's next-token targets are: the flat positions, in [rows x (length - 1)],
+    whose label carries loss, and the row of each. Found here, on the host, as a batch is
+    collated: the chunked loss and the response-only LM head index with them, where a boolean
+    mask on a GPU would stop the host until the GPU says how many there are, every forward."""
+    scored = labels[:, 1:] != IGNORE
+    flat = scored.reshape(-1).nonzero().squeeze(1)
+    return {"label_positions": flat, "label_rows": flat // scored.size(1)}
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     longest = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
@@ -21,7 +31,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            **label_positions(labels)}
 
 
 def collate_pairs(pairs: list[PairExample], pad_id: int,
@@ -66,7 +77,9 @@ def collate_packed(rows: list[list[Example]], pad_id: int,
         position_ids[r, start:] = torch.arange(longest - start)
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
              "position_ids": position_ids}
-    return {k: v.reshape(1, -1) for k, v in batch.items()} if one_row else batch
+    if one_row:
+        batch = {k: v.reshape(1, -1) for k, v in batch.items()}
+    return {**batch, **label_positions(batch["labels"])}
 
 
 def pack_rows(lengths: list[int], rows: int, row_len: int) -> tuple[list[list[int]], int]:

@@ -15,7 +15,7 @@ from typing import Callable, ContextManager, Optional, Protocol
 import torch
 
 from dtune.config import Config
-from dtune.distributed import Ranks
+from dtune.distributed import Ranks, local_gpu
 
 
 class StepStatus(enum.Enum):
@@ -28,6 +28,7 @@ class StepStatus(enum.Enum):
 class StepResult:
     grad_norm: float
     status: StepStatus
+    loss: float  # the window's loss, read with the gradient norm: one host read a step
 
 
 class Engine(Protocol):
@@ -41,7 +42,7 @@ class Engine(Protocol):
     def forward_context(self, last_in_window: bool) -> ContextManager: ...
     def eval_context(self) -> ContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self, loss_finite: bool) -> StepResult: ...
+    def step(self, loss: torch.Tensor) -> StepResult: ...
     def lr(self) -> float: ...
     @property
     def loss_scale(self) -> Optional[float]: ...
@@ -57,7 +58,7 @@ def process_device(ranks: Ranks) -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     allow_tf32(True)
-    return torch.device("cuda", ranks.local_rank)
+    return local_gpu(ranks)
 
 
 def allow_tf32(enabled: bool) -> None:
@@ -108,6 +109,10 @@ def lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def adamw(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
+def adamw(cfg: Config, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """torch's AdamW; on a GPU its fused kernel (one launch for every parameter, not several
+    per tensor). Not on the CPU, whose fused kernel rounds differently from the one every
+    recorded CPU run used."""
     t = cfg.train
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                             fused=device.type == "cuda")

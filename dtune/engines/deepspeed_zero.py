@@ -23,6 +23,7 @@ from dtune.engines.base import (StepResult, StepStatus, adamw, lr_lambda, move_b
                                 param_groups, process_device)
 from dtune.errors import DtuneError
 from dtune.methods import is_adapter
+from dtune.precision import read_together
 
 
 class WeightsOnlyLoads:
@@ -82,7 +83,7 @@ class DeepSpeedEngine:
             optimizer = DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                          eps=t.adam_eps, adamw_mode=True)
         else:
-            optimizer = adamw(cfg, groups)
+            optimizer = adamw(cfg, groups, process_device(ranks))
         factor = lr_lambda(cfg, total_steps)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
@@ -110,23 +111,28 @@ class DeepSpeedEngine:
         # the loss is already this rank's share of the window's token mean.
         self.model.backward(loss * self.ranks.world_size, scale_wrt_gas=False)
 
-    def step(self, loss_finite: bool) -> StepResult:
+    def step(self, loss: torch.Tensor) -> StepResult:
         """DeepSpeed's step: it checks the gradient norm first and skips a NaN/inf update
         (counted in its skipped_steps), as the fp16 loss scaler does with an overflow."""
         self.model.step()
         norm = self.model.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
+        if torch.is_tensor(norm):
+            norm, loss_value = read_together(norm, loss)
+        else:  # DeepSpeed has read it already
+            norm, loss_value = float("nan") if norm is None else float(norm), float(loss)
+        loss_finite = math.isfinite(loss_value)
         skipped = self.model.skipped_steps > self.skipped_before
         self.skipped_before = self.model.skipped_steps
         if skipped:
             overflow = self.config["fp16"]["enabled"] and loss_finite
-            return StepResult(norm, StepStatus.OVERFLOW if overflow else StepStatus.NONFINITE)
+            return StepResult(norm, StepStatus.OVERFLOW if overflow else StepStatus.NONFINITE,
+                              loss_value)
         if not (loss_finite and math.isfinite(norm)):
             raise DtuneError(
                 "DeepSpeed applied an update whose loss or gradient norm was not finite "
                 f"(gradient norm {norm}); the weights are no longer usable. Resume from the "
                 "last checkpoint with train.resume=true once the cause is fixed.")
-        return StepResult(norm, StepStatus.APPLIED)
+        return StepResult(norm, StepStatus.APPLIED, loss_value)
 
     def lr(self) -> float:
         return self.model.get_lr()[0]

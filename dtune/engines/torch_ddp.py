@@ -39,7 +39,7 @@ class TorchEngine:
         if not getattr(model, "is_loaded_in_4bit", False) \
                 and not getattr(model, "is_loaded_in_8bit", False):
             model.to(device)  # quantized bases were placed by bitsandbytes when loaded
-        optimizer = adamw(cfg, param_groups(model, cfg.train.weight_decay))
+        optimizer = adamw(cfg, param_groups(model, cfg.train.weight_decay), device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
         wrapped = model
         if ranks.world_size > 1:
@@ -66,15 +66,15 @@ class TorchEngine:
         # DDP averages gradients over ranks; the loss is this rank's share of a global sum.
         self.precision.backward(loss * self.ranks.world_size)
 
-    def step(self, loss_finite: bool) -> StepResult:
+    def step(self, loss: torch.Tensor) -> StepResult:
         """Clip and apply the window's update; a NaN/inf is caught before the optimizer runs."""
         params = [p for p in self.module.parameters() if p.requires_grad]
-        grad_norm, status = self.precision.step(self.optimizer, params, self.max_norm,
-                                                loss_finite)
+        grad_norm, loss_value, status = self.precision.step(self.optimizer, params,
+                                                            self.max_norm, loss)
         if status == "applied":  # a skipped step moved no weight, so the schedule waits too
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(grad_norm, StepStatus(status))
+        return StepResult(grad_norm, StepStatus(status), loss_value)
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
