@@ -13,7 +13,7 @@
 #      install lines the device runs and the CPU dry run's sizes.
 # The log and timings go to bench/results/gpu_rehearsal.md and gpu_rehearsal.log.
 #
-#   bash bench/gpu_rehearse.sh        # 10 to 15 minutes on 2 cores; downloads about 4 GB once
+#   bash bench/gpu_rehearse.sh        # 9 to 15 minutes on 2 cores; downloads about 4 GB once
 #
 # PY312 names the Python 3.12 (default: python3.12 on PATH, else pyenv's); REHEARSAL_DIR the
 # scratch folder (default .rehearsal, git-ignored; about 11 GB).
