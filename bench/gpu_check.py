@@ -47,14 +47,14 @@ BIG = ["model=tiny-llama", "model.name=random-1b", "model.name_or_path=random-1b
        "model.random_init.max_position_embeddings=4096", "data.builtin.train_size=4000",
        "data.max_seq_len=2048", "data.packing=true", "train.micro_batch_size=8",
        "train.max_steps=12", "train.warmup_steps=0", "train.save_every=0", "train.log_every=1",
-       "train.loss_chunk_size=4096", "eval.exact_match_samples=0", "eval.max_loss_samples=16",
-       "precision=bf16"]
+       "train.save_final=false", "train.loss_chunk_size=4096", "eval.exact_match_samples=0",
+       "eval.max_loss_samples=16", "precision=bf16"]
 BIG_DRY = ["model=tiny-llama", "model.name=random-small", "model.name_or_path=random-small",
            "model.random_init.vocab_size=32000", "data.builtin.train_size=256",
            "data.max_seq_len=256", "data.packing=true", "train.micro_batch_size=2",
            "train.max_steps=4", "train.warmup_steps=0", "train.save_every=0",
-           "train.log_every=1", "eval.exact_match_samples=0", "eval.max_loss_samples=8",
-           "precision=bf16"]
+           "train.save_final=false", "train.log_every=1", "eval.exact_match_samples=0",
+           "eval.max_loss_samples=8", "precision=bf16"]
 FLASH_REFUSAL = "flash_attention_2 needs a CUDA GPU and the flash-attn"
 MIN_START_S = 20  # a step started with less left of the call's budget could not finish
 STEP_TIMEOUT_S = {1: 170, 2: 240}  # on a GPU, per call; a CPU dry run allows 600
@@ -362,9 +362,8 @@ def image_section(out: Path) -> list[str]:
 # --- the calls -----------------------------------------------------------------------------
 
 def run_folder_parent(dry_run: bool) -> str | None:
-    """Run folders go outside OUT, on tmpfs where it has room. The measurement runs end, as
-    every dtune run does, with a checkpoint and final/ (for 1B parameters about 16 GB with the
-    optimizer state) that dtune has no switch to skip; on tmpfs their fsyncs cost nothing."""
+    """Run folders go outside OUT, on tmpfs where it has room. The measurement runs skip their
+    final checkpoint and final/ (train.save_final=false); the tiny steps' cost nothing there."""
     shm = Path("/dev/shm")
     if not dry_run and shm.is_dir() and shutil.disk_usage(shm).free > 48 * 2**30:
         return str(shm)
