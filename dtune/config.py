@@ -367,6 +367,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    # false: the run ends without its final checkpoint and final/ model (a benchmark that only
+    # measures: writing a large model takes minutes and its size in disk)
+    save_final: bool = True
     resume: bool = False
     # a fresh run into a directory that holds another run: move that run's files into
     # RUN_DIR/previous_runs/ (nothing is deleted) instead of refusing

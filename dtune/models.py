@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 
@@ -370,9 +371,19 @@ def build_random_model(name: str, arch: RandomInitConfig) -> Path:
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir() / "random-init" / f"{safe_name(name)}-{key}"
     with build_lock(folder):
+        if built_before_the_fill(folder, arch):
+            shutil.rmtree(folder)
         if not (folder / "config.json").exists():
             _write_random_model(folder, arch)
     return folder
+
+
+def built_before_the_fill(folder: Path, arch: RandomInitConfig) -> bool:
+    """A cached build whose vocabulary stopped where the BPE did (before fill_vocabulary),
+    smaller than asked: it is built again under the same key."""
+    config = folder / "config.json"
+    return config.is_file() and json.loads(read_text(config)).get(
+        "vocab_size", arch.vocab_size) < arch.vocab_size
 
 
 def random_model_config(arch: RandomInitConfig, tokenizer=None):
@@ -422,7 +433,7 @@ def build_tiny_tokenizer(vocab_size: int):
     )
     bpe.train_from_iterator(corpus_for_tokenizer(), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
+        tokenizer_object=fill_vocabulary(bpe, vocab_size),
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
@@ -430,3 +441,20 @@ def build_tiny_tokenizer(vocab_size: int):
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+def fill_vocabulary(bpe: Tokenizer, vocab_size: int) -> Tokenizer:
+    """`bpe` with unused tokens appended up to `vocab_size` entries.
+
+    The built-in corpus yields about 2,200 BPE tokens; a model asked for a realistic vocabulary
+    (32k and more) then gets embeddings and an LM head of that size, so its loss and memory are
+    those of a real model's. The added entries are plain vocabulary that no merge produces:
+    encoding is unchanged, and a vocabulary the BPE already reaches is returned as it is."""
+    have = bpe.get_vocab_size(with_added_tokens=True)
+    if have >= vocab_size:
+        return bpe
+    state = json.loads(bpe.to_str())
+    vocab = state["model"]["vocab"]
+    # printable ASCII maps to itself in the byte-level alphabet, so each decodes as its name
+    vocab.update({f"<|unused_{i}|>": i for i in range(have, vocab_size)})
+    return Tokenizer.from_str(json.dumps(state))

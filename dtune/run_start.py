@@ -40,6 +40,7 @@ SAFE_TO_CHANGE = (
     "eval.", "tracker.", "launcher.", "parallelism.", "train.max_steps", "train.epochs",
     "train.micro_batch_size", "train.grad_accum_steps",  # compared as the global batch
     "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+    "train.save_final",
     "train.resume", "train.overwrite", "train.on_nonfinite", "train.deterministic",
     "train.gradient_checkpointing", "train.loss_chunk_size", "data.num_proc",
     "model.trust_remote_code", "model.attn_implementation", "model.gguf",

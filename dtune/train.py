@@ -543,14 +543,16 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
     reporter.log_eval(final_eval)
     # before the final checkpoint, whose pruning would otherwise drop an earlier, finite one
     check_final_weights(recipe, state)
-    save_checkpoint(recipe.run_dir.path, state, engine, cfg.train.keep_checkpoints)
-    engine.save_final(recipe.run_dir.final, recipe.tokenizer)
+    if cfg.train.save_final:
+        save_checkpoint(recipe.run_dir.path, state, engine, cfg.train.keep_checkpoints)
+        engine.save_final(recipe.run_dir.final, recipe.tokenizer)
     barrier()
     summary = {
         "model": cfg.model.name_or_path, "model_source": recipe.model_source,
         "method": cfg.method.name, "precision": cfg.precision.name,
         "parallelism": cfg.parallelism.name, "world_size": recipe.ranks.world_size,
-        "final_artifact": "peft_adapter" if is_adapter(engine.module) else "full_model",
+        "final_artifact": None if not cfg.train.save_final else
+        "peft_adapter" if is_adapter(engine.module) else "full_model",
         "loss_scale": engine.loss_scale, "skipped_steps": state.skipped_steps,
         "nonfinite_steps": state.nonfinite_steps, "steps": state.step,
         "steps_set_by": recipe.steps_set_by,

@@ -335,17 +335,24 @@ def run_gpu_check(tmp_path, *args):
 
 
 def test_the_gpu_check_passes_its_cpu_dry_run(tmp_path):
-    done = run_gpu_check(tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    """Both device calls as the device runs them, tiny, on the CPU; where a CPU cannot run a
+    step (DeepSpeed fp16, flash-attention), dtune's clear refusal is what passes."""
+    for call in ("1", "2"):
+        done = run_gpu_check(tmp_path, "--call", call)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "out"
+    results = [json.loads(line) for call in (1, 2)
+               for line in (out / f"call{call}.jsonl").read_text().splitlines()]
     steps = {r["step"] for r in results}
     for name in ("lora-bf16", "qlora-bf16", "lora-int8", "dora-bf16", "prompt-tuning-bf16",
-                 "full-fp16", "full-bf16-zero2", "full-bf16-zero3", "full-bf16-zero2-offload",
-                 "lora-bf16-resume", "eval", "generate", "merge", "big-full-bf16",
-                 "big-lora-bf16"):
+                 "full-fp16", "full-fp16-zero2", "full-bf16-zero2", "full-bf16-zero3",
+                 "full-bf16-zero2-offload", "lora-bf16-packed-flash-attn", "lora-bf16-resume",
+                 "eval", "generate", "merge", "matmul-peak", "big-full-bf16", "big-lora-bf16"):
         assert name in steps, name
     assert not any(r["problems"] for r in results)
-    assert "| big-full-bf16 | ok |" in (tmp_path / "out" / "gpu_check.md").read_text()
+    assert {r["step"] for r in results if r.get("refused")} == {
+        "full-fp16-zero2", "lora-bf16-packed-flash-attn"}
+    assert "| big-full-bf16 | ok |" in (out / "call2.md").read_text()
 
 
 def test_a_broken_step_makes_the_gpu_check_fail_loudly_naming_it(tmp_path, monkeypatch):

@@ -42,6 +42,41 @@ def test_random_init_model_is_the_same_every_time():
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: any text
 
 
+def test_a_random_init_vocabulary_past_what_the_bpe_learns_is_filled_with_unused_tokens():
+    """The built-in corpus teaches the BPE about 2,200 tokens. A model asked for a realistic
+    32k vocabulary has 32k embedding and LM-head rows all the same, and text encodes as the
+    BPE alone encodes it; tiny-llama's 512 are all learnt, so nothing is added there."""
+    from dtune.models import build_tiny_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer(compose(
+        "model=tiny-llama", "model.name_or_path=random-32k",
+        "model.random_init.vocab_size=32000").model)
+    assert len(tokenizer) == model.config.vocab_size == 32000
+    assert model.get_input_embeddings().weight.shape[0] == 32000
+    assert model.get_output_embeddings().weight.shape[0] == 32000
+    learnt = min(i for t, i in tokenizer.get_vocab().items() if t.startswith("<|unused_"))
+    assert 1000 < learnt < 32000
+    text = "Convert 3.5 km to m. {\"name\": \"Ünïcode\"}"
+    assert tokenizer(text)["input_ids"] == build_tiny_tokenizer(learnt)(text)["input_ids"]
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    _, tiny, _ = load_model_and_tokenizer(compose("model=tiny-llama").model)
+    assert len(tiny) == 512 and not any(t.startswith("<|unused_") for t in tiny.get_vocab())
+
+
+def test_a_random_init_build_from_before_the_fill_is_built_again(tmp_path):
+    import json
+
+    from dtune.config import RandomInitConfig
+    from dtune.models import built_before_the_fill
+
+    asked = RandomInitConfig(vocab_size=32000)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 2183}))
+    assert built_before_the_fill(tmp_path, asked)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 32000}))
+    assert not built_before_the_fill(tmp_path, asked)
+    assert not built_before_the_fill(tmp_path / "absent", asked)
+
+
 def test_remote_code_stays_off_unless_configured():
     assert compose().model.trust_remote_code is False
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, compose
+from conftest import TINY, compose, train
 from dtune.checkpoint import valid_checkpoints
 from dtune.metrics import read_metrics
 from dtune.models import load_model_and_tokenizer
@@ -156,3 +156,12 @@ def test_epochs_set_the_step_count_when_max_steps_is_unset(tmp_path):
                   "train.grad_accum_steps=2", "eval.exact_match_samples=0")
     result = run(cfg, tmp_path)
     assert result.summary["steps"] == 2 * (40 // 8 // 2)
+
+
+def test_a_run_may_end_without_its_final_checkpoint_and_model(tmp_path):
+    """train.save_final=false: what a benchmark that only measures asks for (a 1B model's
+    checkpoint and final/ are 16 GB)."""
+    result = train(tmp_path, *TINY, "+method=full", "train.max_steps=2",
+                   "eval.exact_match_samples=0", "train.save_final=false")
+    assert result.summary["steps"] == 2 and result.summary["final_artifact"] is None
+    assert not (tmp_path / "final").exists() and not (tmp_path / "checkpoints").exists()
