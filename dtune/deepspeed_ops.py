@@ -53,8 +53,9 @@ def load_deepspeed_ops(offload: bool) -> None:
                 else:
                     _wait_for_foreign_lock(lock)
             if not (folder / builder.name / f"{builder.name}.so").exists():
-                log.info(f"Compiling DeepSpeed's {builder.name} kernel for this environment "
-                         f"(once; 1-2 minutes on 2 cores) in {folder}")
+                # the compiler's own output is captured (verbose=False): this line is all
+                log.info(f"Compiling DeepSpeed's {builder.name} kernel, once: later runs in "
+                         f"this environment reuse it (1-2 minutes on 2 cores; in {folder})")
             try:
                 builder.load(verbose=False)
             except (RuntimeError, OSError, ImportError) as error:
