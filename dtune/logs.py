@@ -29,6 +29,12 @@ LIBRARY_WARNINGS = (
     # torch's Module.__call__, which calls the model's forward)
     ("torch.nn.modules.module", FutureWarning, "`past_key_values` is deprecated"),
     ("torch.nn.modules.module", FutureWarning, "Both `past_key_values` and `cache` are set"),
+    # bitsandbytes compiles a kernel when imported (peft imports it), and torch's compiler
+    # imports a module of torch's that still uses script_method (a user's Python hides a
+    # library's DeprecationWarning; pytest shows it)
+    ("torch.jit._script", DeprecationWarning, "`torch.jit.script_method` is deprecated"),
+    # transformers builds flex attention's block mask with an argument torch now deprecates
+    ("transformers.masking_utils", DeprecationWarning, "_compile flag on create_block_mask"),
     # generate() hands a soft prompt the positions of its left-padded prompts; peft drops them
     ("peft.peft_model", UserWarning,
      "Position ids are not supported for parameter efficient tuning"),

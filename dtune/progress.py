@@ -66,8 +66,9 @@ class WorkProgress:
         self.done, self.started, self.show = 0, time.perf_counter(), show and total > 0
         self.bar = None
         if self.show and sys.stdout.isatty():
+            # each advance is a batch of seconds: drawn every time (mininterval=0)
             self.bar = tqdm(total=total, desc=what, unit=f" {unit}", dynamic_ncols=True,
-                            leave=False, file=sys.stdout)
+                            leave=False, mininterval=0, file=sys.stdout)
 
     def advance(self, count: int) -> None:
         before, self.done = self.done, min(self.total, self.done + count)

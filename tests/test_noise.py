@@ -4,6 +4,9 @@ logger's line, no compiler command, no print of DeepSpeed's. And the long wait o
 run, exact match before training, says what it does while it does it."""
 import os
 import re
+from pathlib import Path
+
+import torch
 
 from conftest import TINY, run_dtune
 
@@ -58,11 +61,29 @@ def test_a_lora_run_prints_only_dtune_and_shows_exact_match_progress_before_trai
     assert re.search(r"\| \d\d:\d\d elapsed \| ETA \d\d:\d\d$", lines[progress[0]])
 
 
+def shm_kernel() -> list[Path]:
+    """DeepSpeed's shared-memory all-reduce (its CPU collectives), as dtune's cache holds it."""
+    return list(Path(os.environ["DTUNE_CACHE_DIR"]).glob(
+        "torch-extensions/*/deepspeed_shm_comm/deepspeed_shm_comm.so"))
+
+
 def test_a_zero3_run_on_two_processes_prints_only_dtune(tmp_path):
     # torch's renamed collectives warned twice per rank and step; DeepSpeed printed a line per
-    # rank, and its first kernel build compiler commands
-    quiet_run(tmp_path, "+method=full", "parallelism=zero3", "parallelism.nproc_per_node=2",
-              "train.max_steps=3", workers=True)
+    # rank, and setuptools' compiler the commands of DeepSpeed's probes
+    built_before = bool(shm_kernel())
+    lines = quiet_run(tmp_path, "+method=full", "parallelism=zero3",
+                      "parallelism.nproc_per_node=2", "train.max_steps=3", workers=True)
+    if torch.cuda.is_available():
+        return  # NCCL: no CPU kernel to build
+    # The kernel is built in dtune's cache, under its lock (not in torch's folder that every
+    # environment shares, by DeepSpeed's start-up), and a first build says so before the wait.
+    assert shm_kernel()
+    compiling = [i for i, line in enumerate(lines)
+                 if "Compiling DeepSpeed's deepspeed_shm_comm kernel, once: later runs in this "
+                    "environment reuse it" in line]
+    assert len(compiling) == (0 if built_before else 1), lines
+    assert all(i < lines.index(next(x for x in lines if "Model tiny-llama" in x))
+               for i in compiling), lines
 
 
 def test_a_prefix_tuning_run_prints_only_dtune(tmp_path):
