@@ -1,8 +1,8 @@
 """dtune: fine-tune large language models on one GPU, many GPUs, or many SLURM nodes."""
-import logging
+from dtune.logs import filter_library_noise
 
 __version__ = "0.1.0"
 
-# bitsandbytes warns at import time about an optional CPU kernel package, and peft imports it;
-# quieten its logger before any dtune module imports either.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# Here, so that it happens once in every process that runs dtune, before any library is
+# imported or warns.
+filter_library_noise()

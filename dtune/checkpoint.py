@@ -30,6 +30,8 @@ from dtune.files import (clear_temp_marker, current_umask, disk_full, disk_full_
 log = logging.getLogger("dtune")
 
 MANIFEST = "manifest.json"
+# A save of more than this many bytes (seconds to minutes of writing) is announced first.
+ANNOUNCE_BYTES = 1 << 30
 
 
 @dataclass
@@ -107,6 +109,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, engine, keep: int) -> Path
     tmp = root / f".{final.name}.tmp-{token}"
     try:
         if ranks.is_main:
+            announce_save(f"the step-{step} checkpoint", checkpoint_bytes(engine.module), final)
             refuse_symlink(root)
             root.mkdir(parents=True, exist_ok=True)
             make_temp_dir(root, final.name, token)
@@ -263,6 +266,8 @@ def save_final(model, tokenizer, out_dir: Path, state_dict: dict | None = None,
     (`state_dict`: the weights, where the model's own are partitioned), marked as an output of
     `kind`. It appears whole or not at all; `force=False` refuses to replace a folder dtune did
     not write. A full disk is one paragraph with the bytes needed and `fix`."""
+    what = "the adapter's weights" if hasattr(model, "peft_config") else "the model's weights"
+    announce_save(what, weight_bytes(model, state_dict), out_dir)
     try:
         with output_folder(out_dir, kind, provenance, force=force,
                            option="the model folder") as tmp:
@@ -273,8 +278,20 @@ def save_final(model, tokenizer, out_dir: Path, state_dict: dict | None = None,
     except Exception as exc:  # torch, safetensors and the OS each report a full disk their way
         if not disk_full(exc):
             raise
-        what = "the adapter's weights" if hasattr(model, "peft_config") else "the model's weights"
         raise disk_full_error(out_dir, weight_bytes(model, state_dict), what, exc, fix) from None
+
+
+def announce_save(what: str, size: int, where: Path) -> None:
+    """A large save takes a while and shows nothing else: say what, how big and where."""
+    if size > ANNOUNCE_BYTES:
+        log.info("Saving %s (about %.1f GiB) to %s", what, size / 2**30, where)
+
+
+def checkpoint_bytes(model) -> int:
+    """About what a checkpoint writes: 12 bytes per trainable parameter (its fp32 weight or
+    master copy and Adam's two fp32 moments; a ZeRO-3 parameter counted whole)."""
+    return 12 * sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()
+                    if p.requires_grad)
 
 
 def weight_bytes(model, state_dict: dict | None = None) -> int:

@@ -44,6 +44,12 @@ def load_deepspeed_ops(offload: bool) -> None:
     if not builders:
         return  # a GPU run without offload: NCCL and CUDA kernels, nothing to compile here
     folder, owned = extensions_folder()
+    # Said before the lock, by every rank: whichever takes the lock first compiles, and only
+    # rank 0's line shows. The compiler's own output is captured (verbose=False).
+    for builder in builders:
+        if not (folder / builder.name / f"{builder.name}.so").exists():
+            log.info(f"Compiling DeepSpeed's {builder.name} kernel, once: later runs in this "
+                     f"environment reuse it (1-2 minutes on 2 cores; in {folder})")
     with build_lock(folder / "kernels"):
         for builder in builders:
             lock = folder / builder.name / "lock"
@@ -52,9 +58,6 @@ def load_deepspeed_ops(offload: bool) -> None:
                     lock.unlink(missing_ok=True)  # we hold the flock: its writer is dead
                 else:
                     _wait_for_foreign_lock(lock)
-            if not (folder / builder.name / f"{builder.name}.so").exists():
-                log.info(f"Compiling DeepSpeed's {builder.name} kernel for this environment "
-                         f"(once; 1-2 minutes on 2 cores) in {folder}")
             try:
                 builder.load(verbose=False)
             except (RuntimeError, OSError, ImportError) as error:

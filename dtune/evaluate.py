@@ -19,6 +19,7 @@ from dtune.distributed import Ranks, all_reduce_sum, gather
 from dtune.engines.base import move_batch
 from dtune.errors import DtuneError
 from dtune.loss import sequence_logps, summed_token_loss
+from dtune.progress import WorkProgress
 
 
 @dataclass
@@ -127,19 +128,29 @@ def generate(engine, tokenizer, prompts: list[str], max_new_tokens: int, batch_s
 
 
 def exact_match(engine, tokenizer, records: list[dict], fmt: str, system_prompt: str | None,
-                samples: int, max_new_tokens: int, batch_size: int) -> dict | None:
+                samples: int, max_new_tokens: int, batch_size: int,
+                what: str = "Exact match") -> dict | None:
     """Share of held-out records whose greedy answer equals the reference, overall and per task.
     `examples` holds every record's reference and verdict, and the answer where this rank
-    generated it (None for another rank's)."""
+    generated it (None for another rank's). Rank 0 shows the prompts answered as `what`."""
     pairs = [(r, prompt_and_reference(r, fmt, tokenizer, system_prompt)) for r in records[:samples]]
     pairs = [(r, pr) for r, pr in pairs if pr is not None]
     if not pairs:
         return None
     answers: dict[int, str] = {}
-    for indices in my_batches(len(pairs), batch_size, engine.ranks, engine.synced_forward):
-        prompts = [pairs[i][1][0] for i in (indices or [0])]
-        answers.update(zip(indices, generate(engine, tokenizer, prompts, max_new_tokens,
-                                             batch_size, add_special_tokens=fmt != "chat")))
+    # minutes on a real model with nothing else to show; rank 0's share stands for every rank's
+    world = engine.ranks.world_size
+    progress = WorkProgress(what, len(pairs), "prompts", show=engine.ranks.is_main,
+                            step=batch_size * world)
+    try:
+        for indices in my_batches(len(pairs), batch_size, engine.ranks, engine.synced_forward):
+            prompts = [pairs[i][1][0] for i in (indices or [0])]
+            answers.update(zip(indices, generate(engine, tokenizer, prompts, max_new_tokens,
+                                                 batch_size, add_special_tokens=fmt != "chat")))
+            progress.advance(len(indices) * world)
+        progress.advance(len(pairs))  # every rank's share is done
+    finally:
+        progress.close()
     # Each rank scores its own answers; only (index, correct) numbers cross between ranks.
     mine = torch.tensor([(i, answer == pairs[i][1][1].strip()) for i, answer in answers.items()],
                         dtype=torch.float64).reshape(-1, 2)

@@ -2,10 +2,14 @@
 and a summary table at the end."""
 from __future__ import annotations
 
+import logging
+import math
 import sys
 import time
 
 from tqdm import tqdm
+
+log = logging.getLogger("dtune")
 
 
 def _duration(seconds: float) -> str:
@@ -47,6 +51,41 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class WorkProgress:
+    """A wait of known size that is not a training step (prompts answered for exact match):
+    a tqdm bar on a TTY; otherwise a line in dtune's log every tenth or so of the work (and at
+    its end), as `Progress` does for steps. `show=False` (every rank but 0) shows nothing."""
+
+    def __init__(self, what: str, total: int, unit: str, show: bool = True, lines: int = 10,
+                 step: int = 1):
+        self.what, self.total, self.unit = what, total, unit
+        # a line every `every` items: about `lines` of them, each a whole number of `step`s
+        self.every = step * max(1, math.ceil(total / lines / step))
+        self.done, self.started, self.show = 0, time.perf_counter(), show and total > 0
+        self.bar = None
+        if self.show and sys.stdout.isatty():
+            # each advance is a batch of seconds: drawn every time (mininterval=0)
+            self.bar = tqdm(total=total, desc=what, unit=f" {unit}", dynamic_ncols=True,
+                            leave=False, mininterval=0, file=sys.stdout)
+
+    def advance(self, count: int) -> None:
+        before, self.done = self.done, min(self.total, self.done + count)
+        if not self.show or self.done == before:
+            return
+        if self.bar is not None:
+            self.bar.update(self.done - before)
+        elif self.done // self.every > before // self.every or self.done == self.total:
+            elapsed = time.perf_counter() - self.started
+            left = elapsed / self.done * (self.total - self.done)
+            log.info(f"{self.what}: {self.done}/{self.total} {self.unit} | "
+                     f"{_duration(elapsed)} elapsed | ETA {_duration(left)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def summary_table(rows: list[tuple[str, str]], title: str) -> str:

@@ -315,6 +315,7 @@ def finished_before(recipe: Recipe, state: TrainState) -> bool:
 
 def evaluate_before_training(recipe: Recipe, state: TrainState, reporter) -> None:
     """The baseline the run is judged against: held-out loss and exact match at step 0."""
+    announce_eval(recipe, "the starting model")
     before = evaluate(recipe, step=0, with_generation=True)
     reporter.log_eval(before)
     state.exact_match_before = before.get("exact_match")
@@ -529,16 +530,35 @@ def evaluate(recipe: Recipe, step: int, with_generation: bool) -> dict:
     if with_generation and cfg.eval.exact_match_samples:
         em = exact_match(engine, tokenizer, recipe.eval_records, recipe.eval_format,
                          cfg.data.system_prompt, cfg.eval.exact_match_samples,
-                         cfg.eval.max_new_tokens, cfg.eval.batch_size)
+                         cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                         what="Exact match " + ("before" if step == 0 else "after") + " training")
         if em is not None:
             record["exact_match"] = em["exact_match"]
             record.update({f"exact_match/{t}": v for t, v in em["by_task"].items()})
     return record
 
 
+def announce_eval(recipe: Recipe, model: str) -> None:
+    """Say what the eval with generation is about to do: minutes on a real model."""
+    cfg = recipe.cfg
+    if recipe.objective.pairs:
+        pairs = sum(len(s.examples) for s in recipe.eval_pairs)
+        if pairs:
+            log.info("Evaluating %s: preference accuracy on %d held-out pairs", model, pairs)
+        return
+    losses = sum(map(len, recipe.eval_examples.values()))
+    prompts = min(len(recipe.eval_records), cfg.eval.exact_match_samples)
+    parts = ([f"held-out loss on {losses} examples"] if losses else []) + \
+        ([f"exact match on {prompts} prompts (greedy, up to {cfg.eval.max_new_tokens} new "
+          "tokens each)"] if prompts else [])
+    if parts:
+        log.info("Evaluating %s: %s", model, ", then ".join(parts))
+
+
 def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> RunResult:
     """The final eval, checkpoint and Hugging Face artifact, then the summary."""
     cfg, engine = recipe.cfg, recipe.engine
+    announce_eval(recipe, "the trained model")
     final_eval = evaluate(recipe, state.step, with_generation=True)
     reporter.log_eval(final_eval)
     # before the final checkpoint, whose pruning would otherwise drop an earlier, finite one

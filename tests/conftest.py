@@ -35,6 +35,16 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _library_noise_filtered():
+    """Every dtune process filters the library warnings no user can act on (dtune/logs.py);
+    so does every test. pytest swaps in its own warning filters around each test (and around
+    collection, where dtune is first imported), so they are put back here each time."""
+    from dtune.logs import filter_library_noise
+
+    filter_library_noise()
+
+
 def compose(*overrides: str):
     """The validated Config that `python -m dtune <overrides>` would run."""
     from dtune.compose import compose_config

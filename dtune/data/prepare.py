@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from dtune.distributed import Ranks, barrier
 from dtune.errors import DtuneError
 
 log = logging.getLogger("dtune")
+# Tokenizing this many rows takes long enough (seconds to minutes) to be announced and timed.
+ANNOUNCE_ROWS = 5_000
 CACHE_VERSION = 4  # 4: pair tables carry identical_row
 FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                               "labels": datasets.Sequence(datasets.Value("int32")),
@@ -184,7 +187,16 @@ def tokenize_records(records, cfg: Config, tokenizer, split: str, folder: Path |
             return load_tokenized(folder)
         return empty_table(pairs)
     batch_tokenizer = _pair_batches if pairs else _example_batches
+    announce = len(records) >= ANNOUNCE_ROWS
+    if announce:
+        log.info("Tokenizing %s %s rows (data.num_proc=%d)%s", f"{len(records):,}", split,
+                 d.num_proc, "; cached: later runs with the same rows and tokenizer skip this"
+                 if folder is not None else "")
+    started = time.perf_counter()
     table = _map(records, batch_tokenizer(cfg, tokenizer, fmt), cfg, folder, pairs)
+    if announce:
+        log.info("Tokenized %s %s rows in %.0f s", f"{len(records):,}", split,
+                 time.perf_counter() - started)
     emptied = len(records) - len(table)
     if emptied:
         log.warning("%d of %d %s examples lost their whole response to data.max_seq_len=%d "

@@ -22,6 +22,7 @@ from dtune.distributed import Ranks
 from dtune.engines.base import (StepResult, StepStatus, adamw, lr_lambda, move_batch,
                                 param_groups, process_device)
 from dtune.errors import DtuneError
+from dtune.logs import without_printed_lines
 from dtune.methods import is_adapter
 from dtune.precision import read_together
 
@@ -85,10 +86,11 @@ class DeepSpeedEngine:
         else:
             optimizer = adamw(cfg, groups, process_device(ranks))
         factor = lr_lambda(cfg, total_steps)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
-        )
+        with without_printed_lines():  # ZeRO-1/2 start DeepSpeed's communication here
+            engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=ds_config,
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+            )
         engine.checkpoint_engine = WeightsOnlyLoads(engine.checkpoint_engine)
         stage = cfg.parallelism.zero_stage
         return cls(engine, engine.module, process_device(ranks), ranks, stage,
@@ -179,7 +181,11 @@ def zero3_run(cfg: Config, ranks: Ranks):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    deepspeed.init_distributed()  # adopts dtune's process group, so zero.Init sees the ranks
+    # Its kernels first: init_distributed builds the shared-memory all-reduce on a CPU machine,
+    # which must happen in dtune's folder, under its lock and with its message.
+    load_deepspeed_ops(cfg.parallelism.offload)
+    with without_printed_lines():  # "DeepSpeed ... built successfully", once per rank
+        deepspeed.init_distributed()  # adopts dtune's process group: zero.Init sees the ranks
     held = HfDeepSpeedConfig(deepspeed_config(cfg, ranks.world_size))
     try:
         yield held
