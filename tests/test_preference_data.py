@@ -394,7 +394,8 @@ def pair_example(i: int, chosen: int, rejected: int, prompt: int = 2) -> PairExa
 def test_collate_pairs_puts_chosen_rows_first_and_rejected_rows_after_in_the_same_order():
     pairs = [pair_example(0, 3, 1), pair_example(1, 1, 5), pair_example(2, 2, 2)]
     batch = collate_pairs(pairs, pad_id=7, indices=[10, 11, 12])
-    assert set(batch) == {"input_ids", "labels", "attention_mask", "pair_index"}
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "pair_index",
+                          "label_positions", "label_rows"}
     assert batch["input_ids"].shape == batch["labels"].shape == (6, 7)  # longest: 2 + 5
     assert batch["pair_index"].tolist() == [10, 11, 12]
     assert batch["pair_index"].dtype == torch.long
@@ -409,6 +410,10 @@ def test_collate_pairs_puts_chosen_rows_first_and_rejected_rows_after_in_the_sam
         labelled_at = (batch["labels"][row] != IGNORE).nonzero().flatten().tolist()
         assert labelled_at == list(range(2, n))
         assert batch["labels"][row, 2:n].tolist() == example.labels[2:]
+    # the loss's flat target positions, found at collation: every scored next token, in order
+    scored = (batch["labels"][:, 1:] != IGNORE).reshape(-1).nonzero().flatten()
+    assert batch["label_positions"].tolist() == scored.tolist()
+    assert batch["label_rows"].tolist() == (scored // 6).tolist()
 
 
 def test_pair_windows_split_over_ranks_and_resume_like_examples():
