@@ -63,6 +63,11 @@ def record_run(run_dir: RunDir, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from dtune import cli
+
+    if sys.argv[1:2] and sys.argv[1] in cli.TOOLS:  # `python -m dtune eval RUN` = `dtune eval RUN`
+        cli.main(sys.argv[1:])
+        return
     register_schema()
     # Before Hydra parses the command line: what it parses, it saves under RUN_DIR/.hydra.
     sys.argv[1:] = take_env_secrets(sys.argv[1:])
@@ -73,10 +78,23 @@ def main() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled",
                      "hydra/hydra_logging=disabled"]
     try:
+        refuse_bare_words(sys.argv[1:], cli.TOOLS)
         check_overrides([arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")])
     except DtuneError as error:
         exit_with(error)
     train_app()
+
+
+def refuse_bare_words(args: list[str], tools: tuple[str, ...]) -> None:
+    """A word with no `=` is neither a setting nor a tool: Hydra would stop on it with a
+    grammar traceback ("missing EQUAL")."""
+    for arg in args:
+        if "=" not in arg and not arg.startswith(("-", "~")):
+            raise DtuneError(
+                f"{arg!r} on the command line is neither a setting nor a dtune tool. Settings "
+                f"are key=value (a method, for example, is `+method=qlora`), and the tools "
+                f"are {', '.join(tools)}: for example `python -m dtune eval RUN_DIR`. "
+                "`python -m dtune --help` lists the settings' groups.")
 
 
 if __name__ == "__main__":

@@ -322,5 +322,9 @@ def run_generate(args) -> None:
         print(reply, flush=True)
 
 
+# The subcommands, from the parser itself: `python -m dtune TOOL ...` hands these to main().
+TOOLS = tuple(build_parser()._subparsers._group_actions[0].choices)
+
+
 if __name__ == "__main__":
     main()

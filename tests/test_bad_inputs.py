@@ -129,6 +129,8 @@ CASES = [
          ["'t5' model", "not a causal language model", "decoder-only"],
          {"t5/config.json": json.dumps({"model_type": "t5", "vocab_size": 64, "d_model": 16,
                                         "num_layers": 1, "num_heads": 2, "d_ff": 32})}),
+    Case("a word that is neither a setting nor a tool", ["qlora"],
+         ["'qlora'", "neither a setting nor a dtune tool", "+method=qlora", "eval RUN_DIR"]),
     # --- tools ---------------------------------------------------------------------------
     Case("eval of a folder that is not a run", ["eval", "{tmp}"],
          ["is not a dtune run directory", ".hydra/config.yaml"], module=False),

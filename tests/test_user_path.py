@@ -172,3 +172,11 @@ def test_report_counts_as_swept_only_what_the_runs_command_lines_set():
     assert mark_swept(unrelated) == ["model.name", "model.random_init.hidden_size", "train.lr"]
     unrecorded = [run("c", [], **{"train.lr": 1.0}), run("d", [])]
     assert mark_swept(unrecorded) == ["train.lr"]
+
+
+def test_python_m_dtune_runs_the_tools_as_the_dtune_command_does(tmp_path):
+    for args in (["eval", str(tmp_path)], ["export", str(tmp_path), "--gguf"]):
+        by_module, by_command = run_dtune(*args), run_dtune(*args, module=False)
+        assert by_module.returncode == by_command.returncode != 0
+        assert one_line(by_module.stderr) == one_line(by_command.stderr)
+        assert "is not a dtune run directory" in by_module.stderr
