@@ -179,4 +179,4 @@ def test_python_m_dtune_runs_the_tools_as_the_dtune_command_does(tmp_path):
         by_module, by_command = run_dtune(*args), run_dtune(*args, module=False)
         assert by_module.returncode == by_command.returncode != 0
         assert one_line(by_module.stderr) == one_line(by_command.stderr)
-        assert "is not a dtune run directory" in by_module.stderr
+        assert "is not a dtune run directory" in one_line(by_module.stderr)
