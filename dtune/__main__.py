@@ -85,10 +85,18 @@ def main() -> None:
     train_app()
 
 
+# Hydra's own flags whose value follows as the next word (`hydra --help` lists them).
+HYDRA_FLAGS_WITH_VALUES = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+                           "--cfg", "-c", "--package", "-p", "--info", "-i",
+                           "--experimental-rerun"}
+
+
 def refuse_bare_words(args: list[str], tools: tuple[str, ...]) -> None:
     """A word with no `=` is neither a setting nor a tool: Hydra would stop on it with a
     grammar traceback ("missing EQUAL")."""
-    for arg in args:
+    for before, arg in zip([""] + args, args):
+        if before in HYDRA_FLAGS_WITH_VALUES:  # --config-dir DIR: a value, not a word
+            continue
         if "=" not in arg and not arg.startswith(("-", "~")):
             raise DtuneError(
                 f"{arg!r} on the command line is neither a setting nor a dtune tool. Settings "

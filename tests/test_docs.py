@@ -44,6 +44,7 @@ NOT_HERE = {
     "gpu_check.sh": "a GPU: its CPU dry run is tests/test_gpu_ready.py",
     "dtune check": "minutes of every layout: tests/test_distributed.py runs it",
     "nproc_per_node=2": "two DeepSpeed processes: tests/test_distributed.py trains them",
+    "nproc_per_node=8": "eight GPUs: tests/test_distributed.py trains two processes",
     "tracker=wandb": "W&B's service: tests/test_tracking.py runs it offline",
     "--screenshot": "Chromium: tests/test_report.py takes one",
 }
@@ -71,16 +72,27 @@ def readme_commands() -> list[str]:
     return commands
 
 
+def distinct(commands: list[str]) -> list[str]:
+    """The commands whose runnable form has not come before (a tool shown twice runs once)."""
+    seen, kept = set(), []
+    for command in commands:
+        argv = tuple(runnable(command)[0])
+        if argv not in seen:
+            seen.add(argv)
+            kept.append(command)
+    return kept
+
+
 def runnable(command: str) -> tuple[list[str], str | None]:
     """(the argv to run, or why it is not run here): placeholders filled (RUN_DIR is the
-    README's runs/tiny), optional [arguments] left out, training commands shrunk."""
+    README's first run, runs/first), optional [arguments] left out, training commands shrunk."""
     import re
     import shlex
 
     text = re.sub(r"\s*\[(--|overrides)[^\]]*\]", "", command)
     why = next((reason for marker, reason in NOT_HERE.items() if marker in text), None)
-    text = text.replace("RUN_OR_SWEEP_DIR...", "runs/tiny").replace("RUN_DIR", "runs/tiny")
-    text = text.replace('"..."', '"What is 12 + 30?"')
+    text = text.replace("RUN_OR_SWEEP_DIR...", "runs/first").replace("RUN_DIR", "runs/first")
+    text = text.replace('"..."', '"What is 12 + 30?"').replace("step-N", "step-2")
     argv = shlex.split(text)
     if argv[:3] == ["python", "-m", "dtune"]:
         argv = ["-m", "dtune", *argv[3:]]
@@ -93,16 +105,22 @@ def runnable(command: str) -> tuple[list[str], str | None]:
 
 @pytest.fixture(scope="module")
 def readme_cwd(tmp_path_factory):
-    """A folder to run the README's commands in, with the data files they name."""
+    """A folder to run the README's commands in, with the data files they name and the files
+    its YAML blocks show (a block whose first line is `# PATH`)."""
     import json
+    import re
 
     cwd = tmp_path_factory.mktemp("readme")
     for name, rows in EXAMPLE_FILES.items():
         (cwd / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    readme = (ROOT / "README.md").read_text()
+    for name, text in re.findall(r"```yaml\n# (\S+)\n(.*?)```", readme, re.S):
+        (cwd / name).parent.mkdir(parents=True, exist_ok=True)
+        (cwd / name).write_text(text)
     return cwd
 
 
-@pytest.mark.parametrize("command", readme_commands())
+@pytest.mark.parametrize("command", distinct(readme_commands()))
 def test_a_readme_command_runs_as_written(readme_cwd, command):
     import subprocess
 
