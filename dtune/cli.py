@@ -235,6 +235,8 @@ def run_eval(args) -> None:
     eval_records = [row for source in sources if source.format == fmt for row in source.eval]
     if not eval_records:
         raise DtuneError(f"the run in {args.run_dir} has no held-out split to evaluate on.")
+    if fmt == "preference":  # --samples: the first N pairs (exact match takes N prompts below)
+        eval_records = eval_records[:args.samples or len(eval_records)]
     examples = tokenize_records(eval_records, cfg, tokenizer, "eval", fmt=fmt)
     if fmt == "preference":  # pairs: held-out preference accuracy, as training measures it
         from dtune.data.batching import BatchStream

@@ -516,3 +516,7 @@ def test_built_in_pairs_train_end_to_end_and_dtune_eval_measures_the_same(tmp_pa
     measured = json.loads((tmp_path / "eval.json").read_text())
     assert measured["n"] == 8
     assert measured["preference_accuracy"] == result.summary["preference_accuracy_after"]
+    # --samples takes the first N pairs, as it takes N prompts for exact match
+    assert conftest.run_dtune("eval", str(tmp_path), "--samples", "3",
+                              module=False).returncode == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 3
