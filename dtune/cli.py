@@ -15,10 +15,10 @@ from dtune.errors import DtuneError, exit_with
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "train":
-        from dtune.__main__ import main as train_main
+        from dtune import app
 
         sys.argv = ["dtune"] + argv[1:]
-        train_main()
+        app.main(TOOLS)
         return
     args = build_parser().parse_args(argv)
     try:

@@ -62,7 +62,7 @@ class SweepResults(Callback):
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         """A sweep job's command line, in a job folder of its own that holds no run yet, so
         that a job refused before it starts still gets its row. The run, once it holds the
-        folder, writes the whole record (dtune/__main__.py record_run)."""
+        folder, writes the whole record (dtune/app.py record_run)."""
         run = RunDir(Path(HydraConfig.get().runtime.output_dir))
         try:
             check_own_directory(run.path)
