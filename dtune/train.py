@@ -32,7 +32,8 @@ from dtune.data.prepare import PreparedData, prepare_data, tokenize_records
 from dtune.distributed import (Ranks, all_reduce_max, all_reduce_sums, all_reduce_tensor, barrier,
                                die_with_parent, gather, launched_ranks, process_group)
 from dtune import precision
-from dtune.engines import Engine, build_engine, run_context
+from dtune.engines import build_engine, run_context, shards_parameters
+from dtune.engines.base import Engine
 from dtune.engines.base import StepStatus, process_device
 from dtune.errors import DtuneError
 from dtune.evaluate import check_new_tokens, eval_loss_sum, exact_match, preference_accuracy
@@ -41,7 +42,7 @@ from dtune.families import check_packing
 from dtune.files import read_text
 from dtune.loss import (chunked_loss_mismatch, has_plain_lm_head, require_plain_lm_head,
                         sequence_logps, summed_token_loss)
-from dtune.methods import apply_method, count_parameters, is_adapter, load_options
+from dtune.methods import apply_method, count_parameters, load_options, method_spec
 from dtune.metrics import (TrainingPeakMemory, peak_host_memory_bytes, peak_memory_bytes,
                            peak_reserved_bytes, release_free_heap)
 from dtune.models import load_model_and_tokenizer
@@ -178,7 +179,7 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     trainable, total = count_parameters(model)
     total_steps, steps_set_by = planned_steps(cfg, stream)
     engine = build_engine(cfg, model, ranks, total_steps)
-    chunk_size = loss_chunk_size(cfg.train, cfg.parallelism.zero_stage)
+    chunk_size = loss_chunk_size(cfg.train, shards_parameters(cfg.parallelism))
     if cfg.train.loss_chunk_size is None and not has_plain_lm_head(engine.model):
         chunk_size = 0  # the default falls back quietly; an explicit size is an error there
     elif chunk_size:
@@ -212,7 +213,7 @@ def base_load_options(cfg: Config, ranks: Ranks) -> dict:
     stored in, and on a GPU this rank's device, which the weights load straight onto (eight
     ranks each holding a 7B model in host memory first would need 224 GB of it). ZeRO-3
     places nothing: it partitions the weights as they load (engines.run_context)."""
-    device = None if cfg.parallelism.zero_stage == 3 else process_device(ranks)
+    device = None if shards_parameters(cfg.parallelism) else process_device(ranks)
     return {**load_options(cfg.method, device), "dtype": precision.base_dtype(cfg)}
 
 
@@ -572,7 +573,7 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
         "method": cfg.method.name, "precision": cfg.precision.name,
         "parallelism": cfg.parallelism.name, "world_size": recipe.ranks.world_size,
         "final_artifact": None if not cfg.train.save_final else
-        "peft_adapter" if is_adapter(engine.module) else "full_model",
+        "peft_adapter" if method_spec(cfg.method).adapter else "full_model",
         "loss_scale": engine.loss_scale, "skipped_steps": state.skipped_steps,
         "nonfinite_steps": state.nonfinite_steps, "steps": state.step,
         "steps_set_by": recipe.steps_set_by,
