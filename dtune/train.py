@@ -128,7 +128,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
             if state.step == 0 and state.exact_match_before is None:
                 evaluate_before_training(recipe, state, reporter)
             stop.install()
-            loop = train(recipe, state, reporter, stop)
+            loop = train_loop(recipe, state, reporter, stop)
             return finish(recipe, state, reporter, loop)
         finally:  # also when a step raises: handlers back, files closed, tracker ended
             stop.restore()
@@ -317,7 +317,7 @@ def finished_before(recipe: Recipe, state: TrainState) -> bool:
 def evaluate_before_training(recipe: Recipe, state: TrainState, reporter) -> None:
     """The baseline the run is judged against: held-out loss and exact match at step 0."""
     announce_eval(recipe, "the starting model")
-    before = evaluate(recipe, step=0, with_generation=True)
+    before = evaluate_now(recipe, step=0, with_generation=True)
     reporter.log_eval(before)
     state.exact_match_before = before.get("exact_match")
     state.preference_accuracy_before = before.get("preference_accuracy")
@@ -328,7 +328,7 @@ def evaluate_before_training(recipe: Recipe, state: TrainState, reporter) -> Non
                  100 * before["preference_accuracy"])
 
 
-def train(recipe: Recipe, state: TrainState, reporter, stop: StopFlag) -> LoopResult:
+def train_loop(recipe: Recipe, state: TrainState, reporter, stop: StopFlag) -> LoopResult:
     """The loop: a step, then maybe eval, save and stop."""
     cfg, total = recipe.cfg, recipe.total_steps
     reporter.training_started(total, state.step)
@@ -350,7 +350,7 @@ def train(recipe: Recipe, state: TrainState, reporter, stop: StopFlag) -> LoopRe
         if state.step == total:
             break
         if due(state.step, cfg.train.eval_every):
-            reporter.log_eval(evaluate(recipe, state.step, with_generation=False))
+            reporter.log_eval(evaluate_now(recipe, state.step, with_generation=False))
         saved = due(state.step, cfg.train.save_every)
         if saved:
             save_checkpoint(recipe.run_dir.path, state, recipe.engine, cfg.train.keep_checkpoints)
@@ -514,7 +514,7 @@ def nonfinite_origin(first: Optional[int], last: int) -> str:
             "update was skipped): look at it and the updates just before it")
 
 
-def evaluate(recipe: Recipe, step: int, with_generation: bool) -> dict:
+def evaluate_now(recipe: Recipe, step: int, with_generation: bool) -> dict:
     """Held-out loss, and with `with_generation` exact match, shared across every rank."""
     cfg, engine, tokenizer = recipe.cfg, recipe.engine, recipe.tokenizer
     record = {"step": step, "split": "eval"}
@@ -560,7 +560,7 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
     """The final eval, checkpoint and Hugging Face artifact, then the summary."""
     cfg, engine = recipe.cfg, recipe.engine
     announce_eval(recipe, "the trained model")
-    final_eval = evaluate(recipe, state.step, with_generation=True)
+    final_eval = evaluate_now(recipe, state.step, with_generation=True)
     reporter.log_eval(final_eval)
     # before the final checkpoint, whose pruning would otherwise drop an earlier, finite one
     check_final_weights(recipe, state)
