@@ -275,7 +275,8 @@ def activation_bytes(cfg: Config, shape: ModelShape, sharded_parameters: bool,
         layers = shape.layers * shape.hidden + per_token_layer  # inputs + one layer rebuilt
     else:
         layers = shape.layers * per_token_layer
-    chunk = 0 if pairs else loss_chunk_size(cfg.train, sharded_parameters)  # pairs: at most every position
+    # pairs: at most every position
+    chunk = 0 if pairs else loss_chunk_size(cfg.train, sharded_parameters)
     logit_rows = min(chunk, tokens) if chunk else tokens
     # fp32 logits, their softmax/gradient, and the model-dtype logits the head returns
     logits = logit_rows * shape.vocab * (8 + act_bytes)

@@ -20,9 +20,9 @@ from typing import Callable
 from dtune.config import Config, ParallelismConfig
 from dtune.errors import DtuneError
 
-# Ranks (dtune.distributed) and Engine (dtune.engines.base) appear below as names only:
-# importing them, even for type checking, would make an import circle (distributed and
-# precision read these specs).
+# `ranks` below is a dtune.distributed.Ranks and build_engine returns a dtune.engines.base
+# Engine; neither is imported, even for type checking: dtune.distributed reads these specs,
+# so the import would make a circle (and base loads torch).
 
 
 def never(parallelism: ParallelismConfig) -> bool:
@@ -92,7 +92,7 @@ def engine_module(parallelism: ParallelismConfig):
     return importlib.import_module(f"dtune.engines.{engine_spec(parallelism).module}")
 
 
-def run_context(cfg: Config, ranks: "Ranks"):
+def run_context(cfg: Config, ranks):
     """What an engine needs held for the whole run, from before the model loads: where it
     shards parameters (ZeRO-3), its configuration, so that the weights load partitioned."""
     if shards_parameters(cfg.parallelism):
@@ -100,6 +100,6 @@ def run_context(cfg: Config, ranks: "Ranks"):
     return contextlib.nullcontext()
 
 
-def build_engine(cfg: Config, model, ranks: "Ranks", total_steps: int) -> "Engine":
+def build_engine(cfg: Config, model, ranks, total_steps: int):
     """The engine for `cfg.parallelism` around an already adapted (PEFT or full) model."""
     return engine_module(cfg.parallelism).create(cfg, model, ranks, total_steps)
