@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dtune.check import step_losses  # noqa: E402
+from dtune.parity import step_losses  # noqa: E402
 from dtune.checkpoint import valid_checkpoints  # noqa: E402
 
 STEPS = 30

@@ -40,6 +40,18 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 LR = {"full": 1e-5}  # adapters use 1e-4
 
 
+def is_adapter(method: str) -> bool:
+    """dtune's one answer (the method's spec), imported here as the other dtune imports are."""
+    from dtune.methods import METHODS
+
+    return METHODS[method].adapter
+
+
+def flops_per_token_factor(method: str) -> int:
+    """6N per token when every weight trains, 4N when only an adapter does (no weight grads)."""
+    return 4 if is_adapter(method) else 6
+
+
 # --- the measurements every run shares -------------------------------------------------------
 
 def matmul_peak(device: str, size: int = 4096, repeats: int = 5) -> float:
@@ -139,7 +151,7 @@ def run_dtune(spec: dict, peak: float) -> dict:
     ]
     if "loss_chunk_size" in spec:  # else dtune's default
         overrides.append(f"train.loss_chunk_size={spec['loss_chunk_size']}")
-    if method != "full":
+    if is_adapter(method):
         overrides += [f"method.r={LORA['r']}", f"method.alpha={LORA['alpha']}",
                       f"method.dropout={LORA['dropout']}", "method.target_modules=all-linear"]
     cfg = compose_config(overrides)
@@ -153,7 +165,7 @@ def run_dtune(spec: dict, peak: float) -> dict:
                       "real_tokens": r["trained_tokens"] - previous["trained_tokens"],
                       "loss_tokens": r["loss_tokens"] - previous["loss_tokens"]})
         previous = r
-    summary = summarise(steps, result.model, 6 if method == "full" else 4, peak)
+    summary = summarise(steps, result.model, flops_per_token_factor(method), peak)
     from dtune.plan import plan
 
     estimate = plan(cfg, 1, on_gpu=torch.cuda.is_available())[0]
@@ -177,7 +189,7 @@ def load_hf(method: str):
     folder, _ = resolve_model(compose_config(["model=smollm2-135m"]).model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    if method != "full":
+    if is_adapter(method):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(
@@ -231,7 +243,7 @@ def run_trl(spec: dict, peak: float) -> dict:
                          processing_class=tokenizer, callbacks=[meter_callback(meter)])
     model.register_forward_pre_hook(meter.forward_hook, with_kwargs=True)
     trainer.train()
-    return summarise(meter.steps, model, 6 if spec["method"] == "full" else 4, peak)
+    return summarise(meter.steps, model, flops_per_token_factor(spec["method"]), peak)
 
 
 def run_hf_trainer(spec: dict, peak: float) -> dict:
@@ -254,7 +266,7 @@ def run_hf_trainer(spec: dict, peak: float) -> dict:
                       callbacks=[meter_callback(meter)])
     model.register_forward_pre_hook(meter.forward_hook, with_kwargs=True)
     trainer.train()
-    return summarise(meter.steps, model, 6 if spec["method"] == "full" else 4, peak)
+    return summarise(meter.steps, model, flops_per_token_factor(spec["method"]), peak)
 
 
 RUNNERS = {"dtune": run_dtune, "trl": run_trl, "hf_trainer": run_hf_trainer}

@@ -27,7 +27,7 @@ from dtune.data.batching import BatchStream  # noqa: E402
 from dtune.data.loading import load_splits  # noqa: E402
 from dtune.data.prepare import prepare_data  # noqa: E402
 from dtune.distributed import Ranks, init_process_group  # noqa: E402
-from dtune.engines import build_engine  # noqa: E402
+from dtune.engines import build_engine, engine_spec, shards_parameters  # noqa: E402
 from dtune.methods import apply_method, load_options  # noqa: E402
 from dtune.models import load_model_and_tokenizer  # noqa: E402
 from dtune.train import (accumulate_gradients, enable_gradient_checkpointing,  # noqa: E402
@@ -38,7 +38,7 @@ RESULTS = ROOT / "bench" / "results"
 
 def build(cfg):
     ranks = Ranks()
-    if cfg.parallelism.zero_stage is not None:  # DeepSpeed wants a group even for one process
+    if engine_spec(cfg.parallelism).group_for_one_process:  # DeepSpeed, even for one process
         init_process_group(cfg.parallelism, ranks)
     torch.manual_seed(cfg.train.seed)
     sources = load_splits(cfg.data)
@@ -52,7 +52,7 @@ def build(cfg):
                          pack_len=cfg.data.max_seq_len if cfg.data.packing else 0)
     engine = build_engine(cfg, model, ranks, cfg.train.max_steps)
     engine.model.train()
-    return engine, stream, loss_chunk_size(cfg.train, cfg.parallelism.zero_stage)
+    return engine, stream, loss_chunk_size(cfg.train, shards_parameters(cfg.parallelism))
 
 
 def label_phases(model) -> None:

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_check.add_argument("--steps", type=int, default=20)
     p_check.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                          help="the training precision every layout runs in (tolerances: see "
-                              "dtune/check.py)")
+                              "dtune/parity.py)")
     p_check.add_argument("--work-dir", type=Path, default=None,
                          help="where the runs go (default: a temporary folder)")
     p_check.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -161,7 +161,7 @@ def add_trust_flag(parser: argparse.ArgumentParser) -> None:
 def run_parity_check(args) -> None:
     import tempfile
 
-    from dtune.check import BASE, objective_overrides, run_check, table
+    from dtune.parity import BASE, objective_overrides, run_check, table
     from dtune.compose import compose_config
 
     compose_config([*BASE, *objective_overrides(args.overrides)])  # a typo: refused at once

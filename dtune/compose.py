@@ -19,11 +19,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Glob, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
-from dtune.config import Config, MethodConfig, ObjectiveConfig, check_finite_settings
+from dtune.config import (Config, MethodConfig, ObjectiveConfig, check_choice,
+                          check_finite_settings)
+from dtune.engines import ENGINES, engine_spec, shards_parameters
 from dtune.errors import DtuneError
 from dtune.methods import METHODS
 from dtune.objectives import OBJECTIVES, resolve_reference
 from dtune.redaction import mask_text, refuse_secret_overrides, refuse_secret_settings
+from dtune.tracking import TRACKERS
 
 SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
 # The modules `_target_` paths named before dtune's launchers moved into the package.
@@ -207,10 +210,8 @@ def to_config(cfg: DictConfig) -> Config:
 def check_combination(cfg: Config) -> None:
     """Refuse, before anything loads, what cannot work together."""
     method, precision, parallel = cfg.method, cfg.precision.name, cfg.parallelism
-    if method.name not in METHODS:
-        raise DtuneError(f"method.name={method.name!r} is not supported; choose one of "
-                         f"{', '.join(METHODS)}.")
-    spec = METHODS[method.name]
+    check_registered_names(cfg)
+    spec, engine = METHODS[method.name], engine_spec(parallel)
     check_method_fields(method)
     if precision != "auto" and precision not in spec.precisions:  # auto: fp32 or bf16
         why = (" bf16_pure keeps the weights themselves in bf16, which only full fine-tuning "
@@ -224,13 +225,13 @@ def check_combination(cfg: Config) -> None:
             f"precision={precision} autocasts to {precision}, but the QLoRA base computes in "
             f"method.compute_dtype={method.compute_dtype}; the two would fight over the "
             f"matmul dtype. Set method.compute_dtype={precision} or precision=fp32.")
-    if parallel.zero_stage is not None and not spec.zero:
+    if engine.shards_state and not spec.zero:
         raise DtuneError(
             f"+method={method.name} with parallelism={parallel.name} is not supported: "
             "DeepSpeed ZeRO would have to shard bitsandbytes' packed quantized weights, which "
             "it cannot do. A quantized base is small already: use parallelism=ddp, which "
             "replicates it and splits the data.")
-    if parallel.zero_stage is not None and precision == "bf16_pure":
+    if not engine.bf16_pure and precision == "bf16_pure":
         raise DtuneError(
             f"precision=bf16_pure with parallelism={parallel.name}: DeepSpeed keeps fp32 master "
             "weights in its bf16 mode; use precision=bf16.")
@@ -243,6 +244,17 @@ def check_combination(cfg: Config) -> None:
     check_objective(cfg)
 
 
+def check_registered_names(cfg: Config) -> None:
+    """Each name that picks a spec is a key of its registry: the one list of that axis, so a
+    spec added there (and its YAML file) is accepted here without a second list to update.
+    The engine then checks the parallelism fields it needs."""
+    check_choice("method.name", cfg.method.name, list(METHODS))
+    check_choice("objective.name", cfg.objective.name, list(OBJECTIVES))
+    check_choice("tracker.name", cfg.tracker.name, list(TRACKERS))
+    check_choice("parallelism.engine", cfg.parallelism.engine, list(ENGINES))
+    engine_spec(cfg.parallelism).check(cfg.parallelism)
+
+
 def check_sequence_layout(cfg: Config, spec) -> None:
     method = cfg.method
     if spec.soft_prompt and cfg.data.packing:
@@ -250,7 +262,7 @@ def check_sequence_layout(cfg: Config, spec) -> None:
             f"data.packing=true does not work with +method={method.name}: its virtual tokens "
             "would sit in front of a whole packed row and be shared by every example in it. "
             "Set data.packing=false.")
-    if cfg.parallelism.zero_stage == 3 and cfg.train.loss_chunk_size:
+    if shards_parameters(cfg.parallelism) and cfg.train.loss_chunk_size:
         raise DtuneError(
             f"train.loss_chunk_size={cfg.train.loss_chunk_size} with parallelism="
             f"{cfg.parallelism.name}: ZeRO-3 shards the LM head, which the chunked loss reads "
@@ -358,7 +370,7 @@ def check_reference(cfg: Config, adapter: bool) -> None:
             f"{setting} with +method={method}: an adapter method's reference is its own base "
             "with the adapters disabled, with no second copy in memory. Use "
             "objective.reference=adapter_disabled (or auto).")
-    if chosen == "frozen_copy" and cfg.parallelism.zero_stage == 3:
+    if chosen == "frozen_copy" and shards_parameters(cfg.parallelism):
         why = " (auto picks it for streamed data, which cannot be precomputed)" \
             if cfg.objective.reference == "auto" else ""
         raise DtuneError(

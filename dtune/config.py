@@ -208,7 +208,6 @@ class MethodConfig:
 
 TARGET_ALIASES = ("all-linear", "attention", "mlp", "default")
 
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo")  # dtune/objectives.py holds one spec for each
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 REFERENCES = ("auto", "adapter_disabled", "frozen_copy", "precomputed")
 
@@ -220,7 +219,7 @@ class ObjectiveConfig:
     fields (its spec in dtune/objectives.py lists them); setting a field the chosen objective
     ignores is refused. conf/objective/*.yaml hold each objective's recommended values."""
 
-    name: str = "sft"
+    name: str = "sft"  # a key of dtune.objectives.OBJECTIVES (checked in dtune/compose.py)
     # dpo: the KL strength (the reward scale); orpo: the odds-ratio weight (lambda);
     # simpo: the reward scale of the length-normalised log-probs
     beta: float = 0.1
@@ -232,7 +231,6 @@ class ObjectiveConfig:
     gamma: float = 0.5  # simpo: the target reward margin
 
     def __post_init__(self) -> None:
-        check_choice("objective.name", self.name, OBJECTIVES)
         check_positive("objective.beta", self.beta)
         check_choice("objective.loss_type", self.loss_type, DPO_LOSS_TYPES)
         check_finite("objective.label_smoothing", self.label_smoothing)
@@ -445,11 +443,14 @@ class PrecisionConfig:
 
 @dataclass
 class ParallelismConfig:
-    """How the run spreads over processes. `zero_stage` null is torch (one process or DDP);
-    1-3 is DeepSpeed ZeRO of that stage; `offload` moves optimizer state (and, at stage 3,
-    parameters) to host memory. conf/parallelism/*.yaml names the usual layouts."""
+    """How the run spreads over processes. `engine` names the engine that trains (a key of
+    dtune.engines.ENGINES, checked with the fields it needs in dtune/compose.py): `torch` is
+    one process or DDP; `deepspeed` is ZeRO of stage `zero_stage` (1-3), and `offload` moves
+    optimizer state (and, at stage 3, parameters) to host memory. conf/parallelism/*.yaml
+    names the usual layouts."""
 
     name: str = "single"  # "auto": the memory planner picks a layout (dtune/plan.py)
+    engine: str = "torch"
     zero_stage: Optional[int] = None
     offload: bool = False
     # processes per node (0: one per GPU, or one on a CPU machine) and nodes
@@ -516,14 +517,11 @@ def check_deepspeed_overrides(overrides) -> None:
                 "dtune, in code you trust).")
 
 
-TRACKERS = ("none", "wandb")  # dtune/tracking.py holds one class for each
-
-
 @dataclass
 class TrackerConfig:
     """Where metrics go besides `metrics.jsonl`: nowhere else (`none`) or Weights & Biases."""
 
-    name: str = "none"
+    name: str = "none"  # a key of dtune.tracking.TRACKERS (checked in dtune/compose.py)
     project: str = "dtune"
     entity: Optional[str] = None  # W&B's default: the logged-in user's entity
     run_name: Optional[str] = None  # default: the sweep job's overrides, else the run dir's name
@@ -535,7 +533,6 @@ class TrackerConfig:
     log_artifact: bool = False  # upload final/ (adapter or model) as a W&B artifact
 
     def __post_init__(self) -> None:
-        check_choice("tracker.name", self.name, TRACKERS)
         if self.mode is not None:
             check_choice("tracker.mode", self.mode, WANDB_MODES)
         if not self.project:
@@ -616,13 +613,14 @@ class Config:
 DEFAULT_LOSS_CHUNK_SIZE = 1024
 
 
-def loss_chunk_size(train: TrainConfig, zero_stage: Optional[int]) -> int:
-    """The loss chunk size a run uses: train.loss_chunk_size when set, else 1024, except under
-    ZeRO-3, which shards the LM head that the chunked loss reads outside the forward pass.
+def loss_chunk_size(train: TrainConfig, shards_parameters: bool) -> int:
+    """The loss chunk size a run uses: train.loss_chunk_size when set, else 1024, except where
+    the engine shards parameters (ZeRO-3): the LM head, which the chunked loss reads outside
+    the forward pass, is sharded then (`dtune.engines.shards_parameters`).
 
     Chunked is the default because it is faster as well as smaller: prompt tokens, which carry
     no loss, get no logits at all (with a 49k vocabulary the LM head is a fifth of the model).
     """
     if train.loss_chunk_size is not None:
         return train.loss_chunk_size
-    return 0 if zero_stage == 3 else DEFAULT_LOSS_CHUNK_SIZE
+    return 0 if shards_parameters else DEFAULT_LOSS_CHUNK_SIZE

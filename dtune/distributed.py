@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dtune.config import ParallelismConfig
+from dtune.engines import engine_spec
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def process_group(cfg: ParallelismConfig, ranks: Ranks):
     every file is written, every rank is past the last collective, and gloo's and DeepSpeed's
     threads can abort during teardown under load (SIGABRT), failing a good run.
     """
-    created = not dist.is_initialized() and (ranks.distributed or cfg.zero_stage is not None)
+    created = not dist.is_initialized() and (ranks.distributed
+                                             or engine_spec(cfg).group_for_one_process)
     # DeepSpeed insists on LOCAL_RANK even for one process; set it for the run alone, so that
     # a caller's later processes do not inherit a rank.
     lone = created and not ranks.distributed

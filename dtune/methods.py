@@ -31,7 +31,10 @@ class MethodSpec:
     precisions: tuple = ("fp32", "fp16", "bf16")
     zero: bool = True  # DeepSpeed ZeRO can shard its weights
     quantized_bits: Optional[int] = None  # the frozen base's storage: 4, 8 or full precision
-    adapter: bool = True  # final/ is a PEFT adapter (else a full model folder)
+    # THE answer to "is this an adapter?": a frozen base under a PEFT wrapper, so final/ is
+    # an adapter (else a full model folder), the reference can be the base with the adapters
+    # disabled, and merge folds it. Read it through the spec; never compare the name to "full".
+    adapter: bool = True
     merges: bool = True  # `dtune merge` folds it into the base
     soft_prompt: bool = False  # virtual tokens in front of the input: no packing
 
@@ -187,13 +190,6 @@ def _targets(cfg: MethodConfig, model, peft_defaults: dict, with_experts: bool =
                  "adapts them with LoRA only); attention and the shared expert are adapted",
                  cfg.target_modules)
     return modules, experts
-
-
-def is_adapter(model) -> bool:
-    """True when the model is a PEFT wrapper whose `final/` is an adapter, not a full model."""
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -35,8 +35,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dtune.compose import conf_group
-from dtune.config import Config, ModelConfig, loss_chunk_size
+from dtune.config import Config, ModelConfig, ParallelismConfig, loss_chunk_size
 from dtune.distributed import wanted_processes
+from dtune.engines import ENGINES, shards_parameters
 from dtune.errors import DtuneError
 from dtune.families import resolve_targets
 from dtune.hub import hub_reachable
@@ -54,8 +55,14 @@ class Layout:
     """One option of the parallelism group (conf/parallelism/NAME.yaml)."""
 
     name: str
-    zero_stage: int | None
+    engine: str  # a key of dtune.engines.ENGINES
+    zero_stage: int | None  # the memory estimate models ZeRO's sharding by stage
     offload: bool
+
+    @property
+    def parallelism(self) -> ParallelismConfig:
+        return ParallelismConfig(name=self.name, engine=self.engine, zero_stage=self.zero_stage,
+                                 offload=self.offload)
 
     @property
     def cost(self) -> tuple:
@@ -69,7 +76,8 @@ def layouts() -> dict[str, Layout]:
     found = {}
     for name, node in conf_group("parallelism").items():
         if name != "auto":
-            found[name] = Layout(name, node.get("zero_stage"), bool(node.get("offload", False)))
+            found[name] = Layout(name, node.get("engine", ParallelismConfig.engine),
+                                 node.get("zero_stage"), bool(node.get("offload", False)))
     return dict(sorted(found.items(), key=lambda item: item[1].cost))
 
 
@@ -215,7 +223,8 @@ def estimate(cfg: Config, shape: ModelShape, layout: Layout, world_size: int,
         offloaded, optimizer = optimizer, 0
         if zero == 3:  # the parameters live on the host too, gathered as they are needed
             offloaded, weights = offloaded + weights, 0
-    activations = activation_bytes(cfg, shape, zero, deepspeed_16bit)
+    activations = activation_bytes(cfg, shape, shards_parameters(layout.parallelism),
+                                   deepspeed_16bit)
     work = weights + gathered + gradients + optimizer + activations
     # On a GPU: the CUDA context, NCCL's buffers and allocator fragmentation, outside what
     # training itself allocates (about 2 GiB, plus a tenth)
@@ -253,7 +262,8 @@ def weight_bytes(cfg: Config, shape: ModelShape, trainable: int, deepspeed_16bit
     return int(frozen + trainable * (2 if deepspeed_16bit else 4))
 
 
-def activation_bytes(cfg: Config, shape: ModelShape, zero: int, deepspeed_16bit: bool) -> int:
+def activation_bytes(cfg: Config, shape: ModelShape, sharded_parameters: bool,
+                     deepspeed_16bit: bool) -> int:
     """What backward keeps per token and layer, the logits, and autocast's copies: torch
     autocast holds a 16-bit copy of every fp32 weight a matmul reads until backward."""
     precision, spec = cfg.precision.name, METHODS[cfg.method.name]
@@ -265,7 +275,8 @@ def activation_bytes(cfg: Config, shape: ModelShape, zero: int, deepspeed_16bit:
         layers = shape.layers * shape.hidden + per_token_layer  # inputs + one layer rebuilt
     else:
         layers = shape.layers * per_token_layer
-    chunk = 0 if pairs else loss_chunk_size(cfg.train, zero)  # pairs: at most every position
+    # pairs: at most every position
+    chunk = 0 if pairs else loss_chunk_size(cfg.train, sharded_parameters)
     logit_rows = min(chunk, tokens) if chunk else tokens
     # fp32 logits, their softmax/gradient, and the model-dtype logits the head returns
     logits = logit_rows * shape.vocab * (8 + act_bytes)
@@ -281,7 +292,7 @@ def plan(cfg: Config, world_size: int, on_gpu: bool, shape: ModelShape | None = 
                if (layout.name == "single") == (world_size == 1)
                or (world_size == 1 and layout.offload)]  # offload helps one device too
     if not METHODS[cfg.method.name].zero:  # refused by the config check
-        options = [layout for layout in options if layout.zero_stage is None]
+        options = [layout for layout in options if not ENGINES[layout.engine].shards_state]
     return [estimate(cfg, shape, layout, world_size, on_gpu) for layout in options]
 
 
@@ -346,7 +357,8 @@ def resolve_auto(cfg: Config) -> str:
     world = wanted_processes(cfg.parallelism)
     best, why = choose(plan(cfg, world, on_gpu), device_bytes, cfg.method.name)
     layout = layouts()[best.parallelism]
-    cfg.parallelism.name, cfg.parallelism.zero_stage, cfg.parallelism.offload = \
-        layout.name, layout.zero_stage, layout.offload
+    p = cfg.parallelism
+    p.name, p.engine, p.zero_stage, p.offload = \
+        layout.name, layout.engine, layout.zero_stage, layout.offload
     log.info("parallelism=auto chose %s with %d process(es): %s", best.parallelism, world, why)
     return why

@@ -16,6 +16,7 @@ import torch
 
 from dtune.compose import check_combination
 from dtune.config import Config, PrecisionConfig
+from dtune.engines import engine_spec
 from dtune.errors import DtuneError
 from dtune.methods import METHODS
 
@@ -89,7 +90,8 @@ def resolve(cfg: Config, on_gpu: bool | None = None) -> None:
     if cfg.precision.name == "auto":
         bf16 = on_gpu and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
         cfg.precision.name = "bf16" if bf16 else "fp32"
-    if cfg.precision.name == "fp16" and cfg.parallelism.zero_stage is not None and not on_gpu:
+    if cfg.precision.name == "fp16" and not engine_spec(cfg.parallelism).fp16_on_cpu \
+            and not on_gpu:
         raise DtuneError(
             f"precision=fp16 with parallelism={cfg.parallelism.name} needs a GPU: DeepSpeed's "
             "fp16 mode has no CPU kernels. Use precision=bf16 (or fp32) here, or parallelism=ddp.")

@@ -33,7 +33,7 @@ from dtune.errors import DtuneError
 from dtune.evaluate import pair_logps
 from dtune.files import read_bytes, write_atomically
 from dtune.loss import sequence_logps
-from dtune.methods import is_adapter
+from dtune.methods import method_spec
 from dtune.objectives import objective_spec, resolve_reference
 from dtune.run_dir import RunDir
 from dtune.run_start import read_run_file, update_run_file
@@ -93,7 +93,8 @@ def build_reference(cfg: Config, engine, stream, tokenizer, run_dir: RunDir, res
     dtune.loss.sequence_logps."""
     if not objective_spec(cfg.objective).reference:
         return NoReference()
-    kind, why = resolve_reference(cfg.objective, is_adapter(engine.module), cfg.data.streaming)
+    kind, why = resolve_reference(cfg.objective, method_spec(cfg.method).adapter,
+                                  cfg.data.streaming)
     log.info("DPO reference: %s (%s)", kind, why)
     if kind == "adapter_disabled":
         return AdapterDisabled(response_head)

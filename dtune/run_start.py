@@ -27,6 +27,7 @@ from dtune import run_lock
 from dtune.checkpoint import checkpoint_folders, checkpoint_problem, run_id_of
 from dtune.config import Config, check_no_control_characters
 from dtune.distributed import wanted_processes
+from dtune.engines import engine_spec
 from dtune.errors import DtuneError
 from dtune.files import own_directory, read_text, remove_stale_temp_dirs, write_atomically
 from dtune.run_dir import RunDir, resume_overrides
@@ -230,10 +231,11 @@ def training_settings(cfg: Config, world_size: int | None) -> dict:
             if not key.startswith(SAFE_TO_CHANGE)}
     if cfg.parallelism.name != "auto":  # the planner settles it where the run trains
         flat["parallelism.zero_stage"] = cfg.parallelism.zero_stage
+        flat["parallelism.engine"] = cfg.parallelism.engine
     if world_size is not None:
         # The batch is its global size: 2 ranks of 1 micro-batch continue as 1 process of 2.
         flat[GLOBAL_BATCH] = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
-        if cfg.parallelism.zero_stage is not None:
+        if engine_spec(cfg.parallelism).shards_state:
             flat["processes (ZeRO shards its state by rank)"] = world_size
     return json.loads(json.dumps(flat, default=str))  # as a checkpoint stores them
 

@@ -19,6 +19,7 @@ from hydra.types import RunMode
 
 from dtune.config import Config
 from dtune.files import own_directory
+from dtune.methods import method_spec
 from dtune.redaction import masked_argv, redact, secret_values
 from dtune.run_dir import RunDir
 
@@ -113,7 +114,7 @@ class WandbTracker(Tracker):
 
     def _log_artifact(self, final: Path) -> None:
         # Named by run id, so a resumed run adds versions to its own artifact.
-        kind = "adapter" if RunDir(self.run_dir).final_is_adapter() else "model"
+        kind = "adapter" if method_spec(self.cfg.method).adapter else "model"
         artifact = self.wandb.Artifact(f"dtune-{kind}-{self.run_id}", type="model",
                                        metadata={"method": self.cfg.method.name,
                                                  "model": self.cfg.model.name_or_path})

@@ -32,7 +32,8 @@ from dtune.data.prepare import PreparedData, prepare_data, tokenize_records
 from dtune.distributed import (Ranks, all_reduce_max, all_reduce_sums, all_reduce_tensor, barrier,
                                die_with_parent, gather, launched_ranks, process_group)
 from dtune import precision
-from dtune.engines import Engine, build_engine, run_context
+from dtune.engines import build_engine, run_context, shards_parameters
+from dtune.engines.base import Engine
 from dtune.engines.base import StepStatus, process_device
 from dtune.errors import DtuneError
 from dtune.evaluate import check_new_tokens, eval_loss_sum, exact_match, preference_accuracy
@@ -41,7 +42,7 @@ from dtune.families import check_packing
 from dtune.files import read_text
 from dtune.loss import (chunked_loss_mismatch, has_plain_lm_head, require_plain_lm_head,
                         sequence_logps, summed_token_loss)
-from dtune.methods import apply_method, count_parameters, is_adapter, load_options
+from dtune.methods import apply_method, count_parameters, load_options, method_spec
 from dtune.metrics import (TrainingPeakMemory, peak_host_memory_bytes, peak_memory_bytes,
                            peak_reserved_bytes, release_free_heap)
 from dtune.models import load_model_and_tokenizer
@@ -127,7 +128,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
             if state.step == 0 and state.exact_match_before is None:
                 evaluate_before_training(recipe, state, reporter)
             stop.install()
-            loop = train(recipe, state, reporter, stop)
+            loop = train_loop(recipe, state, reporter, stop)
             return finish(recipe, state, reporter, loop)
         finally:  # also when a step raises: handlers back, files closed, tracker ended
             stop.restore()
@@ -178,7 +179,7 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     trainable, total = count_parameters(model)
     total_steps, steps_set_by = planned_steps(cfg, stream)
     engine = build_engine(cfg, model, ranks, total_steps)
-    chunk_size = loss_chunk_size(cfg.train, cfg.parallelism.zero_stage)
+    chunk_size = loss_chunk_size(cfg.train, shards_parameters(cfg.parallelism))
     if cfg.train.loss_chunk_size is None and not has_plain_lm_head(engine.model):
         chunk_size = 0  # the default falls back quietly; an explicit size is an error there
     elif chunk_size:
@@ -212,7 +213,7 @@ def base_load_options(cfg: Config, ranks: Ranks) -> dict:
     stored in, and on a GPU this rank's device, which the weights load straight onto (eight
     ranks each holding a 7B model in host memory first would need 224 GB of it). ZeRO-3
     places nothing: it partitions the weights as they load (engines.run_context)."""
-    device = None if cfg.parallelism.zero_stage == 3 else process_device(ranks)
+    device = None if shards_parameters(cfg.parallelism) else process_device(ranks)
     return {**load_options(cfg.method, device), "dtype": precision.base_dtype(cfg)}
 
 
@@ -316,7 +317,7 @@ def finished_before(recipe: Recipe, state: TrainState) -> bool:
 def evaluate_before_training(recipe: Recipe, state: TrainState, reporter) -> None:
     """The baseline the run is judged against: held-out loss and exact match at step 0."""
     announce_eval(recipe, "the starting model")
-    before = evaluate(recipe, step=0, with_generation=True)
+    before = evaluate_now(recipe, step=0, with_generation=True)
     reporter.log_eval(before)
     state.exact_match_before = before.get("exact_match")
     state.preference_accuracy_before = before.get("preference_accuracy")
@@ -327,7 +328,7 @@ def evaluate_before_training(recipe: Recipe, state: TrainState, reporter) -> Non
                  100 * before["preference_accuracy"])
 
 
-def train(recipe: Recipe, state: TrainState, reporter, stop: StopFlag) -> LoopResult:
+def train_loop(recipe: Recipe, state: TrainState, reporter, stop: StopFlag) -> LoopResult:
     """The loop: a step, then maybe eval, save and stop."""
     cfg, total = recipe.cfg, recipe.total_steps
     reporter.training_started(total, state.step)
@@ -349,7 +350,7 @@ def train(recipe: Recipe, state: TrainState, reporter, stop: StopFlag) -> LoopRe
         if state.step == total:
             break
         if due(state.step, cfg.train.eval_every):
-            reporter.log_eval(evaluate(recipe, state.step, with_generation=False))
+            reporter.log_eval(evaluate_now(recipe, state.step, with_generation=False))
         saved = due(state.step, cfg.train.save_every)
         if saved:
             save_checkpoint(recipe.run_dir.path, state, recipe.engine, cfg.train.keep_checkpoints)
@@ -513,7 +514,7 @@ def nonfinite_origin(first: Optional[int], last: int) -> str:
             "update was skipped): look at it and the updates just before it")
 
 
-def evaluate(recipe: Recipe, step: int, with_generation: bool) -> dict:
+def evaluate_now(recipe: Recipe, step: int, with_generation: bool) -> dict:
     """Held-out loss, and with `with_generation` exact match, shared across every rank."""
     cfg, engine, tokenizer = recipe.cfg, recipe.engine, recipe.tokenizer
     record = {"step": step, "split": "eval"}
@@ -559,7 +560,7 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
     """The final eval, checkpoint and Hugging Face artifact, then the summary."""
     cfg, engine = recipe.cfg, recipe.engine
     announce_eval(recipe, "the trained model")
-    final_eval = evaluate(recipe, state.step, with_generation=True)
+    final_eval = evaluate_now(recipe, state.step, with_generation=True)
     reporter.log_eval(final_eval)
     # before the final checkpoint, whose pruning would otherwise drop an earlier, finite one
     check_final_weights(recipe, state)
@@ -572,7 +573,7 @@ def finish(recipe: Recipe, state: TrainState, reporter, loop: LoopResult) -> Run
         "method": cfg.method.name, "precision": cfg.precision.name,
         "parallelism": cfg.parallelism.name, "world_size": recipe.ranks.world_size,
         "final_artifact": None if not cfg.train.save_final else
-        "peft_adapter" if is_adapter(engine.module) else "full_model",
+        "peft_adapter" if method_spec(cfg.method).adapter else "full_model",
         "loss_scale": engine.loss_scale, "skipped_steps": state.skipped_steps,
         "nonfinite_steps": state.nonfinite_steps, "steps": state.step,
         "steps_set_by": recipe.steps_set_by,

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, one_line, run_dtune
-from dtune.check import run_check, step_losses
+from dtune.parity import run_check, step_losses
 from dtune.distributed import Ranks, launched_ranks, slurm_hosts
 from dtune.config import ParallelismConfig
 
@@ -187,7 +187,7 @@ def test_zero3_checkpoint_resumes_with_the_same_losses(tmp_path):
 def test_zero_with_gradient_accumulation_matches_ddp_with_it(tmp_path):
     """ZeRO's window ends where dtune says (set_gradient_accumulation_boundary), so one step()
     per window gives DDP's update however many micro-batches the window has."""
-    from dtune.check import Layout, train_layout
+    from dtune.parity import Layout, train_layout
 
     def layout(name):
         return Layout(f"{name} 2 ranks x 2 accum", [f"parallelism={name}",

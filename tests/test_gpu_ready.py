@@ -314,8 +314,8 @@ def test_a_gpu_partition_asked_for_no_gpu_is_warned_about():
 
 def test_parity_in_bf16_and_fp16_across_layouts(tmp_path):
     """dtune check in 16-bit precisions: DDP against one process, ZeRO-2/3 against DDP,
-    each within its precision's stated tolerance (dtune/check.py's TOLERANCES)."""
-    from dtune.check import TOLERANCES, run_check
+    each within its precision's stated tolerance (dtune/parity.py's TOLERANCES)."""
+    from dtune.parity import TOLERANCES, run_check
 
     bf16 = run_check(tmp_path, steps=20, precision="bf16",
                      only=["ddp 2 ranks", "zero2 2 ranks", "zero3 2 ranks"])
@@ -514,7 +514,7 @@ def test_a_step_reduces_its_scalars_in_one_collective_before_and_one_after(tmp_p
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
     calls, inside = [], []
-    real_all_reduce, real_loop = dist.all_reduce, train_module.train
+    real_all_reduce, real_loop = dist.all_reduce, train_module.train_loop
 
     def counted(tensor, *args, **kwargs):
         if inside:
@@ -529,7 +529,7 @@ def test_a_step_reduces_its_scalars_in_one_collective_before_and_one_after(tmp_p
             inside.clear()
 
     monkeypatch.setattr(dist, "all_reduce", counted)
-    monkeypatch.setattr(train_module, "train", loop)
+    monkeypatch.setattr(train_module, "train_loop", loop)
     try:
         result = train(tmp_path / "run", *TINY, "+method=full", "train.max_steps=3",
                        "eval.exact_match_samples=0")

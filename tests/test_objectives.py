@@ -344,7 +344,7 @@ def test_dpo_lifts_held_out_preference_accuracy(tmp_path, pair_data):
 
 
 def test_dtune_check_adds_the_preference_pairs_for_a_preference_objective():
-    from dtune.check import BASE, objective_overrides
+    from dtune.parity import BASE, objective_overrides
 
     assert objective_overrides([]) == []
     assert objective_overrides(["objective=dpo"]) == ["data=builtin_preference", "objective=dpo"]

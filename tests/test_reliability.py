@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, compose, one_line, run_dtune, train
-from dtune.check import step_losses
+from dtune.parity import step_losses
 from dtune.checkpoint import seal, valid_checkpoints
 from dtune.errors import DtuneError
 

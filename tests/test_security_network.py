@@ -267,7 +267,7 @@ def test_dtune_checks_runs_survive_a_strange_work_dir(tmp_path, monkeypatch):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    import dtune.check as check
+    import dtune.parity as parity
 
     calls = []
 
@@ -275,10 +275,10 @@ def test_dtune_checks_runs_survive_a_strange_work_dir(tmp_path, monkeypatch):
         calls.append((command, kwargs["env"]))
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(check.subprocess, "run", fake_run)
-    monkeypatch.setattr(check, "step_losses", lambda run_dir: [1.0])
+    monkeypatch.setattr(parity.subprocess, "run", fake_run)
+    monkeypatch.setattr(parity, "step_losses", lambda run_dir: [1.0])
     work_dir = tmp_path / STRANGE_NAME
-    check.train_layout(check.layouts(4)["ddp 2 ranks"], work_dir, steps=2)
+    parity.train_layout(parity.layouts(4)["ddp 2 ranks"], work_dir, steps=2)
     (command, env), = calls
     overrides = command[command.index("dtune") + 1:]
     parsed = OverridesParser.create().parse_overrides(overrides)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import ROOT, TINY, one_line, run_dtune
-from dtune.check import step_losses
+from dtune.parity import step_losses
 from dtune.checkpoint import valid_checkpoints
 
 COMMON = [*TINY, "+method=lora", "method.dropout=0", "train.max_steps=8", "train.lr=1e-2",
@@ -85,7 +85,7 @@ def test_a_signal_after_the_last_step_lets_the_final_eval_and_save_finish(tmp_pa
     from conftest import train
     import dtune.train
 
-    real_eval = dtune.train.evaluate
+    real_eval = dtune.train.evaluate_now
     full_evals = []  # before training, and the final one after step 8
 
     def eval_then_signal(recipe, step, with_generation):
@@ -95,7 +95,7 @@ def test_a_signal_after_the_last_step_lets_the_final_eval_and_save_finish(tmp_pa
             signal.raise_signal(signal.SIGUSR1)
         return result
 
-    monkeypatch.setattr(dtune.train, "evaluate", eval_then_signal)
+    monkeypatch.setattr(dtune.train, "evaluate_now", eval_then_signal)
     before = signal.getsignal(signal.SIGUSR1)
     result = train(tmp_path, *COMMON)
     assert result.summary["steps"] == 8

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import ROOT, TINY, one_line, run_dtune
-from dtune.check import step_losses
+from dtune.parity import step_losses
 
 pytestmark = pytest.mark.slurm
 LORA = [*TINY, "+method=lora", "method.dropout=0", "train.lr=1e-2", "eval.exact_match_samples=0",

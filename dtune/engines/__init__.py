@@ -1,34 +1,105 @@
 """Engines carry out the training step: one process or torch DDP (`torch_ddp`), or DeepSpeed
 ZeRO (`deepspeed_zero`). The loop sees only the `Engine` interface of `base`.
 
-A new engine is one module here with a `create(cfg, model, ranks, total_steps)` and one entry
-in ENGINES; a parallelism YAML selects it through its fields.
+ENGINES is the one list of engines: a parallelism YAML names one in `engine:`, config
+validation checks the name and the layout against its spec, and everything outside this
+package that must know what an engine does (does it shard parameters? does it need a process
+group for one process?) reads the spec, never the engine's name or a ZeRO stage. A new engine
+is one module here with a `create(cfg, model, ranks, total_steps)` and one EngineSpec below.
+
+This file imports no torch, deliberately: config validation reads ENGINES before anything
+heavy is loaded; an engine's module is imported when a run builds it.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+from dataclasses import dataclass
+from typing import Callable
 
 from dtune.config import Config, ParallelismConfig
-from dtune.distributed import Ranks
-from dtune.engines import deepspeed_zero, torch_ddp
-from dtune.engines.base import Engine
+from dtune.errors import DtuneError
 
-ENGINES = {"torch": torch_ddp.TorchEngine.create,
-           "deepspeed": deepspeed_zero.DeepSpeedEngine.create}
-
-
-def engine_name(parallelism: ParallelismConfig) -> str:
-    return "torch" if parallelism.zero_stage is None else "deepspeed"
+# `ranks` below is a dtune.distributed.Ranks and build_engine returns a dtune.engines.base
+# Engine; neither is imported, even for type checking: dtune.distributed reads these specs,
+# so the import would make a circle (and base loads torch).
 
 
-def run_context(cfg: Config, ranks: Ranks):
-    """What an engine needs held for the whole run, from before the model loads: ZeRO-3's
-    configuration, so that the weights load partitioned."""
-    if cfg.parallelism.zero_stage == 3:
-        return deepspeed_zero.zero3_run(cfg, ranks)
+def never(parallelism: ParallelismConfig) -> bool:
+    return False
+
+
+def check_no_zero_stage(p: ParallelismConfig) -> None:
+    if p.zero_stage is not None:
+        raise DtuneError(
+            f"parallelism.zero_stage={p.zero_stage} is a DeepSpeed ZeRO setting, but "
+            f"parallelism.engine={p.engine} does not shard. Choose a ZeRO layout such as "
+            f"parallelism=zero{p.zero_stage} (engine deepspeed), or remove "
+            "parallelism.zero_stage.")
+
+
+def check_zero_stage(p: ParallelismConfig) -> None:
+    if p.zero_stage is None:
+        raise DtuneError(
+            f"parallelism.engine={p.engine} needs a ZeRO stage, and parallelism={p.name} sets "
+            "no parallelism.zero_stage. Choose parallelism=zero1, zero2 or zero3, or set "
+            "parallelism.zero_stage to 1, 2 or 3.")
+
+
+def zero3(p: ParallelismConfig) -> bool:
+    return p.zero_stage == 3
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    module: str  # its module in dtune/engines/, with create(cfg, model, ranks, total_steps)
+    what: str  # in words
+    # the parallelism fields the engine needs (or refuses): raises DtuneError
+    check: Callable[[ParallelismConfig], None]
+    # each rank holds a shard of the parameters: the model loads partitioned (inside the
+    # module's `sharded_loading(cfg, ranks)`), on no device of dtune's choosing, and nothing
+    # may read a weight outside the forward pass (the chunked loss reads the LM head)
+    shards_parameters: Callable[[ParallelismConfig], bool] = never
+    # optimizer state (at least) is split by rank: the process count is part of a checkpoint,
+    # and bitsandbytes' packed quantized weights cannot be split
+    shards_state: bool = False
+    group_for_one_process: bool = False  # needs a process group even for one process
+    fp16_on_cpu: bool = True  # its fp16 mode runs without a GPU
+    bf16_pure: bool = True  # it can train bf16 weights with no fp32 master copy
+
+
+ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (
+    EngineSpec("torch", "torch_ddp", "one process, or torch DistributedDataParallel",
+               check_no_zero_stage),
+    # DeepSpeed wants a process group even alone (without one it looks for MPI); its fp16
+    # mode has no CPU kernels; its bf16 mode keeps fp32 master weights
+    EngineSpec("deepspeed", "deepspeed_zero", "DeepSpeed ZeRO stage 1, 2 or 3",
+               check_zero_stage, shards_parameters=zero3, shards_state=True,
+               group_for_one_process=True, fp16_on_cpu=False, bf16_pure=False),
+)}
+
+
+def engine_spec(parallelism: ParallelismConfig) -> EngineSpec:
+    return ENGINES[parallelism.engine]
+
+
+def shards_parameters(parallelism: ParallelismConfig) -> bool:
+    return engine_spec(parallelism).shards_parameters(parallelism)
+
+
+def engine_module(parallelism: ParallelismConfig):
+    return importlib.import_module(f"dtune.engines.{engine_spec(parallelism).module}")
+
+
+def run_context(cfg: Config, ranks):
+    """What an engine needs held for the whole run, from before the model loads: where it
+    shards parameters (ZeRO-3), its configuration, so that the weights load partitioned."""
+    if shards_parameters(cfg.parallelism):
+        return engine_module(cfg.parallelism).sharded_loading(cfg, ranks)
     return contextlib.nullcontext()
 
 
-def build_engine(cfg: Config, model, ranks: Ranks, total_steps: int) -> Engine:
+def build_engine(cfg: Config, model, ranks, total_steps: int):
     """The engine for `cfg.parallelism` around an already adapted (PEFT or full) model."""
-    return ENGINES[engine_name(cfg.parallelism)](cfg, model, ranks, total_steps)
+    return engine_module(cfg.parallelism).create(cfg, model, ranks, total_steps)

@@ -23,7 +23,7 @@ from dtune.engines.base import (StepResult, StepStatus, adamw, lr_lambda, move_b
                                 param_groups, process_device)
 from dtune.errors import DtuneError
 from dtune.logs import without_printed_lines
-from dtune.methods import is_adapter
+from dtune.methods import method_spec
 from dtune.precision import read_together
 
 
@@ -67,6 +67,7 @@ class DeepSpeedEngine:
     ranks: Ranks
     stage: int
     synced_forward: bool  # stage 3 shards parameters: every rank joins each forward
+    adapter: bool  # the method's final/ is an adapter: only what trained is gathered
     config: dict = field(default_factory=dict)
     skipped_before: int = 0
 
@@ -94,7 +95,8 @@ class DeepSpeedEngine:
         engine.checkpoint_engine = WeightsOnlyLoads(engine.checkpoint_engine)
         stage = cfg.parallelism.zero_stage
         return cls(engine, engine.module, process_device(ranks), ranks, stage,
-                   synced_forward=stage == 3, config=ds_config)
+                   synced_forward=stage == 3, adapter=method_spec(cfg.method).adapter,
+                   config=ds_config)
 
     def to_device(self, batch: dict) -> dict:
         return move_batch(batch, self.device)
@@ -167,13 +169,16 @@ class DeepSpeedEngine:
             # Every rank takes part; rank 0 receives the weights one layer at a time, on the
             # host. An adapter gathers only what trained: the base is the checkpoint's.
             state_dict = self.model._zero3_consolidated_16bit_state_dict(
-                exclude_frozen_parameters=is_adapter(self.module))
+                exclude_frozen_parameters=self.adapter)
         if self.ranks.is_main:
             save_final(self.module, tokenizer, out_dir, state_dict=state_dict)
 
 
+create = DeepSpeedEngine.create  # what dtune.engines.build_engine calls
+
+
 @contextlib.contextmanager
-def zero3_run(cfg: Config, ranks: Ranks):
+def sharded_loading(cfg: Config, ranks: Ranks):
     """Held for a whole ZeRO-3 run. While transformers sees this config, from_pretrained
     partitions the weights as it loads them (each rank holds its shard, never the whole model
     moved onto one GPU first), and peft gathers a partitioned weight where it must read one

@@ -108,3 +108,6 @@ class TorchEngine:
     def save_final(self, out_dir: Path, tokenizer) -> None:
         if self.ranks.is_main:
             save_final(self.module, tokenizer, out_dir)
+
+
+create = TorchEngine.create  # what dtune.engines.build_engine calls

@@ -1,6 +1,6 @@
-"""Record the reference runs that tests/test_reference.py compares against.
+"""Record the golden runs that tests/test_golden_runs.py compares against.
 
-    python tests/reference/record.py            # rewrites tests/reference/runs.json
+    python tests/golden_runs/record.py            # rewrites tests/golden_runs/runs.json
 
 Recorded once, on the code before the architecture change (issue: "one recipe read top to
 bottom"), so that a refactor that changes what a run computes or leaves behind shows up as a

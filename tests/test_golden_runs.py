@@ -1,5 +1,5 @@
-"""No visible change: the reference runs recorded before the architecture change
-(tests/reference/runs.json, made by tests/reference/record.py) give the same per-step losses,
+"""No visible change: the golden runs recorded before the architecture change
+(tests/golden_runs/runs.json, made by tests/golden_runs/record.py) give the same per-step losses,
 evals and summary within 1e-6 on CPU, and leave the same files and keys. Later features may
 add summary keys (the GPU issue added the allocator's reserved peak); none may go."""
 import json
@@ -10,9 +10,9 @@ import pytest
 
 from conftest import ROOT, run_dtune
 from dtune.files import OUTPUT_MARKER
-from reference.record import VOLATILE, describe
+from golden_runs.record import VOLATILE, describe
 
-REFERENCE = json.loads((Path(__file__).parent / "reference" / "runs.json").read_text())
+GOLDEN = json.loads((Path(__file__).parent / "golden_runs" / "runs.json").read_text())
 
 
 def close(a, b, tol=1e-6):
@@ -28,13 +28,13 @@ def close(a, b, tol=1e-6):
     return a == b
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCE["runs"]))
+@pytest.mark.parametrize("name", sorted(GOLDEN["runs"]))
 def test_a_run_computes_and_leaves_what_it_did_before_the_change(tmp_path, name):
-    overrides = REFERENCE["overrides"][name]
+    overrides = GOLDEN["overrides"][name]
     result = run_dtune(*overrides, f"hydra.run.dir={tmp_path}",
                        env={"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")})
     assert result.returncode == 0, result.stderr[-3000:]
-    now, before = describe(tmp_path), REFERENCE["runs"][name]
+    now, before = describe(tmp_path), GOLDEN["runs"][name]
     now["summary"] = {k: v for k, v in now["summary"].items() if k in before["summary"]}
     for key in ("losses", "grad_norms", "lrs", "evals", "summary"):
         assert close(now[key], before[key]), (key, now[key], before[key])

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from dtune.data.batching import BatchStream, collate, collate_packed, loss_token_count, pack_rows
 from dtune.data.formatting import IGNORE, Example, tokenize
 from dtune.config import loss_chunk_size
+from dtune.engines import shards_parameters
 from dtune.errors import DtuneError
 from dtune.loss import chunked_lm_loss, summed_token_loss
 from dtune.models import load_model_and_tokenizer
@@ -218,11 +219,13 @@ def test_chunked_loss_trains_lora_to_the_same_losses(tmp_path):
 
 
 def test_the_chunked_loss_is_the_default_except_under_zero3():
-    assert loss_chunk_size(compose(*TINY).train, None) == 1024
-    assert loss_chunk_size(compose(*TINY, "train.loss_chunk_size=0").train, None) == 0
+    assert loss_chunk_size(compose(*TINY).train, False) == 1024
+    assert loss_chunk_size(compose(*TINY, "train.loss_chunk_size=0").train, False) == 0
     zero3 = compose(*TINY, "parallelism=zero3")  # the default is not refused, it steps aside
-    assert loss_chunk_size(zero3.train, zero3.parallelism.zero_stage) == 0
-    assert loss_chunk_size(zero3.train, 2) == 1024
+    assert shards_parameters(zero3.parallelism)  # the engine spec's answer, ZeRO-3's alone
+    assert loss_chunk_size(zero3.train, shards_parameters(zero3.parallelism)) == 0
+    zero2 = compose(*TINY, "parallelism=zero2")
+    assert loss_chunk_size(zero2.train, shards_parameters(zero2.parallelism)) == 1024
 
 
 def test_chunked_loss_is_refused_under_zero3():
