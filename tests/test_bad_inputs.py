@@ -182,7 +182,7 @@ def test_disk_full_while_saving_keeps_earlier_checkpoints(tmp_path, monkeypatch)
 
     overrides = [*TINY, "+method=full", "train.max_steps=4", "train.save_every=2",
                  "eval.exact_match_samples=0"]
-    real_save, calls = torch.save, {"n": 0}
+    real_save = torch.save
 
     def failing_save(obj, path, *args, **kwargs):
         if "step-4" in str(path):

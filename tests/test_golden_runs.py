@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_dtune
+from conftest import run_dtune
 from dtune.files import OUTPUT_MARKER
 from golden_runs.record import VOLATILE, describe
 

@@ -377,7 +377,7 @@ def test_a_minority_of_identical_pairs_is_warned_about_and_counted_in_the_summar
     assert summary["pairs_identical_after_truncation"] == 4
     warnings = [r.getMessage() for r in caplog.records if "become identical" in r.getMessage()]
     assert len(warnings) == 1
-    assert f"4 of the 20 training pairs of some-long" in warnings[0]
+    assert "4 of the 20 training pairs of some-long" in warnings[0]
     assert f"(the first: {path}, line 17)" in warnings[0]
 
 

@@ -2,7 +2,6 @@
 reader (`wandb leet inspect --json`, which wandb-core implements), not a mocked module."""
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, TINY, compose, one_line, run_dtune
+from conftest import TINY, compose, one_line, run_dtune
 from dtune.errors import DtuneError
 from dtune.run_dir import RunDir
 
