@@ -128,17 +128,22 @@ def wandb_env(tmp_path):
 # hand: `e2e` runs a whole `python -m dtune` in a subprocess, `multiprocess` starts several
 # training processes (DDP, ZeRO, torchrun, kill tests), and `fast` is every test that is none
 # of these nor `slow` or `slurm`: the in-process unit tests (`python -m pytest -m fast`).
+# dtune.check.run_check trains each layout (DDP, ZeRO on 2 ranks) as `python -m dtune` runs.
+RUN_CHECK = r"|from dtune\.check import[^\n]*\brun_check\b"
 E2E_SOURCE = re.compile(r'run_dtune\(|tiny_lora_run|executable, "-m", "dtune|\["-m", "dtune'
-                        r'|bench/gpu_check|"gpu_check\.(py|sh)"')
+                        r'|bench/gpu_check|"gpu_check\.(py|sh)"' + RUN_CHECK)
 MULTIPROCESS_SOURCE = re.compile(r"parallelism\.nproc_per_node=[2-9]\b|nnodes=[2-9]\b"
-                                 r"|mp\.spawn|nprocs=[2-9]\b|SIGKILL|kill_fuzz")
+                                 r"|mp\.spawn|nprocs=[2-9]\b|SIGKILL|kill_fuzz" + RUN_CHECK)
 # What the source patterns cannot see: ranks started by hand.
 MULTIPROCESS_TESTS = {
     "tests/test_security_network.py::"
     "test_gather_sends_numbers_and_exact_match_is_the_same_under_two_ranks",
 }
 # In-process, yet minutes long: left out of the fast tier, and named here so it shows.
-NOT_FAST: set[str] = set()
+NOT_FAST = {
+    # compiles DeepSpeed's CPU Adam kernel into the session's fresh cache (minutes of C++)
+    "tests/test_deepspeed_ops.py::test_a_killed_builds_lock_file_does_not_block_deepspeed_kernels",
+}
 
 
 def _function_source(function) -> str:
@@ -175,6 +180,8 @@ def _reached_source(function) -> str:
         value = module_globals.get(name)
         if inspect.isfunction(value) and Path(value.__code__.co_filename).parent == ROOT / "tests":
             parts.append(_reached_source(value))
+        elif inspect.isfunction(value):  # imported from dtune: as if imported inside
+            parts.append(f"from {value.__module__} import {value.__name__}")
         elif isinstance(value, (str, list, tuple)) and name.isupper():
             parts.append(repr(value))
     _reach_cache[function] = "\n".join(parts)
