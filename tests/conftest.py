@@ -139,7 +139,7 @@ MULTIPROCESS_TESTS = {
     "tests/test_security_network.py::"
     "test_gather_sends_numbers_and_exact_match_is_the_same_under_two_ranks",
 }
-# In-process, yet minutes long: left out of the fast tier, and named here so it shows.
+# Builds that start neither dtune nor ranks, yet take long: left out of the fast tier, by name.
 NOT_FAST = {
     # compiles DeepSpeed's CPU Adam kernel into the session's fresh cache (minutes of C++)
     "tests/test_deepspeed_ops.py::test_a_killed_builds_lock_file_does_not_block_deepspeed_kernels",
