@@ -128,8 +128,8 @@ def wandb_env(tmp_path):
 # hand: `e2e` runs a whole `python -m dtune` in a subprocess, `multiprocess` starts several
 # training processes (DDP, ZeRO, torchrun, kill tests), and `fast` is every test that is none
 # of these nor `slow` or `slurm`: the in-process unit tests (`python -m pytest -m fast`).
-# dtune.check.run_check trains each layout (DDP, ZeRO on 2 ranks) as `python -m dtune` runs.
-RUN_CHECK = r"|from dtune\.check import[^\n]*\brun_check\b"
+# dtune.parity.run_check trains each layout (DDP, ZeRO on 2 ranks) as `python -m dtune` runs.
+RUN_CHECK = r"|from dtune\.parity import[^\n]*\brun_check\b"
 E2E_SOURCE = re.compile(r'run_dtune\(|tiny_lora_run|executable, "-m", "dtune|\["-m", "dtune'
                         r'|bench/gpu_check|"gpu_check\.(py|sh)"' + RUN_CHECK)
 MULTIPROCESS_SOURCE = re.compile(r"parallelism\.nproc_per_node=[2-9]\b|nnodes=[2-9]\b"

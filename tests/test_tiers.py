@@ -34,7 +34,7 @@ def tiers(function, layout=None) -> set[str]:
     (test_docs.test_a_readme_command_runs_as_written, None, {"e2e"}),
     (test_signals.test_sigterm_checkpoints_explains_and_resumes_to_the_same_losses, None,
      {"e2e"}),
-    # several processes: by the case's parameters, by dtune.check's layouts, by a kill
+    # several processes: by the case's parameters, by dtune.parity's layouts, by a kill
     (test_reliability.test_kill_9_after_a_checkpoint_resumes_bitwise, "single",
      {"e2e", "multiprocess"}),
     (test_reliability.test_kill_9_after_a_checkpoint_resumes_bitwise, "ddp2",
