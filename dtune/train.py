@@ -651,7 +651,11 @@ def enable_gradient_checkpointing(model) -> None:
     Non-reentrant checkpointing needs no input that requires grad, so it works under frozen
     bases (LoRA, QLoRA) without `enable_input_require_grads`.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' name from 5.25 on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # the GPU image's transformers 5.17 has only the old name
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
 
 

@@ -199,9 +199,12 @@ def test_settings_that_cannot_apply_to_pairs_are_refused(tmp_path):
         BatchStream([pair_example(0, 3, 2)], 1, seed=0, pad_id=0, pack_len=64)
     from dtune.data.streaming import check_streaming, stream_specs
 
+    # pairs stream (issue 27); a stream has no length, so it needs train.max_steps
     streamed = preference_config(path=str(pairs), streaming=True)
-    with pytest.raises(DtuneError, match="data.streaming=true does not read preference pairs"):
+    with pytest.raises(DtuneError, match="data.streaming=true needs train.max_steps"):
         check_streaming(streamed, stream_specs(streamed))
+    streamed.train.max_steps = 4
+    check_streaming(streamed, stream_specs(streamed))
 
 
 # --- the built-in preference task ---------------------------------------------------------
