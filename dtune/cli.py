@@ -217,15 +217,18 @@ def planned_device(device: str | None, device_gib: float | None,
 
 
 def run_eval(args) -> None:
+    from dtune.data.batching import BatchStream
     from dtune.data.loading import load_splits
     from dtune.data.prepare import tokenize_records
-    from dtune.evaluate import Inference, check_new_tokens, eval_loss, exact_match
+    from dtune.evaluate import HeldOut, Inference, check_new_tokens, held_out_figures
     from dtune.load_run import load_final_model
+    from dtune.loss_plan import plan_loss
     from dtune.run_dir import RunDir
 
     model, tokenizer, cfg = load_final_model(args.run_dir, args.trust_remote_code,
                                              args.checkpoint)
-    check_new_tokens(args.max_new_tokens or cfg.eval.max_new_tokens,
+    max_new_tokens = args.max_new_tokens or cfg.eval.max_new_tokens
+    check_new_tokens(max_new_tokens,
                      "--max-new-tokens" if args.max_new_tokens else "eval.max_new_tokens",
                      model, cfg.model.name_or_path)
     engine = Inference.place(model)
@@ -235,32 +238,22 @@ def run_eval(args) -> None:
     eval_records = [row for source in sources if source.format == fmt for row in source.eval]
     if not eval_records:
         raise DtuneError(f"the run in {args.run_dir} has no held-out split to evaluate on.")
-    if fmt == "preference":  # --samples: the first N pairs (exact match takes N prompts below)
-        eval_records = eval_records[:args.samples or len(eval_records)]
+    samples = args.samples or len(eval_records)  # prompts for exact match, or pairs
+    if fmt == "preference":
+        eval_records = eval_records[:samples]
     examples = tokenize_records(eval_records, cfg, tokenizer, "eval", fmt=fmt)
-    if fmt == "preference":  # pairs: held-out preference accuracy, as training measures it
-        from dtune.data.batching import BatchStream
-        from dtune.evaluate import preference_accuracy
-
-        from dtune.loss import has_plain_lm_head
-        from dtune.train import checked_chunk_size
-
-        pairs = BatchStream(examples, cfg.eval.batch_size, cfg.train.seed, tokenizer.pad_token_id)
-        # scored as training scored them (dtune.loss.sequence_logps), so the figures agree
-        response_head = has_plain_lm_head(model) and checked_chunk_size(engine, tokenizer, 1) > 0
-        result = {"preference_accuracy": preference_accuracy(engine, [pairs], response_head),
-                  "n": len(examples), **checkpoint_field(args)}
-        RunDir(args.run_dir).write_json(RunDir(args.run_dir).eval_file_at(args.checkpoint),
-                                        result)
-        print(json.dumps(result, indent=2))
-        return
-    result = {"eval_loss": eval_loss(engine, examples, cfg.eval.batch_size,
-                                     tokenizer.pad_token_id), **checkpoint_field(args)}
-    em = exact_match(engine, tokenizer, eval_records, fmt, cfg.data.system_prompt,
-                     args.samples or len(eval_records),
-                     args.max_new_tokens or cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    if em is not None:
-        result.update(exact_match=em["exact_match"], exact_match_by_task=em["by_task"], n=em["n"])
+    pairs = [BatchStream(examples, cfg.eval.batch_size, cfg.train.seed,
+                         tokenizer.pad_token_id)] if fmt == "preference" else None
+    # the loss plan and the figures of training's own evaluation, so the two agree
+    plan = plan_loss(cfg, engine, tokenizer, shards_parameters=False)  # one process here
+    figures, scored = held_out_figures(engine, tokenizer, HeldOut({"eval": examples},
+                                                                  eval_records, fmt, pairs),
+                                       plan.response_head, cfg.eval.batch_size,
+                                       cfg.data.system_prompt, samples, max_new_tokens)
+    by_task = {k.split("/", 1)[1]: v for k, v in figures.items() if k.startswith("exact_match/")}
+    result = {**{k: v for k, v in figures.items() if "/" not in k},
+              **({"exact_match_by_task": by_task} if "exact_match" in figures else {}),
+              **({"n": scored} if scored else {}), **checkpoint_field(args)}
     run = RunDir(args.run_dir)
     run.write_json(run.eval_file_at(args.checkpoint), result)
     print(json.dumps(result, indent=2))

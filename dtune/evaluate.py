@@ -40,6 +40,10 @@ class Inference:
             model.to("cuda")
         return cls(model, next(model.parameters()).device)
 
+    @property
+    def model(self) -> torch.nn.Module:  # what a training engine calls forward on
+        return self.module
+
     def to_device(self, batch: dict) -> dict:
         return move_batch(batch, self.device)
 
@@ -56,12 +60,6 @@ def my_batches(count: int, batch_size: int, ranks: Ranks, lockstep: bool) -> lis
         per_rank = -(-count // ranks.world_size)
         batches += [[] for _ in range(-(-per_rank // batch_size) - len(batches))]
     return batches
-
-
-def eval_loss(engine, examples, batch_size: int, pad_id: int) -> float:
-    """Mean next-token loss over every loss-carrying token of `examples`."""
-    total, count = eval_loss_sum(engine, examples, batch_size, pad_id)
-    return total / max(count, 1)
 
 
 @torch.no_grad()
@@ -209,3 +207,44 @@ def preference_accuracy(engine, streams: list, response_head: bool = False) -> f
     table = torch.cat(tables) if tables else torch.zeros((0, 2), dtype=torch.float64)
     table = table[~torch.isnan(table[:, 0])]
     return float((table[:, 0] > table[:, 1]).double().mean()) if len(table) else None
+
+
+@dataclass
+class HeldOut:
+    """What a model is evaluated on: the tokenized examples of each eval set (a mixture:
+    each source's), the eval records exact match answers (in format `fmt`), and for a
+    preference objective a batch stream over each set's pairs (then neither of the others)."""
+    examples: dict  # eval set name -> ExampleTable
+    records: list
+    fmt: str
+    pairs: list | None = None
+
+
+def held_out_figures(engine, tokenizer, held: HeldOut, response_head: bool, batch_size: int,
+                     system_prompt: str | None, exact_match_samples: int, max_new_tokens: int,
+                     what: str = "Exact match") -> tuple[dict, int]:
+    """The held-out figures of the model `engine` holds, as training records them and
+    `dtune eval` writes them (one path, so the two cannot drift), and how many prompts or
+    pairs were scored: preference accuracy for pairs; else the loss (one mean over every
+    eval token, and per set for several) and exact match of the first
+    `exact_match_samples` records. Shared across every rank."""
+    if held.pairs is not None:  # pairs have no exact match or token loss: their accuracy
+        accuracy = preference_accuracy(engine, held.pairs, response_head)
+        scored = sum(len(stream.examples) for stream in held.pairs)
+        return ({} if accuracy is None else {"preference_accuracy": accuracy}), scored
+    pad_id, record = tokenizer.pad_token_id, {}
+    sums = {name: eval_loss_sum(engine, examples, batch_size, pad_id)
+            for name, examples in held.examples.items() if len(examples)}
+    if sums:
+        record["eval_loss"] = sum(t for t, _ in sums.values()) / \
+            max(sum(c for _, c in sums.values()), 1)
+    if len(held.examples) > 1:
+        record.update({f"eval_loss/{name}": t / max(c, 1) for name, (t, c) in sums.items()})
+    em = exact_match(engine, tokenizer, held.records, held.fmt, system_prompt,
+                     exact_match_samples, max_new_tokens, batch_size, what=what) \
+        if exact_match_samples else None
+    if em is None:
+        return record, 0
+    record["exact_match"] = em["exact_match"]
+    record.update({f"exact_match/{t}": v for t, v in em["by_task"].items()})
+    return record, em["n"]

@@ -23,7 +23,7 @@ import torch
 
 from dtune.checkpoint import (TrainState, checkpoint_folders, load_checkpoint, run_id_of,
                               save_checkpoint, valid_checkpoints)
-from dtune.config import Config, loss_chunk_size
+from dtune.config import Config
 from dtune.data.batching import BatchStream, loss_token_count
 from dtune.data.formatting import IGNORE
 from dtune.data.loading import load_splits
@@ -36,12 +36,12 @@ from dtune.engines import build_engine, run_context, shards_parameters
 from dtune.engines.base import Engine
 from dtune.engines.base import StepStatus, process_device
 from dtune.errors import DtuneError
-from dtune.evaluate import check_new_tokens, eval_loss_sum, exact_match, preference_accuracy
+from dtune.evaluate import HeldOut, check_new_tokens, held_out_figures
 from dtune.logs import quiet_libraries
 from dtune.families import check_packing
 from dtune.files import read_text
-from dtune.loss import (chunked_loss_mismatch, has_plain_lm_head, require_plain_lm_head,
-                        sequence_logps, summed_token_loss)
+from dtune.loss import sequence_logps, summed_token_loss
+from dtune.loss_plan import LossPlan, plan_loss
 from dtune.methods import apply_method, count_parameters, load_options, method_spec
 from dtune.metrics import (TrainingPeakMemory, peak_host_memory_bytes, peak_memory_bytes,
                            peak_reserved_bytes, release_free_heap)
@@ -69,21 +69,16 @@ class Recipe:
     engine: Engine
     tokenizer: Any
     stream: BatchStream  # or streaming.StreamingBatches (data.streaming), the same interface
-    eval_records: list  # the first eval rows, for exact match
-    eval_examples: dict  # eval set name (a mixture: each source's) -> ExampleTable
+    held: HeldOut  # what evaluation scores (dtune/evaluate.py)
     total_steps: int
     steps_set_by: str  # what set total_steps (planned_steps): it goes in the summary
-    # of the chunked loss; 0: the plain full-logits loss. Pairs: >0 scores responses with the
-    # LM head on labelled positions only (dtune.loss.sequence_logps), 0 from the full logits.
-    chunk_size: int
+    loss: LossPlan  # how the loss reads the LM head (dtune/loss_plan.py)
     params: tuple[int, int]  # trainable, total
     model_source: str
     started: float
     resumed_from: Optional[Path] = None
-    eval_format: str = "chat"  # the format of eval_records
     objective: ObjectiveSpec = OBJECTIVES["sft"]
     reference: Any = None  # DPO's reference log-probs (dtune/reference.py); NoReference else
-    eval_pairs: Optional[list] = None  # preference objectives: a stream over each eval set
     data_fingerprint: Optional[str] = None  # the training rows (None: streamed)
     # this process's first step whose loss or gradient was NaN/inf (skipped), for the message
     # that refuses non-finite final weights
@@ -179,12 +174,7 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     trainable, total = count_parameters(model)
     total_steps, steps_set_by = planned_steps(cfg, stream)
     engine = build_engine(cfg, model, ranks, total_steps)
-    chunk_size = loss_chunk_size(cfg.train, shards_parameters(cfg.parallelism))
-    if cfg.train.loss_chunk_size is None and not has_plain_lm_head(engine.model):
-        chunk_size = 0  # the default falls back quietly; an explicit size is an error there
-    elif chunk_size:
-        require_plain_lm_head(engine.model)
-    chunk_size = checked_chunk_size(engine, tokenizer, chunk_size)
+    loss = plan_loss(cfg, engine, tokenizer, shards_parameters(cfg.parallelism))
     objective = objective_spec(cfg.objective)
     log.info(
         "Method %s, %s on %d process(es): %s trainable of %s parameters (%.2f%%); %s training "
@@ -195,17 +185,16 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     # Before any checkpoint loads: the reference is the starting model (dtune/reference.py).
     reference = build_reference(cfg, engine, stream, tokenizer, run_dir,
                                 resuming=cfg.train.resume or slurm_restarted(),
-                                response_head=chunk_size > 0)
+                                response_head=loss.response_head)
     eval_pairs = [BatchStream(examples, cfg.eval.batch_size, cfg.train.seed,
                               tokenizer.pad_token_id, ranks.rank, ranks.world_size)
                   for examples in data.evals.values() if len(examples)] \
         if objective.pairs else None
-    return Recipe(cfg, run_dir, run_id, ranks, engine, tokenizer, stream, data.eval_records,
-                  data.evals, total_steps, steps_set_by, chunk_size, (trainable, total), source,
-                  started,
-                  eval_format=data.eval_format, objective=objective, reference=reference,
-                  eval_pairs=eval_pairs, data_fingerprint=data.fingerprint,
-                  identical_pairs=data.identical_pairs)
+    held = HeldOut(data.evals, data.eval_records, data.eval_format, eval_pairs)
+    return Recipe(cfg, run_dir, run_id, ranks, engine, tokenizer, stream, held, total_steps,
+                  steps_set_by, loss, (trainable, total), source, started,
+                  objective=objective, reference=reference,
+                  data_fingerprint=data.fingerprint, identical_pairs=data.identical_pairs)
 
 
 def base_load_options(cfg: Config, ranks: Ranks) -> dict:
@@ -233,24 +222,6 @@ def batch_stream(cfg: Config, tokenizer, ranks: Ranks, sources, eval_records):
                          pack_len=cfg.data.max_seq_len if cfg.data.packing else 0,
                          one_row=cfg.model.attn_implementation == "flash_attention_2")
     return stream, data, len(data.train)
-
-
-def checked_chunk_size(engine: Engine, tokenizer, chunk_size: int) -> int:
-    """`chunk_size`, or 0 (the plain loss, from the model's own logits) for a model whose
-    forward does something to its logits the chunked loss does not reproduce; said once."""
-    if not chunk_size:
-        return 0
-    probe = tokenizer("dtune checks its loss against the model's own logits.",
-                      return_tensors="pt")["input_ids"]
-    with engine.eval_context():
-        # the unwrapped module: a no-grad probe, and `dtune eval`'s Inference has no wrapper
-        why = chunked_loss_mismatch(engine.module, engine.to_device({"input_ids": probe})
-                                    ["input_ids"])
-    if why:
-        log.warning("train.loss_chunk_size=%d is not used: %s. The loss comes from the model's "
-                    "full logits instead (more memory, the same result).", chunk_size, why)
-        return 0
-    return chunk_size
 
 
 def resume_or_start(recipe: Recipe) -> TrainState:
@@ -392,13 +363,13 @@ def train_step(recipe: Recipe, state: TrainState, window: list[dict],
     lr = engine.lr()
     if recipe.objective.pairs:  # per pair: the mean over every pair of the global window
         sums = accumulate_pair_gradients(engine, window, counts.pairs, recipe.cfg.objective,
-                                         recipe.reference, recipe.chunk_size > 0)
+                                         recipe.reference, recipe.loss.response_head)
         result = engine.step(sums[0])
         names = objective_spec(recipe.cfg.objective).metrics
         pair_metrics = {**dict(zip(names, sums[1:].tolist())), "pairs": counts.pairs}
     else:  # per token: the mean over every loss-carrying token of the global window
         result = engine.step(accumulate_gradients(engine, window, counts.loss_tokens,
-                                                  recipe.chunk_size))
+                                                  recipe.loss.chunk_size))
         pair_metrics = {}
     state.step += 1
     state.skipped_steps += result.status is StepStatus.OVERFLOW
@@ -516,39 +487,25 @@ def nonfinite_origin(first: Optional[int], last: int) -> str:
 
 def evaluate_now(recipe: Recipe, step: int, with_generation: bool) -> dict:
     """Held-out loss, and with `with_generation` exact match, shared across every rank."""
-    cfg, engine, tokenizer = recipe.cfg, recipe.engine, recipe.tokenizer
-    record = {"step": step, "split": "eval"}
-    if recipe.objective.pairs:  # pairs have no exact match or token loss: their accuracy
-        accuracy = preference_accuracy(engine, recipe.eval_pairs, recipe.chunk_size > 0)
-        return record if accuracy is None else {**record, "preference_accuracy": accuracy}
-    sums = {name: eval_loss_sum(engine, examples, cfg.eval.batch_size, tokenizer.pad_token_id)
-            for name, examples in recipe.eval_examples.items() if len(examples)}
-    if sums:  # one mean over every eval token, and a mixture's per source
-        record["eval_loss"] = sum(t for t, _ in sums.values()) / \
-            max(sum(c for _, c in sums.values()), 1)
-    if len(recipe.eval_examples) > 1:
-        record.update({f"eval_loss/{name}": t / max(c, 1) for name, (t, c) in sums.items()})
-    if with_generation and cfg.eval.exact_match_samples:
-        em = exact_match(engine, tokenizer, recipe.eval_records, recipe.eval_format,
-                         cfg.data.system_prompt, cfg.eval.exact_match_samples,
-                         cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                         what="Exact match " + ("before" if step == 0 else "after") + " training")
-        if em is not None:
-            record["exact_match"] = em["exact_match"]
-            record.update({f"exact_match/{t}": v for t, v in em["by_task"].items()})
-    return record
+    cfg = recipe.cfg
+    figures, _ = held_out_figures(
+        recipe.engine, recipe.tokenizer, recipe.held, recipe.loss.response_head,
+        cfg.eval.batch_size, cfg.data.system_prompt,
+        cfg.eval.exact_match_samples if with_generation else 0, cfg.eval.max_new_tokens,
+        what="Exact match " + ("before" if step == 0 else "after") + " training")
+    return {"step": step, "split": "eval", **figures}
 
 
 def announce_eval(recipe: Recipe, model: str) -> None:
     """Say what the eval with generation is about to do: minutes on a real model."""
     cfg = recipe.cfg
     if recipe.objective.pairs:
-        pairs = sum(len(s.examples) for s in recipe.eval_pairs)
+        pairs = sum(len(s.examples) for s in recipe.held.pairs)
         if pairs:
             log.info("Evaluating %s: preference accuracy on %d held-out pairs", model, pairs)
         return
-    losses = sum(map(len, recipe.eval_examples.values()))
-    prompts = min(len(recipe.eval_records), cfg.eval.exact_match_samples)
+    losses = sum(map(len, recipe.held.examples.values()))
+    prompts = min(len(recipe.held.records), cfg.eval.exact_match_samples)
     parts = ([f"held-out loss on {losses} examples"] if losses else []) + \
         ([f"exact match on {prompts} prompts (greedy, up to {cfg.eval.max_new_tokens} new "
           "tokens each)"] if prompts else [])

@@ -152,7 +152,7 @@ def test_logit_scaling_reaches_the_chunked_loss(model_type, extra):
 def test_a_logit_step_dtune_does_not_know_makes_the_run_use_the_plain_loss(caplog):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dtune.train import checked_chunk_size
+    from dtune.loss_plan import checked_chunk_size
 
     # HyperCLOVA X multiplies by its logits_scaling, where Granite divides: not trusted
     config = AutoConfig.for_model("hyperclovax", vocab_size=512, hidden_size=64,
