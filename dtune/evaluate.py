@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dtune.data import HeldOut
 from dtune.data.batching import collate, loss_token_count
 from dtune.data.formatting import prompt_and_reference
 from dtune.distributed import Ranks, all_reduce_sum, gather
@@ -207,17 +208,6 @@ def preference_accuracy(engine, streams: list, response_head: bool = False) -> f
     table = torch.cat(tables) if tables else torch.zeros((0, 2), dtype=torch.float64)
     table = table[~torch.isnan(table[:, 0])]
     return float((table[:, 0] > table[:, 1]).double().mean()) if len(table) else None
-
-
-@dataclass
-class HeldOut:
-    """What a model is evaluated on: the tokenized examples of each eval set (a mixture:
-    each source's), the eval records exact match answers (in format `fmt`), and for a
-    preference objective a batch stream over each set's pairs (then neither of the others)."""
-    examples: dict  # eval set name -> ExampleTable
-    records: list
-    fmt: str
-    pairs: list | None = None
 
 
 def held_out_figures(engine, tokenizer, held: HeldOut, response_head: bool, batch_size: int,

@@ -24,11 +24,9 @@ import torch
 from dtune.checkpoint import (TrainState, checkpoint_folders, load_checkpoint, run_id_of,
                               save_checkpoint, valid_checkpoints)
 from dtune.config import Config
-from dtune.data.batching import BatchStream, loss_token_count
+from dtune import data
+from dtune.data.batching import loss_token_count
 from dtune.data.formatting import IGNORE
-from dtune.data.loading import load_splits
-from dtune.data import streaming
-from dtune.data.prepare import PreparedData, prepare_data, tokenize_records
 from dtune.distributed import (Ranks, all_reduce_max, all_reduce_sums, all_reduce_tensor, barrier,
                                die_with_parent, gather, launched_ranks, process_group)
 from dtune import precision
@@ -68,7 +66,7 @@ class Recipe:
     ranks: Ranks
     engine: Engine
     tokenizer: Any
-    stream: BatchStream  # or streaming.StreamingBatches (data.streaming), the same interface
+    stream: data.Batches  # in memory or streamed (dtune/data/__init__.py)
     held: HeldOut  # what evaluation scores (dtune/evaluate.py)
     total_steps: int
     steps_set_by: str  # what set total_steps (planned_steps): it goes in the summary
@@ -152,11 +150,7 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    # Records first: a bad row is reported before minutes go into loading the model.
-    if cfg.data.streaming:  # train rows are read as training goes (dtune/data/streaming.py)
-        sources, eval_records = None, streaming.eval_records(cfg)
-    else:  # every source, Arrow-backed; local rank 0 checks, the others wait for it
-        sources, eval_records = load_splits(cfg.data, ranks.local_rank), None
+    records = data.read(cfg, ranks)  # first: a bad row is reported before the model loads
     model, tokenizer, source = load_model_and_tokenizer(cfg.model, base_load_options(cfg, ranks),
                                                         chat_template=cfg.data.chat_template)
     check_context_length(cfg, model)
@@ -166,35 +160,31 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
         held = sum(p.ds_tensor.numel() for p in model.parameters())
         log.info("Loaded partitioned: rank %d holds %s of the %s weight values", ranks.rank,
                  f"{held:,}", f"{sum(p.ds_numel for p in model.parameters()):,}")
-    stream, data, train_count = batch_stream(cfg, tokenizer, ranks, sources, eval_records)
+    objective = objective_spec(cfg.objective)
+    prepared = data.build(cfg, tokenizer, ranks, records, pairs=objective.pairs)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = apply_method(model, cfg.method, tokenizer)
     precision.keep_trainable_fp32(model, cfg)
     trainable, total = count_parameters(model)
-    total_steps, steps_set_by = planned_steps(cfg, stream)
+    total_steps, steps_set_by = planned_steps(cfg, prepared.epoch_batches, ranks.world_size)
     engine = build_engine(cfg, model, ranks, total_steps)
     loss = plan_loss(cfg, engine, tokenizer, shards_parameters(cfg.parallelism))
-    objective = objective_spec(cfg.objective)
     log.info(
         "Method %s, %s on %d process(es): %s trainable of %s parameters (%.2f%%); %s training "
         "and %d eval examples; %d steps (%s) of %d %s", cfg.method.name,
         cfg.parallelism.name, ranks.world_size, f"{trainable:,}", f"{total:,}",
-        100 * trainable / total, train_count, sum(map(len, data.evals.values())), total_steps,
+        100 * trainable / total, prepared.described,
+        sum(map(len, prepared.held_out.examples.values())), total_steps,
         steps_set_by, global_batch_size(cfg, ranks), "pairs" if objective.pairs else "sequences")
     # Before any checkpoint loads: the reference is the starting model (dtune/reference.py).
-    reference = build_reference(cfg, engine, stream, tokenizer, run_dir,
+    reference = build_reference(cfg, engine, prepared.batches, tokenizer, run_dir,
                                 resuming=cfg.train.resume or slurm_restarted(),
                                 response_head=loss.response_head)
-    eval_pairs = [BatchStream(examples, cfg.eval.batch_size, cfg.train.seed,
-                              tokenizer.pad_token_id, ranks.rank, ranks.world_size)
-                  for examples in data.evals.values() if len(examples)] \
-        if objective.pairs else None
-    held = HeldOut(data.evals, data.eval_records, data.eval_format, eval_pairs)
-    return Recipe(cfg, run_dir, run_id, ranks, engine, tokenizer, stream, held, total_steps,
-                  steps_set_by, loss, (trainable, total), source, started,
-                  objective=objective, reference=reference,
-                  data_fingerprint=data.fingerprint, identical_pairs=data.identical_pairs)
+    return Recipe(cfg, run_dir, run_id, ranks, engine, tokenizer, prepared.batches,
+                  prepared.held_out, total_steps, steps_set_by, loss, (trainable, total), source,
+                  started, objective=objective, reference=reference,
+                  data_fingerprint=prepared.fingerprint, identical_pairs=prepared.identical_pairs)
 
 
 def base_load_options(cfg: Config, ranks: Ranks) -> dict:
@@ -204,24 +194,6 @@ def base_load_options(cfg: Config, ranks: Ranks) -> dict:
     places nothing: it partitions the weights as they load (engines.run_context)."""
     device = None if shards_parameters(cfg.parallelism) else process_device(ranks)
     return {**load_options(cfg.method, device), "dtype": precision.base_dtype(cfg)}
-
-
-def batch_stream(cfg: Config, tokenizer, ranks: Ranks, sources, eval_records):
-    """(the batch stream, the prepared data (eval sets and records), the training examples'
-    count for the log): the sources tokenized into the cache up front, or with
-    data.streaming tokenized as they come."""
-    if cfg.data.streaming:
-        fmt = streaming.row_format(cfg, streaming.stream_specs(cfg))
-        eval_examples = tokenize_records(eval_records[: cfg.eval.max_loss_samples], cfg,
-                                         tokenizer, "eval", fmt=fmt)
-        return (streaming.open_stream(cfg, tokenizer, ranks.rank, ranks.world_size),
-                PreparedData(None, {"eval": eval_examples}, eval_records, fmt), "streamed")
-    data = prepare_data(cfg, tokenizer, ranks, sources)
-    stream = BatchStream(data.train, cfg.train.micro_batch_size, cfg.train.seed,
-                         tokenizer.pad_token_id, ranks.rank, ranks.world_size,
-                         pack_len=cfg.data.max_seq_len if cfg.data.packing else 0,
-                         one_row=cfg.model.attn_implementation == "flash_attention_2")
-    return stream, data, len(data.train)
 
 
 def resume_or_start(recipe: Recipe) -> TrainState:
@@ -389,7 +361,7 @@ def train_step(recipe: Recipe, state: TrainState, window: list[dict],
               "epoch": recipe.stream.epoch, "step_time_s": seconds,
               "skipped_steps": state.skipped_steps, "nonfinite_steps": state.nonfinite_steps}
     # a mixture's examples and tokens per source so far: {"examples/<source>": n, ...}
-    record.update(getattr(recipe.stream, "source_totals", dict)())
+    record.update(recipe.stream.source_totals())
     record.update(pair_metrics)
     if engine.loss_scale is not None:
         record["loss_scale"] = engine.loss_scale
@@ -577,7 +549,7 @@ def objective_summary(recipe: Recipe, state: TrainState, loop: LoopResult,
 
 def source_summary(recipe: Recipe, final_eval: dict) -> dict:
     """A mixture's examples, tokens and final eval loss per source ({} for one source)."""
-    totals = getattr(recipe.stream, "source_totals", dict)()
+    totals = recipe.stream.source_totals()
     if not totals:
         return {}
     per = {kind: {k.split("/", 1)[1]: v for k, v in totals.items() if k.startswith(kind + "/")}
@@ -633,15 +605,16 @@ def check_context_length(cfg: Config, model) -> None:
                      cfg.model.name_or_path)
 
 
-def planned_steps(cfg: Config, stream: BatchStream) -> tuple[int, str]:
+def planned_steps(cfg: Config, epoch_batches: Optional[int],
+                  world_size: int) -> tuple[int, str]:
     """The run's optimizer steps, and what set them: train.max_steps, train.epochs, or with
-    both set the one that ends first (one epoch when neither is)."""
+    both set the one that ends first (one epoch when neither is). `epoch_batches`: the
+    micro-batches of one pass (a stream has none: it needs train.max_steps alone)."""
     t = cfg.train
     if t.epochs is None and t.max_steps > 0:
         return t.max_steps, f"train.max_steps={t.max_steps}"
     epochs = t.epochs or 1
-    by_epochs = max(stream.batches_per_epoch // (t.grad_accum_steps * stream.world_size), 1) \
-        * epochs
+    by_epochs = max(epoch_batches // (t.grad_accum_steps * world_size), 1) * epochs
     if 0 < t.max_steps < by_epochs:
         return t.max_steps, (f"train.max_steps={t.max_steps}, before train.epochs={epochs} "
                              f"({by_epochs} steps)")

@@ -191,6 +191,9 @@ class PairStream:
                                           self.pad_id))
         return mine
 
+    def source_totals(self):
+        return {}
+
     def state_dict(self):
         return {"epoch": self.epoch, "cursor": self.cursor}
 
@@ -206,19 +209,22 @@ def pair_data(monkeypatch):
 
 
 def use_pair_data(monkeypatch):
-    import dtune.train
-    from dtune.data.prepare import PreparedData
+    """Through the recipe's one data entry point (dtune.data.read and build)."""
+    import dtune.data
+    from dtune.data import HeldOut, Records, TrainingData
 
     train_pairs, eval_pairs = make_pairs(64, seed=1), make_pairs(16, seed=2)
 
-    def batch_stream(cfg, tokenizer, ranks, sources, eval_records):
+    def build(cfg, tokenizer, ranks, records, pairs):
         stream = PairStream(train_pairs, cfg.train.micro_batch_size, cfg.train.seed,
                             tokenizer.pad_token_id, ranks.rank, ranks.world_size)
-        return stream, PreparedData(None, {"eval": eval_pairs}, [], "preference"), 64
+        held = PairStream(eval_pairs, cfg.eval.batch_size, cfg.train.seed,
+                          tokenizer.pad_token_id, ranks.rank, ranks.world_size)
+        return TrainingData(stream, HeldOut({"eval": eval_pairs}, [], "preference", [held]),
+                            "64", stream.batches_per_epoch)
 
-    monkeypatch.setattr(dtune.train, "load_splits", lambda *a, **k: None)
-    monkeypatch.setattr(dtune.train, "batch_stream", batch_stream)
-    monkeypatch.setattr(dtune.train, "BatchStream", PairStream)
+    monkeypatch.setattr(dtune.data, "read", lambda *a, **k: Records())
+    monkeypatch.setattr(dtune.data, "build", build)
     return train_pairs
 
 

@@ -205,6 +205,10 @@ def test_settings_that_cannot_apply_to_pairs_are_refused(tmp_path):
         check_streaming(streamed, stream_specs(streamed))
     streamed.train.max_steps = 4
     check_streaming(streamed, stream_specs(streamed))
+    # a stream has no epochs: train.epochs would be ignored (it crashed the step plan)
+    streamed.train.epochs = 2
+    with pytest.raises(DtuneError, match="train.epochs=2 with data.streaming=true"):
+        check_streaming(streamed, stream_specs(streamed))
 
 
 # --- the built-in preference task ---------------------------------------------------------

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from dtune.cache import build_once, cache_dir
 from dtune.config import DataConfig
-from dtune.data import builtin
+# the module by its path: the package's entry point (dtune/data/__init__.py) imports this one
+import dtune.data.builtin as builtin
 from dtune.data.sources import (SourceSpec, load_arguments, open_source, saved_to_disk,
                                 source_specs)
 from dtune.errors import DtuneError, excerpt

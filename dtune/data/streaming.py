@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from dtune.config import Config
-from dtune.data import builtin
+# the module by its path: the package's entry point (dtune/data/__init__.py) imports this one
+import dtune.data.builtin as builtin
 from dtune.data.batching import collate, collate_packed, collate_pairs, pack_rows
 from dtune.data.formatting import IGNORE, Example, tokenize
 from dtune.data.preference import PairExample, tokenize_pair
@@ -53,6 +54,11 @@ def check_streaming(cfg: Config, specs: list[SourceSpec]) -> None:
             f"data.streaming=true needs train.max_steps (it is {cfg.train.max_steps}): a stream "
             "has no length, so train.epochs cannot set the step count. Give the number of "
             "optimizer steps, e.g. train.max_steps=10000.")
+    if cfg.train.epochs is not None:
+        raise DtuneError(
+            f"train.epochs={cfg.train.epochs} with data.streaming=true: a stream has no length, "
+            f"so it has no epochs; train.max_steps={cfg.train.max_steps} alone sets the run's "
+            "length (the stream starts over when it ends). Remove train.epochs.")
     fractions = [s.name for s in specs if s.fraction is not None]
     if fractions:
         raise DtuneError(
@@ -228,6 +234,9 @@ class StreamingBatches:
             else:
                 mine.append(collate([row[0][0] for row in rows], self.pad_id))
         return mine
+
+    def source_totals(self) -> dict:  # a stream's sources are not counted apart
+        return {}
 
     def state_dict(self) -> dict:
         """The position of the first row not yet in a batch (JSON: it goes in a checkpoint)."""
