@@ -140,6 +140,7 @@ def test_a_checkpoint_gives_the_model_it_holds(tiny_lora_run, tmp_path, capsys):
     ids = torch.tensor([tokenizer(TEXTS[0])["input_ids"]])
     torch.testing.assert_close(logits(at_12, ids), logits(final, ids), rtol=1e-6, atol=1e-6)
     assert (logits(at_6, ids) - logits(final, ids)).abs().max() > 1e-3
+    (run / "eval.json").unlink(missing_ok=True)  # another test's `dtune eval` of the shared run
     main(["eval", str(run), "--checkpoint", "step-12", "--samples", "1"])
     written = json.loads((run / "eval-step-12.json").read_text())
     recorded = [m for m in RunDir(run).read_metrics() if m.get("step") == 12 and "eval_loss" in m]
