@@ -3,7 +3,7 @@
 The recipe reads data through two calls here, and never asks how the rows arrive:
 
     records = data.read(cfg, ranks)                       # checked, before the model loads
-    prepared = data.build(cfg, tokenizer, ranks, records)  # tokenized; batches and held-out sets
+    prepared = data.build(cfg, tokenizer, ranks, records, pairs)  # batches, held-out sets
 
 Rows come either all at once (loaded, checked and tokenized into the Arrow cache up front:
 `loading`, `prepare`, `batching.BatchStream`) or, with data.streaming, as training goes
