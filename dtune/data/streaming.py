@@ -157,8 +157,9 @@ def positioned_rows(open_stream: Callable[[], datasets.IterableDataset], seed: i
 
 @dataclass
 class StreamingBatches:
-    """BatchStream's interface (next_window, state_dict, load_state_dict, epoch) over a
-    stream: see the module's docstring for the order and the position."""
+    """dtune.data.Batches, as BatchStream gives it (next_window, state_dict, load_state_dict,
+    source_totals), over a stream: see the module's docstring for the order and the
+    position."""
 
     open_stream: Callable[[], datasets.IterableDataset]
     # an Example, a PairExample (data.format=preference), or None: the row is dropped
