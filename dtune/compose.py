@@ -19,8 +19,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Glob, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
-from dtune.config import (Config, MethodConfig, ObjectiveConfig, SettledConfig, check_choice,
-                          check_finite_settings)
+from dtune.config import (DPO_LOSS_TYPES, GRPO_LOSS_TYPES, Config, MethodConfig,
+                          ObjectiveConfig, SettledConfig, check_choice, check_finite_settings)
 from dtune.engines import ENGINES, engine_spec, shards_parameters
 from dtune.errors import DtuneError
 from dtune.methods import METHODS
@@ -316,6 +316,16 @@ def check_objective(cfg: Config) -> None:
     objective, method = cfg.objective, cfg.method
     check_objective_fields(objective)
     spec, formats = OBJECTIVES[objective.name], training_formats(cfg)
+    if spec.online:
+        check_online(cfg, formats)
+        return
+    if objective.loss_type not in DPO_LOSS_TYPES and "loss_type" in spec.fields:
+        raise DtuneError(
+            f"objective.loss_type={objective.loss_type!r} is a GRPO normalisation; with "
+            f"objective={objective.name} choose one of {', '.join(DPO_LOSS_TYPES)}.")
+    if objective.beta == 0 and "beta" in spec.fields:
+        raise DtuneError(f"objective.beta=0.0 is out of range; it must be > 0 with objective="
+                         f"{objective.name}.")
     if not spec.pairs:
         if "preference" in formats:
             raise DtuneError(
@@ -337,6 +347,58 @@ def check_objective(cfg: Config) -> None:
             "Remove it, or use objective.loss_type=sigmoid.")
     if spec.reference:
         check_reference(cfg, METHODS[method.name].adapter)
+
+
+def check_online(cfg: Config, formats: set[str]) -> None:
+    """GRPO's settings, data and layout (dtune/grpo.py), before anything loads: the rewards
+    parsed (a bad name, weight, regex or _target_ refused here), rows with prompts."""
+    from dtune.rewards import parse_rewards
+
+    objective, name = cfg.objective, cfg.objective.name
+    if objective.loss_type not in GRPO_LOSS_TYPES:
+        raise DtuneError(
+            f"objective.loss_type={objective.loss_type!r} is a DPO loss; with objective={name} "
+            f"choose one of {', '.join(GRPO_LOSS_TYPES)} (how the token losses are averaged; "
+            "conf/objective/grpo.yaml sets dapo).")
+    if objective.rewards is None:
+        raise DtuneError(
+            f"objective.rewards is not set: objective={name} learns from rewards named in "
+            "config. Use objective=grpo (its YAML names exact_match), or set e.g. "
+            "objective.rewards=[{name:exact_match,weight:1.0}].")
+    parse_rewards(objective.rewards)
+    if not formats <= {"chat", "alpaca"}:
+        raise DtuneError(
+            f"objective={name} samples completions of prompts, but the data is data.format="
+            f"{'/'.join(sorted(formats))}. Use rows with a prompt and a reference answer: "
+            "data.format=chat (data=builtin: the user turn is the prompt, the assistant turn "
+            "the answer exact_match compares with) or data.format=alpaca.")
+    check_online_layout(cfg)
+    if shards_parameters(cfg.parallelism) and objective.beta:
+        raise DtuneError(
+            f"objective.beta={objective.beta} with parallelism={cfg.parallelism.name}: the KL "
+            "term's reference would be a frozen copy of ZeRO-3's partitioned weights, which "
+            "dtune does not make. Use objective.beta=0 (no KL term, as in DAPO and Dr. GRPO), "
+            "an adapter method, or parallelism=zero2.")
+
+
+def check_online_layout(cfg: Config) -> None:
+    """What GRPO's rollouts do not support, before anything loads."""
+    name, method = cfg.objective.name, cfg.method.name
+    if METHODS[method].soft_prompt:
+        raise DtuneError(
+            f"+method={method} with objective={name} is not supported: its virtual tokens "
+            "would have to be placed in front of every sampled completion when it is scored, "
+            "which dtune does not do yet. Use an adapter method such as +method=lora, or "
+            "+method=full.")
+    if cfg.data.packing:
+        raise DtuneError(
+            f"data.packing=true with objective={name} is not supported: each row's prompt is "
+            "completed on its own, G times. Set data.packing=false.")
+    if cfg.train.loss_chunk_size:
+        raise DtuneError(
+            f"train.loss_chunk_size={cfg.train.loss_chunk_size} has no effect with objective="
+            f"{name}: its loss weighs each token by its advantage and clip, so it comes from "
+            "the completions' logits. Remove train.loss_chunk_size.")
 
 
 def check_pair_layout(cfg: Config) -> None:

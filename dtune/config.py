@@ -222,6 +222,8 @@ class MethodConfig(Section):
 TARGET_ALIASES = ("all-linear", "attention", "mlp", "default")
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
+# grpo: how the token losses are normalised (dtune/grpo.py)
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 REFERENCES = ("auto", "adapter_disabled", "frozen_copy", "precomputed")
 
 
@@ -242,10 +244,39 @@ class ObjectiveConfig(Section):
     # adapter-disabled model for adapter methods, precomputed log-probs for full fine-tuning
     reference: str = "auto"
     gamma: float = 0.5  # simpo: the target reward margin
+    # grpo (dtune/grpo.py): completions sampled per prompt (the group), how they are sampled,
+    # passes over each rollout, PPO's clip range (DAPO's clip-higher: a larger upper one),
+    # the rewards named (dtune/rewards.py), and whether groups whose rewards are all equal
+    # (no signal) are left out of the loss (DAPO's dynamic sampling, without resampling)
+    num_generations: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    num_iterations: int = 1
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None
+    rewards: Any = None
+    skip_zero_std_groups: bool = False
 
     def __post_init__(self) -> None:
-        check_positive("objective.beta", self.beta)
-        check_choice("objective.loss_type", self.loss_type, DPO_LOSS_TYPES)
+        # beta=0 is grpo's "no KL term"; the preference objectives need > 0 (compose.py)
+        check_positive("objective.beta", self.beta, allow_zero=True)
+        check_choice("objective.loss_type", self.loss_type, DPO_LOSS_TYPES + GRPO_LOSS_TYPES)
+        if self.num_generations < 2:
+            raise DtuneError(
+                f"objective.num_generations={self.num_generations} is out of range; it must "
+                "be >= 2: a completion's advantage is its reward against the others of its "
+                "group, and a group of one has none to compare with.")
+        check_positive("objective.temperature", self.temperature)
+        check_finite("objective.top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise DtuneError(f"objective.top_p={self.top_p!r} is out of range; it must be in "
+                             "(0, 1] (1 samples from the whole distribution).")
+        check_positive("objective.max_new_tokens", self.max_new_tokens)
+        check_positive("objective.num_iterations", self.num_iterations)
+        check_fraction("objective.epsilon", self.epsilon)
+        if self.epsilon_high is not None:
+            check_positive("objective.epsilon_high", self.epsilon_high)
         check_finite("objective.label_smoothing", self.label_smoothing)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise DtuneError(f"objective.label_smoothing={self.label_smoothing!r} is out of "

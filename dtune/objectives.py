@@ -33,6 +33,15 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewar
                 "logps/chosen", "logps/rejected")
 
 
+# GRPO's step metrics (train.grpo_step), besides reward/<name>/mean and /std per reward:
+# advantage spread, completion length, the share of tokens whose ratio was clipped, the KL
+# to the reference (beta > 0), groups with no signal (all rewards equal), and the time spent
+# generating and training.
+GRPO_METRICS = ("reward/mean", "reward/std", "advantage/std", "advantage/abs_mean",
+                "completion_length/mean", "completion_length/max", "clip_fraction", "kl",
+                "zero_std_groups", "groups", "generation_time_s", "update_time_s")
+
+
 @dataclass
 class PairLogps:
     """Per-pair sequence log-probs ([n] tensors): the policy's, with grad, and the reference's
@@ -56,6 +65,9 @@ class ObjectiveSpec:
     # (PairLogps, ObjectiveConfig) -> (loss summed over pairs, {metric: sum over pairs})
     loss: Optional[Callable] = None
     metrics: tuple = ()  # the metric names `loss` returns
+    # samples its own completions and learns from their rewards (GRPO: dtune/grpo.py, the
+    # step train.grpo_step); trains on prompts with reference answers, not on pairs
+    online: bool = False
 
 
 def reward_metrics(chosen_rewards, rejected_rewards, logps: PairLogps) -> dict:
@@ -134,6 +146,13 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {spec.name: spec for spec in (
     ObjectiveSpec("simpo", "length-normalised log-prob margin with a target `gamma`, no "
                   "reference", frozenset({"beta", "gamma"}), loss=simpo_loss,
                   metrics=PAIR_METRICS),
+    ObjectiveSpec("grpo", "online RL from verifiable rewards: G sampled completions per "
+                  "prompt, group-relative advantages, clipped policy gradient (GRPO; "
+                  "`loss_type=dr_grpo`: Dr. GRPO; `loss_type=dapo`: DAPO's token loss)",
+                  frozenset({"beta", "loss_type", "num_generations", "temperature", "top_p",
+                             "max_new_tokens", "num_iterations", "epsilon", "epsilon_high",
+                             "rewards", "skip_zero_std_groups"}),
+                  pairs=False, metrics=GRPO_METRICS, online=True),
 )}
 
 

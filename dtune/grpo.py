@@ -1,0 +1,201 @@
+"""GRPO's pieces (objective=grpo): sampling a group of completions per prompt, scoring them,
+group-relative advantages, and the clipped policy-gradient loss with its normalisers.
+
+- GRPO (Shao et al., 2024, DeepSeekMath, eq. 3 and sec. 4.1.2): the advantage of each of the
+  G completions of a prompt is its reward minus the group's mean, divided by the group's std;
+  the loss is PPO's clipped surrogate, per token, plus beta x KL to a reference (the k3
+  estimator: r - log r - 1, r = p_ref / p), averaged over each sequence's tokens, then over
+  the sequences (`loss_type=grpo`).
+- Dr. GRPO (Liu et al., 2025, "Understanding R1-Zero-like training"): no division by the
+  group std (it weighs easy and hard prompts unequally) and no per-sequence length average
+  (it biases towards long wrong answers): the token sum divided by a constant, max new
+  tokens x sequences (`loss_type=dr_grpo`).
+- DAPO (Yu et al., 2025): the token-level loss, summed over every completion token of the
+  batch and divided by their count (`loss_type=dapo`), an upper clip `epsilon_high` above the
+  lower one (clip-higher), and groups whose rewards are all equal dropped
+  (`skip_zero_std_groups`: they carry no signal).
+
+Each loss here is a *sum* over the rows it is given, and `window_normaliser` is the divisor
+for the whole window over every rank, found before the first backward: a window of one
+micro-batch of G completions and G micro-batches of one give the same loss and gradient, as
+the token normaliser does for SFT and the pair normaliser for DPO (dtune/train.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dtune.data.formatting import IGNORE
+
+STD_EPS = 1e-4  # added to the group std: a group of near-equal rewards is not blown up
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [N], zero-std flag per group [N / G]) of rewards [N] laid out in groups of
+    `group` consecutive completions of one prompt: reward minus the group mean, divided by
+    the group's (sample) std + STD_EPS where `scale` (GRPO, DAPO), not for Dr. GRPO."""
+    grouped = rewards.view(-1, group)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    std = grouped.std(1, keepdim=True) if group > 1 else torch.zeros_like(centred[:, :1])
+    advantages = centred / (std + STD_EPS) if scale else centred
+    return advantages.reshape(-1), (grouped.max(1).values == grouped.min(1).values)
+
+
+def token_terms(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                epsilon: float, epsilon_high: Optional[float], beta: float = 0.0,
+                ref_logps: Optional[torch.Tensor] = None) -> dict:
+    """Per-token terms [N, C] of the clipped surrogate: the loss (to be masked and
+    normalised), whether the ratio was clipped where it mattered, and the k3 KL estimate."""
+    ratio = torch.exp(logps - old_logps)
+    high = epsilon if epsilon_high is None else epsilon_high
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + high)
+    a = advantages.unsqueeze(1)
+    surrogate = torch.minimum(ratio * a, clipped * a)
+    loss = -surrogate
+    kl = torch.zeros_like(loss)
+    if beta and ref_logps is not None:
+        log_r = ref_logps - logps
+        kl = torch.exp(log_r) - log_r - 1  # k3: unbiased, never negative (Schulman, 2020)
+        loss = loss + beta * kl
+    was_clipped = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + high) & (a > 0))
+    return {"loss": loss, "clipped": was_clipped.float(), "kl": kl.detach()}
+
+
+def summed_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The numerator of the window's loss over these rows: `grpo` sums each sequence's mean
+    token loss; `dr_grpo` and `dapo` sum every token's loss (their divisors differ)."""
+    masked = (per_token * mask).sum(1)
+    if loss_type == "grpo":
+        return (masked / mask.sum(1).clamp(min=1)).sum()
+    return masked.sum()
+
+
+def window_normaliser(loss_type: str, sequences: int, tokens: int, max_new_tokens: int) -> int:
+    """The divisor of the window's summed loss, over every micro-batch and rank: sequences
+    (`grpo`), max new tokens x sequences (`dr_grpo`), completion tokens (`dapo`)."""
+    if loss_type == "grpo":
+        return max(sequences, 1)
+    if loss_type == "dr_grpo":
+        return max(max_new_tokens * sequences, 1)
+    return max(tokens, 1)
+
+
+# --- prompts, sampling and the rollout ------------------------------------------------------
+
+def prompts_and_answers(batch: dict, tokenizer) -> tuple[list[list[int]], list[Optional[str]]]:
+    """Each row's prompt (its tokens before the first labelled one: the chat template's
+    generation prompt included) and reference answer (its labelled tokens as text, special
+    tokens dropped), from the host copy of an SFT micro-batch."""
+    prompts, answers = [], []
+    for ids, labels, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
+                                 batch["attention_mask"].tolist()):
+        labelled = [i for i, label in enumerate(labels) if label != IGNORE]
+        first = labelled[0] if labelled else sum(mask)
+        prompts.append(ids[:first])
+        answers.append(tokenizer.decode([ids[i] for i in labelled], skip_special_tokens=True)
+                       .strip() if labelled else None)
+    return prompts, answers
+
+
+@dataclass
+class Rollout:
+    """One micro-batch of prompts with G sampled completions each, on the host. Rows are
+    grouped: rows g*G .. g*G+G-1 complete prompt g."""
+
+    input_ids: torch.Tensor  # [N, P + C]: left-padded prompt, then the completion
+    attention_mask: torch.Tensor  # [N, P + C]
+    position_ids: torch.Tensor  # [N, P + C]: as generation numbered them (left padding)
+    completion_mask: torch.Tensor  # [N, C] float: the completion's tokens, its EOS included
+    completions: list  # the completions' text
+    answers: list  # the reference answer of each row (None where none)
+    advantages: Optional[torch.Tensor] = None  # [N]
+    rewards: Optional[dict] = None  # reward name -> [N] values; "total": the weighted sum
+    keep: Optional[torch.Tensor] = None  # [N] float: 0 for a dropped zero-signal group
+    old_logps: Optional[torch.Tensor] = None  # [N, C] on the device, for num_iterations > 1
+
+    @property
+    def width(self) -> int:
+        return self.completion_mask.size(1)
+
+    def model_inputs(self) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (longest - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows],
+                        dtype=torch.long)
+    return ids, mask
+
+
+def completion_mask(completion: torch.Tensor, eos_id) -> torch.Tensor:
+    """1 for each generated token up to and including the first EOS; 0 after it (the
+    padding generation adds once a row is done, which may be the EOS id itself)."""
+    eos_ids = torch.tensor(eos_id if isinstance(eos_id, list) else [eos_id])
+    is_eos = torch.isin(completion, eos_ids)
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return (~after_eos).float()
+
+
+@torch.no_grad()
+def sample_group(engine, tokenizer, prompts: list[list[int]], answers: list, group: int,
+                 max_new_tokens: int, temperature: float, top_p: float, seed: int) -> Rollout:
+    """G completions of each prompt, sampled with the KV cache in eval mode from a generator
+    seeded by `seed` (the step and rank), so a resumed run draws the samples the
+    uninterrupted one drew. Returns the rollout on the host (its text is needed there)."""
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    rows = [p for p in prompts for _ in range(group)]
+    prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id)
+    torch.manual_seed(seed)  # CPU and every GPU: sampling draws from the global generators
+    try:
+        with engine.eval_context():
+            output = model.generate(
+                **engine.to_device({"input_ids": prompt_ids, "attention_mask": prompt_mask}),
+                max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                top_p=top_p, top_k=None, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **({"synced_gpus": True} if engine.synced_forward else {}))
+    finally:
+        model.train(was_training)
+    completion = output[:, prompt_ids.size(1):].cpu()  # the one read: text is needed here
+    mask = completion_mask(completion, tokenizer.eos_token_id)
+    attention = torch.cat([prompt_mask, mask.long()], 1)
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
+             for ids, m in zip(completion, mask)]
+    return Rollout(torch.cat([prompt_ids, completion], 1), attention, positions, mask, texts,
+                   [a for a in answers for _ in range(group)])
+
+
+def score(rollout: Rollout, terms, group: int, max_new_tokens: int, scale: bool,
+          skip_zero_std: bool) -> None:
+    """Rewards (each term's and their weighted total), advantages and which rows train."""
+    lengths = rollout.completion_mask.sum(1).long().tolist()
+    rewards = {t.name: torch.tensor(t.score(rollout.completions, rollout.answers, lengths,
+                                            max_new_tokens), dtype=torch.float64)
+               for t in terms}
+    total = sum(t.weight * rewards[t.name] for t in terms)
+    rewards["total"] = total
+    rollout.rewards = rewards
+    rollout.advantages, zero_std = group_advantages(total, group, scale)
+    keep = (~zero_std).double().repeat_interleave(group) if skip_zero_std \
+        else torch.ones_like(total)
+    rollout.keep = keep
+
+
+def completion_logps(model, inputs: dict, width: int) -> torch.Tensor:
+    """[N, C] fp32 log-prob of each completion token under `model`. Only the last C + 1
+    positions' logits are computed (`logits_to_keep`): the prompt's are never needed."""
+    out = model(**inputs, use_cache=False, logits_to_keep=width + 1)
+    logits = out.logits[:, -width - 1:-1].float()
+    targets = inputs["input_ids"][:, -width:]
+    return -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                            reduction="none").view(targets.shape)

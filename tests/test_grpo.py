@@ -1,0 +1,199 @@
+"""GRPO (objective=grpo): the losses against an independent implementation written from the
+papers, accumulation invariance, the rewards and their refusals, and a tiny run.
+
+The reference below is deliberately plain Python: loops over groups, sequences and tokens,
+in float64 (Python floats), straight from the papers' formulas:
+- GRPO (Shao et al., 2024, eq. 3): 1/G sum_i 1/|o_i| sum_t [min(r A, clip(r, 1-e, 1+e) A)
+  - beta KL], A_i = (R_i - mean R) / std R, KL the k3 estimate p_ref/p - log(p_ref/p) - 1;
+- Dr. GRPO (Liu et al., 2025): A_i = R_i - mean R; the token sum over a constant
+  (max completion length x sequences);
+- DAPO (Yu et al., 2025, eq. 8): clip to [1-e_low, 1+e_high], the token sum over the batch's
+  completion tokens.
+"""
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import TINY, compose
+from dtune.errors import DtuneError
+from dtune.grpo import (STD_EPS, completion_mask, group_advantages, summed_loss, token_terms,
+                        window_normaliser)
+from dtune.rewards import parse_rewards
+
+
+def reference_advantages(rewards, group, scale):
+    out = []
+    for start in range(0, len(rewards), group):
+        chunk = rewards[start:start + group]
+        mean = sum(chunk) / group
+        var = sum((x - mean) ** 2 for x in chunk) / (group - 1)  # the sample std (as torch)
+        for x in chunk:
+            out.append((x - mean) / (math.sqrt(var) + STD_EPS) if scale else x - mean)
+    return out
+
+
+def reference_loss(loss_type, logp, old, ref, adv, mask, eps, eps_high, beta, max_new):
+    """The objective to minimise, from the papers, one token at a time."""
+    high = eps if eps_high is None else eps_high
+    per_seq, tokens, total = [], 0, 0.0
+    for i in range(len(logp)):
+        seq_sum, n = 0.0, 0
+        for t in range(len(logp[i])):
+            if not mask[i][t]:
+                continue
+            ratio = math.exp(logp[i][t] - old[i][t])
+            clipped = min(max(ratio, 1 - eps), 1 + high)
+            term = -min(ratio * adv[i], clipped * adv[i])
+            if beta:
+                d = ref[i][t] - logp[i][t]
+                term += beta * (math.exp(d) - d - 1)
+            seq_sum, n = seq_sum + term, n + 1
+        per_seq.append(seq_sum / max(n, 1))
+        tokens += n
+        total += seq_sum
+    if loss_type == "grpo":
+        return sum(per_seq) / len(per_seq)
+    if loss_type == "dr_grpo":
+        return total / (max_new * len(logp))
+    return total / tokens
+
+
+def random_batch(seed, n=6, width=5):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(n, width, generator=g, dtype=torch.float64) * 3
+    old = logp + (torch.rand(n, width, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    ref = logp + (torch.rand(n, width, generator=g, dtype=torch.float64) - 0.5)
+    mask = torch.ones(n, width, dtype=torch.float64)
+    for i in range(n):  # ragged completions: each ends somewhere
+        mask[i, 1 + (i * 7 + seed) % width:] = 0
+    return logp, old, ref, mask
+
+
+def ours(loss_type, logp, old, ref, adv, mask, eps, eps_high, beta, max_new):
+    terms = token_terms(logp, old, adv, eps, eps_high, beta, ref)
+    divisor = window_normaliser(loss_type, len(logp), int(mask.sum()), max_new)
+    return summed_loss(terms["loss"], mask, loss_type) / divisor
+
+
+LOSSES = [("grpo", 0.2, None, 0.0), ("grpo", 0.2, None, 0.04), ("dr_grpo", 0.2, None, 0.0),
+          ("dr_grpo", 0.1, None, 0.1), ("dapo", 0.2, 0.28, 0.0), ("dapo", 0.2, None, 0.05)]
+
+
+@pytest.mark.parametrize("loss_type,eps,eps_high,beta", LOSSES)
+def test_each_loss_is_the_published_formula(loss_type, eps, eps_high, beta):
+    for seed in range(3):
+        logp, old, ref, mask = random_batch(seed)
+        rewards = [random.Random(seed * 10 + i).choice([0.0, 0.5, 1.0]) for i in range(6)]
+        adv = reference_advantages(rewards, 3, scale=loss_type != "dr_grpo")
+        got = ours(loss_type, logp, old, ref, torch.tensor(adv, dtype=torch.float64), mask,
+                   eps, eps_high, beta, 5)
+        want = reference_loss(loss_type, logp.tolist(), old.tolist(), ref.tolist(), adv,
+                              mask.tolist(), eps, eps_high, beta, 5)
+        assert float(got) == pytest.approx(want, abs=1e-6, rel=1e-6)
+
+
+def test_group_advantages_and_zero_signal_groups():
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 2.0, 0.0, 1.0, 3.0]
+    for scale in (True, False):
+        adv, zero = group_advantages(torch.tensor(rewards, dtype=torch.float64), 4, scale)
+        assert adv.tolist() == pytest.approx(reference_advantages(rewards, 4, scale), abs=1e-9)
+        assert zero.tolist() == [False, True, False]  # the all-0.5 group has no signal
+    adv, _ = group_advantages(torch.tensor(rewards, dtype=torch.float64), 4, True)
+    assert adv[4:8].abs().max() == 0  # no NaN from a zero std
+
+
+def test_the_gradient_matches_the_reference():
+    """d loss / d logp by autograd equals a finite difference of the plain reference."""
+    logp, old, ref, mask = random_batch(1, n=4, width=3)
+    adv = torch.tensor([1.0, -0.5, 0.7, -1.2], dtype=torch.float64)
+    x = logp.clone().requires_grad_(True)
+    ours("dapo", x, old, ref, adv, mask, 0.2, 0.28, 0.05, 3).backward()
+    h = 1e-6
+    for i, t in [(0, 0), (1, 0), (2, 1), (3, 0)]:
+        up, down = logp.tolist(), logp.tolist()
+        up[i][t] += h
+        down[i][t] -= h
+        args = (old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, 0.05, 3)
+        numeric = (reference_loss("dapo", up, *args) - reference_loss("dapo", down, *args)) / (2 * h)
+        assert float(x.grad[i, t]) == pytest.approx(numeric, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_one_micro_batch_of_g_equals_g_micro_batches_of_one(loss_type):
+    """The window normaliser is fixed before any backward: splitting the G completions over
+    micro-batches (or ranks) changes neither the loss nor the gradient."""
+    logp, old, ref, mask = random_batch(4, n=4, width=6)
+    adv = torch.tensor([1.2, -0.3, -0.4, -0.5], dtype=torch.float64)
+    divisor = window_normaliser(loss_type, 4, int(mask.sum()), 6)
+
+    def run(chunks):
+        x = logp.clone().requires_grad_(True)
+        total = 0.0
+        for rows in chunks:
+            terms = token_terms(x[rows], old[rows], adv[rows], 0.2, 0.28, 0.04, ref[rows])
+            loss = summed_loss(terms["loss"], mask[rows], loss_type) / divisor
+            loss.backward()
+            total += float(loss.detach())
+        return total, x.grad
+
+    whole, grad_whole = run([slice(0, 4)])
+    split, grad_split = run([slice(i, i + 1) for i in range(4)])
+    assert split == pytest.approx(whole, abs=1e-12)
+    assert torch.allclose(grad_whole, grad_split, atol=1e-12)
+
+
+def test_the_completion_ends_at_its_first_eos():
+    ids = torch.tensor([[5, 6, 2, 2, 2], [5, 2, 7, 2, 9], [5, 6, 7, 8, 9]])
+    assert completion_mask(ids, 2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0],
+                                                [1, 1, 1, 1, 1]]
+    assert completion_mask(ids, [7, 2]).tolist()[1] == [1, 1, 0, 0, 0]
+
+
+# --- rewards --------------------------------------------------------------------------------
+
+def brevity(completions, answers, lengths, limit=3):
+    """A user reward for the _target_ test."""
+    return [1.0 if n <= limit else 0.0 for n in lengths]
+
+
+def test_built_in_and_user_rewards_score_completions():
+    terms = parse_rewards({"exact_match": 1.0, "json_valid": 0.5,
+                           "format": {"weight": 0.2, "pattern": r"\d+"},
+                           "length_penalty": 0.1,
+                           "mine": {"weight": 2.0, "_target_": "test_grpo.brevity", "limit": 2}})
+    completions, answers, lengths = ["42", '{"a": 1}', "no"], ["42", "x", None], [1, 4, 2]
+    got = {t.name: t.score(completions, answers, lengths, 8) for t in terms}
+    assert got == {"exact_match": [1.0, 0.0, 0.0], "json_valid": [1.0, 1.0, 0.0],
+                   "format": [1.0, 0.0, 0.0], "length_penalty": [-0.125, -0.5, -0.25],
+                   "mine": [1.0, 0.0, 1.0]}
+    assert [t.weight for t in terms] == [1.0, 0.5, 0.2, 0.1, 2.0]
+
+
+@pytest.mark.parametrize("rewards,expect", [
+    ("[{name:exact_matc,weight:1.0}]", ["objective.rewards[0].name='exact_matc'", "exact_match"]),
+    ("[{name:format,weight:1.0,pattern:'(ab'}]", ["pattern='(ab'", "not a valid regular"]),
+    ("[{name:format,weight:1.0}]", ["lacks pattern", "Add pattern"]),
+    ("[{name:mine,_target_:nowhere.at_all}]", ["_target_='nowhere.at_all'", "importing nowhere"]),
+    ("[{name:exact_match,weight:x}]", ["weight='x'", "finite number"]),
+    ("[]", ["objective.rewards is empty"]),
+    ("[{name:exact_match},{name:exact_match}]", ["more than once"]),
+])
+def test_a_bad_reward_config_is_refused_before_anything_loads(rewards, expect):
+    with pytest.raises(DtuneError) as err:
+        compose(*TINY, "objective=grpo", f"objective.rewards={rewards}")
+    assert "\n" not in str(err.value)
+    for fragment in expect:
+        assert fragment in str(err.value)
+
+
+def test_grpo_settings_are_refused_with_other_objectives_and_vice_versa():
+    with pytest.raises(DtuneError, match="objective.num_generations=8 has no effect"):
+        compose(*TINY, "objective=sft", "objective.num_generations=8")
+    with pytest.raises(DtuneError, match="is a DPO loss"):
+        compose(*TINY, "objective=grpo", "objective.loss_type=sigmoid")
+    with pytest.raises(DtuneError, match="is a GRPO normalisation"):
+        compose(*TINY, "data=builtin_preference", "objective=dpo", "objective.loss_type=dapo")
+    with pytest.raises(DtuneError, match="data.format=preference"):
+        compose(*TINY, "data=builtin_preference", "objective=grpo")
