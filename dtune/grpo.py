@@ -22,6 +22,7 @@ the token normaliser does for SFT and the pair normaliser for DPO (dtune/train.p
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from dtune.data.formatting import IGNORE
+from dtune.distributed import all_reduce_max, all_reduce_sums
 
 STD_EPS = 1e-4  # added to the group std: a group of near-equal rewards is not blown up
 
@@ -115,6 +117,7 @@ class Rollout:
     advantages: Optional[torch.Tensor] = None  # [N]
     rewards: Optional[dict] = None  # reward name -> [N] values; "total": the weighted sum
     keep: Optional[torch.Tensor] = None  # [N] float: 0 for a dropped zero-signal group
+    zero_std: Optional[torch.Tensor] = None  # [N / G] bool: the group's rewards all equal
     old_logps: Optional[torch.Tensor] = None  # [N, C] on the device, for num_iterations > 1
 
     @property
@@ -185,10 +188,39 @@ def score(rollout: Rollout, terms, group: int, max_new_tokens: int, scale: bool,
     total = sum(t.weight * rewards[t.name] for t in terms)
     rewards["total"] = total
     rollout.rewards = rewards
-    rollout.advantages, zero_std = group_advantages(total, group, scale)
-    keep = (~zero_std).double().repeat_interleave(group) if skip_zero_std \
+    rollout.advantages, rollout.zero_std = group_advantages(total, group, scale)
+    rollout.keep = (~rollout.zero_std).double().repeat_interleave(group) if skip_zero_std \
         else torch.ones_like(total)
-    rollout.keep = keep
+
+
+def window_counts(rollouts: list[Rollout]) -> dict:
+    """What the window's rollouts hold over every rank, from their host copies in one
+    collective (and one for the longest completion): the completions and completion tokens
+    that train (the normalisers) and the step's reward, advantage and length figures."""
+    names = list(rollouts[0].rewards)
+    rewards = {n: torch.cat([r.rewards[n] for r in rollouts]) for n in names}
+    advantages = torch.cat([r.advantages for r in rollouts])
+    lengths = torch.cat([r.completion_mask.sum(1).double() for r in rollouts])
+    keep = torch.cat([r.keep for r in rollouts])
+    zero = torch.cat([r.zero_std for r in rollouts])
+    local = [float(keep.sum()), float((lengths * keep).sum()), float(len(zero)),
+             float(zero.sum()), float(len(lengths)), float(lengths.sum()),
+             float(advantages.pow(2).sum()), float(advantages.abs().sum())]
+    for n in names:
+        local += [float(rewards[n].sum()), float(rewards[n].pow(2).sum())]
+    summed = all_reduce_sums(local)
+    kept, tokens, groups, zero_groups, rows, length_sum, adv_sq, adv_abs = summed[:8]
+    metrics = {"groups": groups, "zero_std_groups": zero_groups,
+               "completion_length/mean": length_sum / rows,
+               "completion_length/max": all_reduce_max(float(lengths.max())),
+               "advantage/std": math.sqrt(adv_sq / rows), "advantage/abs_mean": adv_abs / rows}
+    for i, n in enumerate(names):
+        total, squares = summed[8 + 2 * i], summed[9 + 2 * i]
+        key = "reward" if n == "total" else f"reward/{n}"
+        mean = total / rows
+        metrics[f"{key}/mean"] = mean
+        metrics[f"{key}/std"] = math.sqrt(max(squares / rows - mean * mean, 0.0))
+    return {"sequences": int(kept), "tokens": int(tokens), "metrics": metrics}
 
 
 def completion_logps(model, inputs: dict, width: int) -> torch.Tensor:

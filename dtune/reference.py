@@ -1,4 +1,5 @@
-"""DPO's reference model: where the reference log-probs of each pair come from.
+"""DPO's reference model: where the reference log-probs of each pair come from (and GRPO's,
+for its KL term with objective.beta > 0: adapters disabled or a frozen copy, per token).
 
 - `adapter_disabled`: an adapter method's own model with its adapters switched off (peft's
   `disable_adapter`): the starting model, with no second copy in memory.
@@ -32,6 +33,7 @@ from dtune.distributed import all_reduce_max, barrier
 from dtune.errors import DtuneError
 from dtune.evaluate import pair_logps
 from dtune.files import read_bytes, write_atomically
+from dtune.grpo import completion_logps
 from dtune.loss import sequence_logps
 from dtune.methods import method_spec
 from dtune.objectives import objective_spec, resolve_reference
@@ -64,6 +66,17 @@ class AdapterDisabled:
         finally:
             model.train(was_training)
 
+    def token_logps(self, engine, inputs: dict, width: int) -> torch.Tensor:
+        """GRPO's KL reference: [N, width] log-probs of each completion token."""
+        model = engine.module
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), engine.eval_context(), model.disable_adapter():
+                return completion_logps(model, inputs, width)
+        finally:
+            model.train(was_training)
+
 
 @dataclass
 class FrozenCopy:
@@ -74,6 +87,10 @@ class FrozenCopy:
     def logps(self, engine, batch: dict, on_device: dict) -> torch.Tensor:
         with torch.no_grad(), engine.eval_context():
             return sequence_logps(self.model, on_device, self.response_head)
+
+    def token_logps(self, engine, inputs: dict, width: int) -> torch.Tensor:
+        with torch.no_grad(), engine.eval_context():
+            return completion_logps(self.model, inputs, width)
 
 
 @dataclass
@@ -91,11 +108,16 @@ def build_reference(cfg: Config, engine, stream, tokenizer, run_dir: RunDir, res
     """The reference the objective needs (NoReference when it needs none), from the engine's
     model as it starts, before any checkpoint is loaded. `response_head`: see
     dtune.loss.sequence_logps."""
-    if not objective_spec(cfg.objective).reference:
+    spec, adapter = objective_spec(cfg.objective), method_spec(cfg.method).adapter
+    if spec.online and cfg.objective.beta:  # GRPO's KL term: scored on fresh samples
+        kind, why = ("adapter_disabled", "the base with adapters disabled") if adapter else \
+            ("frozen_copy", "full fine-tuning: a frozen copy of the starting weights")
+        log.info("GRPO's KL reference (objective.beta=%s): %s", cfg.objective.beta, why)
+    elif not spec.reference:
         return NoReference()
-    kind, why = resolve_reference(cfg.objective, method_spec(cfg.method).adapter,
-                                  cfg.data.streaming)
-    log.info("DPO reference: %s (%s)", kind, why)
+    else:
+        kind, why = resolve_reference(cfg.objective, adapter, cfg.data.streaming)
+        log.info("DPO reference: %s (%s)", kind, why)
     if kind == "adapter_disabled":
         return AdapterDisabled(response_head)
     if kind == "frozen_copy":

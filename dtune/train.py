@@ -29,10 +29,10 @@ from dtune.data.batching import loss_token_count
 from dtune.data.formatting import IGNORE
 from dtune.distributed import (Ranks, all_reduce_max, all_reduce_sums, all_reduce_tensor, barrier,
                                die_with_parent, gather, launched_ranks, process_group)
-from dtune import precision
+from dtune import grpo, precision
 from dtune.engines import build_engine, run_context, shards_parameters
 from dtune.engines.base import Engine
-from dtune.engines.base import StepStatus, process_device
+from dtune.engines.base import StepResult, StepStatus, process_device
 from dtune.errors import DtuneError
 from dtune.evaluate import HeldOut, check_new_tokens, held_out_figures
 from dtune.logs import quiet_libraries
@@ -46,6 +46,7 @@ from dtune.metrics import (TrainingPeakMemory, peak_host_memory_bytes, peak_memo
 from dtune.models import load_model_and_tokenizer
 from dtune.objectives import OBJECTIVES, ObjectiveSpec, objective_spec, pair_loss
 from dtune.reference import build_reference
+from dtune.rewards import parse_rewards
 from dtune.reporter import SilentReporter, create_reporter
 from dtune.run_dir import RunDir
 from dtune.settle import require_settled
@@ -84,6 +85,7 @@ class Recipe:
     first_nonfinite_step: Optional[int] = None
     # preference pairs truncation made identical (dtune/data/prepare.py); None for SFT
     identical_pairs: Optional[int] = None
+    rewards: tuple = ()  # GRPO's reward terms (dtune/rewards.py); () for the others
 
 
 @dataclass
@@ -169,7 +171,9 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     precision.keep_trainable_fp32(model, cfg)
     trainable, total = count_parameters(model)
     total_steps, steps_set_by = planned_steps(cfg, prepared.epoch_batches, ranks.world_size)
-    engine = build_engine(cfg, model, ranks, total_steps)
+    # GRPO updates num_iterations times a step: the schedule spans every update
+    updates = cfg.objective.num_iterations if objective.online else 1
+    engine = build_engine(cfg, model, ranks, total_steps * updates)
     loss = plan_loss(cfg, engine, tokenizer)
     log.info(
         "Method %s, %s on %d process(es): %s trainable of %s parameters (%.2f%%); %s training "
@@ -185,7 +189,8 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     return Recipe(cfg, run_dir, run_id, ranks, engine, tokenizer, prepared.batches,
                   prepared.held_out, total_steps, steps_set_by, loss, (trainable, total), source,
                   started, objective=objective, reference=reference,
-                  data_fingerprint=prepared.fingerprint, identical_pairs=prepared.identical_pairs)
+                  data_fingerprint=prepared.fingerprint, identical_pairs=prepared.identical_pairs,
+                  rewards=tuple(parse_rewards(cfg.objective.rewards)) if objective.online else ())
 
 
 def base_load_options(cfg: Config, ranks: Ranks) -> dict:
@@ -334,7 +339,9 @@ def train_step(recipe: Recipe, state: TrainState, window: list[dict],
     engine = recipe.engine
     started = time.perf_counter()
     lr = engine.lr()
-    if recipe.objective.pairs:  # per pair: the mean over every pair of the global window
+    if recipe.objective.online:  # sampled completions and their rewards (dtune/grpo.py)
+        result, pair_metrics = grpo_step(recipe, state, window)
+    elif recipe.objective.pairs:  # per pair: the mean over every pair of the global window
         sums = accumulate_pair_gradients(engine, window, counts.pairs, recipe.cfg.objective,
                                          recipe.reference, recipe.loss.response_head)
         result = engine.step(sums[0])
@@ -406,6 +413,78 @@ def accumulate_pair_gradients(engine: Engine, window: list[dict], window_pairs: 
         engine.backward(loss / max(window_pairs, 1))
         totals += torch.stack([loss.detach(), *(metrics[k] for k in names[1:])]).double()
     return all_reduce_tensor(totals / max(window_pairs, 1))
+
+
+def grpo_step(recipe: Recipe, state: TrainState, window: list[dict]) -> tuple[StepResult, dict]:
+    """GRPO's step: G completions of each prompt of the window, sampled (eval mode, KV cache,
+    seeded by the step, micro-batch and rank: a resume draws the same) and scored; then
+    `num_iterations` updates on them, each loss divided by the whole window's normaliser
+    over every rank. Returns the last update's result and the step's metrics."""
+    cfg, engine, o = recipe.cfg, recipe.engine, recipe.cfg.objective
+    started = time.perf_counter()
+    rollouts = []
+    for index, batch in enumerate(window):
+        prompts, answers = grpo.prompts_and_answers(batch, recipe.tokenizer)
+        seed = ((cfg.train.seed * 1_000_003 + state.step) * 4096 + index) * 4096 + \
+            recipe.ranks.rank
+        rollout = grpo.sample_group(engine, recipe.tokenizer, prompts, answers,
+                                    o.num_generations, o.max_new_tokens, o.temperature,
+                                    o.top_p, seed)
+        grpo.score(rollout, recipe.rewards, o.num_generations, o.max_new_tokens,
+                   scale=o.loss_type != "dr_grpo", skip_zero_std=o.skip_zero_std_groups)
+        rollouts.append(rollout)
+    counts = grpo.window_counts(rollouts)  # every rank's, before the first backward
+    divisor = grpo.window_normaliser(o.loss_type, counts["sequences"], counts["tokens"],
+                                     o.max_new_tokens)
+    generated = time.perf_counter()
+    if o.num_iterations > 1:  # the sampling policy's log-probs, before the first update
+        for rollout in rollouts:
+            with torch.no_grad(), engine.eval_context():
+                rollout.old_logps = grpo.completion_logps(
+                    engine.module, engine.to_device(rollout.model_inputs()), rollout.width)
+    sums, statuses = 0, []
+    for _ in range(o.num_iterations):
+        update = accumulate_grpo_gradients(engine, rollouts, divisor, counts["tokens"], o,
+                                           recipe.reference)
+        result = engine.step(update[0])
+        statuses.append(result.status)
+        sums = sums + update
+    result = StepResult(result.grad_norm, next((s for s in statuses if s is not
+                                                StepStatus.APPLIED), StepStatus.APPLIED),
+                        result.loss)
+    means = (sums / o.num_iterations).tolist()  # read once, after the last update
+    return result, {**counts["metrics"], "clip_fraction": means[1], "kl": means[2],
+                    "generation_time_s": generated - started,
+                    "update_time_s": time.perf_counter() - generated}
+
+
+def accumulate_grpo_gradients(engine: Engine, rollouts: list, divisor: int, tokens: int,
+                              objective, reference) -> torch.Tensor:
+    """GRPO's forward, loss and backward for each rollout of a window: the clipped
+    surrogate (plus beta x KL to the reference) per completion token, summed as
+    `objective.loss_type` says and divided by the window's `divisor` (dtune/grpo.py), so
+    the window is one batch whatever its split over micro-batches and ranks. Returns [loss,
+    clip fraction, KL] (the last two per kept completion token), summed over ranks, not
+    yet read."""
+    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
+    for index, rollout in enumerate(rollouts):
+        inputs = engine.to_device(rollout.model_inputs())
+        weights = engine.to_device({  # fp32, as the log-probs are
+            "mask": rollout.completion_mask * rollout.keep.float().unsqueeze(1),
+            "advantages": rollout.advantages.float()})
+        ref = reference.token_logps(engine, inputs, rollout.width) if objective.beta else None
+        with engine.forward_context(last_in_window=index == len(rollouts) - 1):
+            logps = grpo.completion_logps(engine.model, inputs, rollout.width)
+            old = logps.detach() if rollout.old_logps is None else rollout.old_logps
+            terms = grpo.token_terms(logps, old, weights["advantages"], objective.epsilon,
+                                     objective.epsilon_high, objective.beta, ref)
+            loss = grpo.summed_loss(terms["loss"], weights["mask"], objective.loss_type)
+        engine.backward(loss / divisor)
+        mask = weights["mask"]
+        totals += torch.stack([loss.detach() / divisor,
+                               (terms["clipped"] * mask).sum() / max(tokens, 1),
+                               (terms["kl"] * mask).sum() / max(tokens, 1)]).double()
+    return all_reduce_tensor(totals)
 
 
 def handle_nonfinite(recipe: Recipe, state: TrainState, loss: float, grad_norm: float) -> None:
@@ -538,6 +617,10 @@ def objective_summary(recipe: Recipe, state: TrainState, loop: LoopResult,
                       final_eval: dict) -> dict:
     """A preference objective's: its name, DPO's reference, held-out preference accuracy
     before and after, the last step's rewards ({} for SFT, whose summary stays as it was)."""
+    if recipe.objective.online:  # GRPO: the last step's rewards and figures
+        return {"objective": recipe.objective.name, "reference": recipe.reference.kind,
+                **{f"final_{k}": v for k, v in loop.last_step.items()
+                   if k in recipe.objective.metrics or k.startswith("reward/")}}
     if not recipe.objective.pairs:
         return {}
     return {"objective": recipe.objective.name, "reference": recipe.reference.kind,
