@@ -10,6 +10,7 @@ in float64 (Python floats), straight from the papers' formulas:
 - DAPO (Yu et al., 2025, eq. 8): clip to [1-e_low, 1+e_high], the token sum over the batch's
   completion tokens.
 """
+import dataclasses
 import math
 import random
 
@@ -247,3 +248,67 @@ def test_a_tiny_grpo_run_trains_logs_its_metrics_and_resumes_bitwise(tmp_path):
     for key in ("loss", "grad_norm", "reward/mean", "reward/chars/mean",
                 "completion_length/mean", "clip_fraction", "kl"):
         assert [m[key] for m in again] == [m[key] for m in steps], key  # bitwise
+
+
+# --- the recipe's step: one micro-batch of G rows and G micro-batches of one, same gradient --
+
+class HostEngine:
+    """What accumulate_grpo_gradients asks of an engine, for a bare model on the CPU."""
+
+    def __init__(self, model):
+        self.model = self.module = model
+        self.device = torch.device("cpu")
+
+    def to_device(self, batch):
+        return dict(batch)
+
+    def forward_context(self, last_in_window):
+        import contextlib
+        return contextlib.nullcontext()
+
+    eval_context = forward_context
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def test_the_recipe_step_gives_one_update_however_the_window_is_split():
+    """accumulate_grpo_gradients over one rollout of 4 completions equals it over 4 rollouts
+    of one (their own padding), for each normaliser: the divisor is the window's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dtune.grpo import Rollout, left_pad
+    from dtune.train import accumulate_grpo_gradients
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, pad_token_id=0)).double()
+    prompts, completions = [[5, 6, 7], [8, 9], [5, 6, 7], [10]], [[11, 12, 2], [13, 2, 0],
+                                                                      [14, 15, 16], [2, 0, 0]]
+    advantages = torch.tensor([0.8, -0.8, 1.1, -1.1], dtype=torch.float64)
+
+    def rollout(rows):
+        ids, mask = left_pad([prompts[i] for i in rows], 0)
+        done = torch.tensor([completions[i] for i in rows])
+        cmask = completion_mask(done, 2)
+        attention = torch.cat([mask, cmask.long()], 1)
+        return Rollout(torch.cat([ids, done], 1), attention,
+                       (attention.cumsum(1) - 1).clamp(min=0), cmask.double(), [], [],
+                       advantages[rows], keep=torch.ones(len(rows), dtype=torch.float64))
+
+    tokens = int(sum(completion_mask(torch.tensor(completions), 2).sum(1)))
+    objective = compose(*TINY, "objective=grpo", "objective.max_new_tokens=3").objective
+    for loss_type in ("grpo", "dr_grpo", "dapo"):
+        divisor = window_normaliser(loss_type, 4, tokens, 3)
+        results = []
+        for split in ([[0, 1, 2, 3]], [[0], [1], [2], [3]]):
+            model.zero_grad()
+            cfg = dataclasses.replace(objective, loss_type=loss_type)
+            loss = accumulate_grpo_gradients(HostEngine(model), [rollout(r) for r in split],
+                                             divisor, tokens, cfg, None)[0]
+            results.append((float(loss), [p.grad.clone() for p in model.parameters()]))
+        (whole, grads), (split_loss, split_grads) = results
+        assert split_loss == pytest.approx(whole, abs=1e-9)
+        for a, b in zip(grads, split_grads):
+            assert torch.allclose(a, b, atol=1e-9), loss_type
