@@ -229,6 +229,8 @@ def check_combination(cfg: Config) -> None:
             f"precision={precision} autocasts to {precision}, but the QLoRA base computes in "
             f"method.compute_dtype={method.compute_dtype}; the two would fight over the "
             f"matmul dtype. Set method.compute_dtype={precision} or precision=fp32.")
+    if cfg.model.init_from:
+        check_init_from(cfg)
     if engine.shards_state and not spec.zero:
         raise DtuneError(
             f"+method={method.name} with parallelism={parallel.name} is not supported: "
@@ -347,6 +349,30 @@ def check_objective(cfg: Config) -> None:
             "Remove it, or use objective.loss_type=sigmoid.")
     if spec.reference:
         check_reference(cfg, METHODS[method.name].adapter)
+
+
+def check_init_from(cfg: Config) -> None:
+    """`model.init_from`: what it cannot be combined with, and the run it names, before
+    anything loads."""
+    from pathlib import Path
+
+    where, method = cfg.model.init_from, cfg.method.name
+    if METHODS[method].quantized_bits:
+        raise DtuneError(
+            f"model.init_from={where} with +method={method} is not supported: the earlier run's "
+            "weights would have to be quantized after they are merged, which dtune does not do. "
+            "Use +method=lora (or full) to train on from it.")
+    if shards_parameters(cfg.parallelism):
+        raise DtuneError(
+            f"model.init_from={where} with parallelism={cfg.parallelism.name} is not supported: "
+            "ZeRO-3 partitions the weights as they load, before an earlier run's adapter could "
+            "be merged in. Use parallelism=zero2 or ddp.")
+    final = Path(where) / "final"
+    if not (Path(where) / ".hydra" / "config.yaml").is_file() or not final.is_dir():
+        raise DtuneError(
+            f"model.init_from={where} is not a finished dtune run directory (it needs "
+            ".hydra/config.yaml and final/). Pass the hydra.run.dir of a run that finished, or "
+            "set model.name_or_path to a model folder instead.")
 
 
 def check_online(cfg: Config, formats: set[str]) -> None:

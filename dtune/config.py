@@ -166,6 +166,9 @@ class ModelConfig(Section):
     # attention kernel: "auto" (transformers' choice, sdpa where it works), "sdpa", "eager",
     # "flash_attention_2" (needs the flash-attn package and a GPU) or "flex_attention"
     attn_implementation: str = "auto"
+    # an earlier dtune run directory whose final/ this run starts from (a full model, or an
+    # adapter merged into its base: SFT, then GRPO); its base must be model.name_or_path
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.name_or_path:

@@ -284,3 +284,28 @@ def load_gguf_file(path: Path):
         ) from None
     set_up_tokenizer(tokenizer)  # a pad token, as for any model folder
     return model.eval(), tokenizer
+
+
+def load_init_from(cfg: Config, options: dict):
+    """(model, tokenizer, source) for `model.init_from=RUN_DIR`: that run's final/ as this
+    run's starting weights, a full model as it is or an adapter merged into its base (this
+    run's method then adapts the merged model). Its tokenizer comes along: final/ holds the
+    chat template and pad token it trained with."""
+    run = RunDir(Path(cfg.model.init_from))
+    earlier = load_run_config(run.path, cfg.model.trust_remote_code)
+    if earlier.model.name_or_path != cfg.model.name_or_path:
+        raise DtuneError(
+            f"model.init_from={cfg.model.init_from} trained {earlier.model.name_or_path}, but "
+            f"this run names model.name_or_path={cfg.model.name_or_path}. Set the model this "
+            f"run starts from to the earlier run's (e.g. model={earlier.model.name}), so the "
+            "tokenizer, template and base match.")
+    folder = trained_weights(run, earlier, None)
+    tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)
+    if run.final_is_adapter():
+        base, _, _ = load_model_and_tokenizer(earlier.model, options)
+        model = load_adapter(base, run.path, earlier).merge_and_unload()
+    else:
+        model = load_model_folder(folder, cfg.model.trust_remote_code, options)
+    log.info("Starting from %s (model.init_from)%s", folder,
+             ": its adapter merged into the base" if run.final_is_adapter() else "")
+    return model.train(), tokenizer, f"init_from {folder}"

@@ -215,7 +215,8 @@ GRPO_RUN = [*TINY, "objective=grpo", "objective.num_generations=2", "objective.m
             "objective.beta=0.05", "train.lr=3e-3", "train.max_steps=3", "train.save_every=2"]
 
 
-def test_a_tiny_grpo_run_trains_logs_its_metrics_and_resumes_bitwise(tmp_path):
+def test_a_tiny_grpo_run_trains_logs_its_metrics_and_resumes_bitwise(tmp_path, tiny_lora_run):
+    """GRPO on top of an SFT run (model.init_from: its LoRA adapter merged into the base)."""
     import shutil
 
     from conftest import train
@@ -223,7 +224,9 @@ def test_a_tiny_grpo_run_trains_logs_its_metrics_and_resumes_bitwise(tmp_path):
     from dtune.objectives import GRPO_METRICS
 
     whole = tmp_path / "whole"
-    result = train(whole, *GRPO_RUN)
+    start = f"model.init_from={tiny_lora_run}"
+    result = train(whole, *GRPO_RUN, start)
+    assert result.summary["model_source"] == f"init_from {tiny_lora_run / 'final'}"
     steps = [m for m in read_metrics(whole / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
     for m in steps:
@@ -241,7 +244,7 @@ def test_a_tiny_grpo_run_trains_logs_its_metrics_and_resumes_bitwise(tmp_path):
     shutil.rmtree(cut / "checkpoints" / "step-3")
     shutil.rmtree(cut / "final")
     (cut / "checkpoints" / "latest").write_text("step-2")
-    resumed = train(cut, *GRPO_RUN, "train.resume=true")
+    resumed = train(cut, *GRPO_RUN, start, "train.resume=true")
     assert resumed.summary["resumed_from"].endswith("step-2")
     again = [m for m in read_metrics(cut / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in again] == [1, 2, 3]
