@@ -8,12 +8,14 @@ tests/test_docs.py fails when the README's table and the specs disagree.
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dtune.methods import METHODS  # noqa: E402
+from dtune.config import ObjectiveConfig  # noqa: E402
 from dtune.objectives import OBJECTIVES  # noqa: E402
 
 START, END = "<!-- methods table: docs/make_tables.py -->", "<!-- end of methods table -->"
@@ -50,12 +52,14 @@ def objectives_table() -> str:
     """The README's objective table, from the objective specs (dtune/objectives.py)."""
     lines = ["| objective | what it optimises | keys | reference model | data.format |",
              "|---|---|---|---|---|"]
+    order = [f.name for f in fields(ObjectiveConfig) if f.name != "name"]  # the schema's
     for spec in OBJECTIVES.values():
-        keys = ", ".join(f"`{k}`" for k in ("beta", "loss_type", "label_smoothing", "reference",
-                                             "gamma") if k in spec.fields) or "-"
-        lines.append(f"| `{spec.name}` | {spec.what} | {keys} | "
-                     f"{'yes' if spec.reference else 'no'} | "
-                     f"{'`preference`' if spec.pairs else 'any but `preference`'} |")
+        keys = ", ".join(f"`{k}`" for k in order if k in spec.fields) or "-"
+        reference = "yes" if spec.reference else \
+            "with `beta` > 0 (its KL term)" if spec.online else "no"
+        formats = "`preference`" if spec.pairs else \
+            "`chat` or `alpaca` (prompts with answers)" if spec.online else "any but `preference`"
+        lines.append(f"| `{spec.name}` | {spec.what} | {keys} | {reference} | {formats} |")
     return "\n".join(lines)
 
 

@@ -163,7 +163,7 @@ def sample_group(engine, tokenizer, prompts: list[list[int]], answers: list, gro
             output = model.generate(
                 **engine.to_device({"input_ids": prompt_ids, "attention_mask": prompt_mask}),
                 max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                top_p=top_p, top_k=None, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                top_p=top_p, top_k=0, use_cache=True,  # top_k=0: no top-k cut pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 **({"synced_gpus": True} if engine.synced_forward else {}))
     finally:
@@ -196,7 +196,8 @@ def score(rollout: Rollout, terms, group: int, max_new_tokens: int, scale: bool,
 def window_counts(rollouts: list[Rollout]) -> dict:
     """What the window's rollouts hold over every rank, from their host copies in one
     collective (and one for the longest completion): the completions and completion tokens
-    that train (the normalisers) and the step's reward, advantage and length figures."""
+    that train (the normalisers), every token the forward passes read (prompts and
+    completions), and the step's reward, advantage and length figures."""
     names = list(rollouts[0].rewards)
     rewards = {n: torch.cat([r.rewards[n] for r in rollouts]) for n in names}
     advantages = torch.cat([r.advantages for r in rollouts])
@@ -205,29 +206,33 @@ def window_counts(rollouts: list[Rollout]) -> dict:
     zero = torch.cat([r.zero_std for r in rollouts])
     local = [float(keep.sum()), float((lengths * keep).sum()), float(len(zero)),
              float(zero.sum()), float(len(lengths)), float(lengths.sum()),
-             float(advantages.pow(2).sum()), float(advantages.abs().sum())]
+             float(advantages.pow(2).sum()), float(advantages.abs().sum()),
+             float(sum(int(r.attention_mask.sum()) for r in rollouts))]
     for n in names:
         local += [float(rewards[n].sum()), float(rewards[n].pow(2).sum())]
     summed = all_reduce_sums(local)
-    kept, tokens, groups, zero_groups, rows, length_sum, adv_sq, adv_abs = summed[:8]
+    kept, tokens, groups, zero_groups, rows, length_sum, adv_sq, adv_abs, seen = summed[:9]
     metrics = {"groups": groups, "zero_std_groups": zero_groups,
                "completion_length/mean": length_sum / rows,
                "completion_length/max": all_reduce_max(float(lengths.max())),
                "advantage/std": math.sqrt(adv_sq / rows), "advantage/abs_mean": adv_abs / rows}
     for i, n in enumerate(names):
-        total, squares = summed[8 + 2 * i], summed[9 + 2 * i]
+        total, squares = summed[9 + 2 * i], summed[10 + 2 * i]
         key = "reward" if n == "total" else f"reward/{n}"
         mean = total / rows
         metrics[f"{key}/mean"] = mean
         metrics[f"{key}/std"] = math.sqrt(max(squares / rows - mean * mean, 0.0))
-    return {"sequences": int(kept), "tokens": int(tokens), "metrics": metrics}
+    return {"sequences": int(kept), "tokens": int(tokens), "rollout_tokens": int(seen),
+            "metrics": metrics}
 
 
-def completion_logps(model, inputs: dict, width: int) -> torch.Tensor:
-    """[N, C] fp32 log-prob of each completion token under `model`. Only the last C + 1
-    positions' logits are computed (`logits_to_keep`): the prompt's are never needed."""
+def completion_logps(model, inputs: dict, width: int, temperature: float = 1.0) -> torch.Tensor:
+    """[N, C] fp32 log-prob of each completion token under `model` at the sampling
+    `temperature` (the policy the completions were drawn from, so the ratio to it is 1 before
+    an update). Only the last C + 1 positions' logits are computed (`logits_to_keep`): the
+    prompt's are never needed."""
     out = model(**inputs, use_cache=False, logits_to_keep=width + 1)
-    logits = out.logits[:, -width - 1:-1].float()
+    logits = out.logits[:, -width - 1:-1].float() / temperature
     targets = inputs["input_ids"][:, -width:]
     return -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                             reduction="none").view(targets.shape)

@@ -30,12 +30,14 @@ class Progress:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step",
                             dynamic_ncols=True, file=sys.stdout)
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mem_gib: float):
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mem_gib: float,
+               reward: float | None = None):
+        """`reward`: an online objective's mean reward (GRPO), whose loss says little."""
         done = step - self.start_step
         rate = (time.perf_counter() - self.started) / max(done, 1)
         eta = _duration(rate * (self.total - step))
-        fields = (f"loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
-                  f"mem {mem_gib:.1f} GiB")
+        fields = (f"loss {loss:.4f} | " + ("" if reward is None else f"reward {reward:.3f} | ")
+                  + f"lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | mem {mem_gib:.1f} GiB")
         if self.bar is not None:
             self.bar.set_postfix_str(fields, refresh=False)
             self.bar.update(1)

@@ -66,14 +66,15 @@ class AdapterDisabled:
         finally:
             model.train(was_training)
 
-    def token_logps(self, engine, inputs: dict, width: int) -> torch.Tensor:
+    def token_logps(self, engine, inputs: dict, width: int, temperature: float = 1.0
+                    ) -> torch.Tensor:
         """GRPO's KL reference: [N, width] log-probs of each completion token."""
         model = engine.module
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), engine.eval_context(), model.disable_adapter():
-                return completion_logps(model, inputs, width)
+                return completion_logps(model, inputs, width, temperature)
         finally:
             model.train(was_training)
 
@@ -88,9 +89,10 @@ class FrozenCopy:
         with torch.no_grad(), engine.eval_context():
             return sequence_logps(self.model, on_device, self.response_head)
 
-    def token_logps(self, engine, inputs: dict, width: int) -> torch.Tensor:
+    def token_logps(self, engine, inputs: dict, width: int, temperature: float = 1.0
+                    ) -> torch.Tensor:
         with torch.no_grad(), engine.eval_context():
-            return completion_logps(self.model, inputs, width)
+            return completion_logps(self.model, inputs, width, temperature)
 
 
 @dataclass

@@ -49,7 +49,7 @@ class Reporter(SilentReporter):
             self.tracker.log({**record, "peak_memory_gib": memory / GIB})
         if self.progress is not None:
             self.progress.update(record["step"], record["loss"], record["lr"],
-                                 record["tokens_per_s"], memory / GIB)
+                                 record["tokens_per_s"], memory / GIB, record.get("reward/mean"))
 
     def training_finished(self) -> None:
         self._close_display()

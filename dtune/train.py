@@ -8,6 +8,7 @@ process, DDP or DeepSpeed ZeRO: the engine hides which, and only rank 0's report
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -344,7 +345,7 @@ def train_step(recipe: Recipe, state: TrainState, window: list[dict],
     started = time.perf_counter()
     lr = engine.lr()
     if recipe.objective.online:  # sampled completions and their rewards (dtune/grpo.py)
-        result, pair_metrics = grpo_step(recipe, state, window)
+        result, pair_metrics, counts = grpo_step(recipe, state, window, counts)
     elif recipe.objective.pairs:  # per pair: the mean over every pair of the global window
         sums = accumulate_pair_gradients(engine, window, counts.pairs, recipe.cfg.objective,
                                          recipe.reference, recipe.loss.response_head)
@@ -419,11 +420,13 @@ def accumulate_pair_gradients(engine: Engine, window: list[dict], window_pairs: 
     return all_reduce_tensor(totals / max(window_pairs, 1))
 
 
-def grpo_step(recipe: Recipe, state: TrainState, window: list[dict]) -> tuple[StepResult, dict]:
+def grpo_step(recipe: Recipe, state: TrainState, window: list[dict], counts: WindowCounts
+              ) -> tuple[StepResult, dict, WindowCounts]:
     """GRPO's step: G completions of each prompt of the window, sampled (eval mode, KV cache,
     seeded by the step, micro-batch and rank: a resume draws the same) and scored; then
     `num_iterations` updates on them, each loss divided by the whole window's normaliser
-    over every rank. Returns the last update's result and the step's metrics."""
+    over every rank. Returns the last update's result, the step's metrics, and `counts` with
+    the tokens the updates read (every rollout token) and trained (kept completions')."""
     cfg, engine, o = recipe.cfg, recipe.engine, recipe.cfg.objective
     started = time.perf_counter()
     rollouts = []
@@ -437,18 +440,19 @@ def grpo_step(recipe: Recipe, state: TrainState, window: list[dict]) -> tuple[St
         grpo.score(rollout, recipe.rewards, o.num_generations, o.max_new_tokens,
                    scale=o.loss_type != "dr_grpo", skip_zero_std=o.skip_zero_std_groups)
         rollouts.append(rollout)
-    counts = grpo.window_counts(rollouts)  # every rank's, before the first backward
-    divisor = grpo.window_normaliser(o.loss_type, counts["sequences"], counts["tokens"],
+    found = grpo.window_counts(rollouts)  # every rank's, before the first backward
+    divisor = grpo.window_normaliser(o.loss_type, found["sequences"], found["tokens"],
                                      o.max_new_tokens)
     generated = time.perf_counter()
     if o.num_iterations > 1:  # the sampling policy's log-probs, before the first update
         for rollout in rollouts:
             with torch.no_grad(), engine.eval_context():
                 rollout.old_logps = grpo.completion_logps(
-                    engine.module, engine.to_device(rollout.model_inputs()), rollout.width)
+                    engine.module, engine.to_device(rollout.model_inputs()), rollout.width,
+                    o.temperature)
     sums, statuses = 0, []
     for _ in range(o.num_iterations):
-        update = accumulate_grpo_gradients(engine, rollouts, divisor, counts["tokens"], o,
+        update = accumulate_grpo_gradients(engine, rollouts, divisor, found["tokens"], o,
                                            recipe.reference)
         result = engine.step(update[0])
         statuses.append(result.status)
@@ -457,9 +461,11 @@ def grpo_step(recipe: Recipe, state: TrainState, window: list[dict]) -> tuple[St
                                                 StepStatus.APPLIED), StepStatus.APPLIED),
                         result.loss)
     means = (sums / o.num_iterations).tolist()  # read once, after the last update
-    return result, {**counts["metrics"], "clip_fraction": means[1], "kl": means[2],
-                    "generation_time_s": generated - started,
-                    "update_time_s": time.perf_counter() - generated}
+    metrics = {**found["metrics"], "clip_fraction": means[1], "kl": means[2],
+               "generation_time_s": generated - started,
+               "update_time_s": time.perf_counter() - generated}
+    return result, metrics, dataclasses.replace(counts, real_tokens=found["rollout_tokens"],
+                                                loss_tokens=found["tokens"])
 
 
 def accumulate_grpo_gradients(engine: Engine, rollouts: list, divisor: int, tokens: int,
@@ -476,9 +482,11 @@ def accumulate_grpo_gradients(engine: Engine, rollouts: list, divisor: int, toke
         weights = engine.to_device({  # fp32, as the log-probs are
             "mask": rollout.completion_mask * rollout.keep.float().unsqueeze(1),
             "advantages": rollout.advantages.float()})
-        ref = reference.token_logps(engine, inputs, rollout.width) if objective.beta else None
+        ref = reference.token_logps(engine, inputs, rollout.width, objective.temperature) \
+            if objective.beta else None
         with engine.forward_context(last_in_window=index == len(rollouts) - 1):
-            logps = grpo.completion_logps(engine.model, inputs, rollout.width)
+            logps = grpo.completion_logps(engine.model, inputs, rollout.width,
+                                          objective.temperature)
             old = logps.detach() if rollout.old_logps is None else rollout.old_logps
             terms = grpo.token_terms(logps, old, weights["advantages"], objective.epsilon,
                                      objective.epsilon_high, objective.beta, ref)
