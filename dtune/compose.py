@@ -352,10 +352,9 @@ def check_objective(cfg: Config) -> None:
 
 
 def check_init_from(cfg: Config) -> None:
-    """`model.init_from`: what it cannot be combined with, and the run it names, before
-    anything loads."""
-    from pathlib import Path
-
+    """`model.init_from`: what it cannot be combined with, before anything loads. (The run
+    it names is read when the model loads, dtune.load_run.load_base: the tools that read
+    this run later, on another machine perhaps, settle its config too.)"""
     where, method = cfg.model.init_from, cfg.method.name
     if METHODS[method].quantized_bits:
         raise DtuneError(
@@ -367,12 +366,6 @@ def check_init_from(cfg: Config) -> None:
             f"model.init_from={where} with parallelism={cfg.parallelism.name} is not supported: "
             "ZeRO-3 partitions the weights as they load, before an earlier run's adapter could "
             "be merged in. Use parallelism=zero2 or ddp.")
-    final = Path(where) / "final"
-    if not (Path(where) / ".hydra" / "config.yaml").is_file() or not final.is_dir():
-        raise DtuneError(
-            f"model.init_from={where} is not a finished dtune run directory (it needs "
-            ".hydra/config.yaml and final/). Pass the hydra.run.dir of a run that finished, or "
-            "set model.name_or_path to a model folder instead.")
 
 
 def check_online(cfg: Config, formats: set[str]) -> None:

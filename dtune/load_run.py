@@ -63,7 +63,9 @@ def say_base(cfg: Config, run_dir: Path) -> None:
     revision = f" at revision {cfg.model.revision}" if cfg.model.revision else ""
     allowed = " (remote code allowed: --trust-remote-code)" if cfg.model.trust_remote_code else ""
     # stderr, always: what is about to be loaded matters more than the logging level
-    print(f"Loading the base model {cfg.model.name_or_path}{revision}, as "
+    then = f", then model.init_from={cfg.model.init_from}'s final model" \
+        if cfg.model.init_from else ""
+    print(f"Loading the base model {cfg.model.name_or_path}{revision}{then}, as "
           f"{RunDir(run_dir).config_file} names it{allowed}.", file=sys.stderr, flush=True)
 
 
@@ -107,7 +109,7 @@ def load_trained(run: RunDir, cfg: Config, folder: Path, options: dict,
     tokenizer = load_tokenizer(run.final, cfg.model.trust_remote_code)
     if run.final_is_adapter():
         say_base(cfg, run.path)
-        base, _, _ = load_model_and_tokenizer(cfg.model, options)
+        base, _, _ = load_base(cfg, options)
         model = load_adapter(base, run.path, cfg)
     else:
         model = load_model_folder(run.final, cfg.model.trust_remote_code, options)
@@ -152,8 +154,7 @@ def load_checkpoint_model(run: RunDir, cfg: Config, folder: Path, options: dict,
     checkpoint holds only those) put in. `merging`: see load_trained."""
     state = checkpoint_state(folder)
     say_base(cfg, run.path)
-    base, tokenizer, _ = load_model_and_tokenizer(cfg.model, options,
-                                                  chat_template=cfg.data.chat_template)
+    base, tokenizer, _ = load_base(cfg, options)
     if state.chat_template is not None:
         tokenizer.chat_template = state.chat_template  # the one the run trained with
     spec = METHODS[cfg.method.name]
@@ -286,12 +287,27 @@ def load_gguf_file(path: Path):
     return model.eval(), tokenizer
 
 
+def load_base(cfg: Config, options: dict):
+    """(model, tokenizer, source): what a run starts from, as training loads it and as the
+    tools load it under a run's adapter or checkpoint: the base model, or with
+    `model.init_from` the earlier run's final model (`load_init_from`)."""
+    if cfg.model.init_from:
+        return load_init_from(cfg, options)
+    return load_model_and_tokenizer(cfg.model, options, chat_template=cfg.data.chat_template)
+
+
 def load_init_from(cfg: Config, options: dict):
     """(model, tokenizer, source) for `model.init_from=RUN_DIR`: that run's final/ as this
-    run's starting weights, a full model as it is or an adapter merged into its base (this
-    run's method then adapts the merged model). Its tokenizer comes along: final/ holds the
-    chat template and pad token it trained with."""
+    run's starting weights, a full model as it is or an adapter merged into what that run
+    started from (its base, or its own init_from); this run's method then adapts the merged
+    model. Its tokenizer comes along: final/ holds the chat template and pad token it
+    trained with."""
     run = RunDir(Path(cfg.model.init_from))
+    if not run.config_file.is_file() or not run.final.is_dir():
+        raise DtuneError(
+            f"model.init_from={cfg.model.init_from} is not a finished dtune run directory (it "
+            f"needs {run.config_file.name} in .hydra/ and final/). Pass the hydra.run.dir of a "
+            "run that finished, or set model.name_or_path to a model folder instead.")
     earlier = load_run_config(run.path, cfg.model.trust_remote_code)
     if earlier.model.name_or_path != cfg.model.name_or_path:
         raise DtuneError(
@@ -302,10 +318,10 @@ def load_init_from(cfg: Config, options: dict):
     folder = trained_weights(run, earlier, None)
     tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)
     if run.final_is_adapter():
-        base, _, _ = load_model_and_tokenizer(earlier.model, options)
+        base, _, _ = load_base(earlier, options)
         model = load_adapter(base, run.path, earlier).merge_and_unload()
     else:
         model = load_model_folder(folder, cfg.model.trust_remote_code, options)
     log.info("Starting from %s (model.init_from)%s", folder,
-             ": its adapter merged into the base" if run.final_is_adapter() else "")
+             ": its adapter merged into the model it trained" if run.final_is_adapter() else "")
     return model.train(), tokenizer, f"init_from {folder}"

@@ -44,8 +44,7 @@ from dtune.loss_plan import LossPlan, plan_loss
 from dtune.methods import apply_method, count_parameters, load_options, method_spec
 from dtune.metrics import (TrainingPeakMemory, peak_host_memory_bytes, peak_memory_bytes,
                            peak_reserved_bytes, release_free_heap)
-from dtune.load_run import load_init_from
-from dtune.models import load_model_and_tokenizer
+from dtune.load_run import load_base
 from dtune.objectives import OBJECTIVES, ObjectiveSpec, objective_spec, pair_loss
 from dtune.reference import build_reference
 from dtune.rewards import parse_rewards
@@ -156,11 +155,8 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     records = data.read(cfg, ranks)  # first: a bad row is reported before the model loads
-    if cfg.model.init_from:  # an earlier run's final/: SFT first, then GRPO, say
-        model, tokenizer, source = load_init_from(cfg, base_load_options(cfg, ranks))
-    else:
-        model, tokenizer, source = load_model_and_tokenizer(
-            cfg.model, base_load_options(cfg, ranks), chat_template=cfg.data.chat_template)
+    # the base, or with model.init_from an earlier run's final model (SFT, then GRPO)
+    model, tokenizer, source = load_base(cfg, base_load_options(cfg, ranks))
     check_context_length(cfg, model)
     check_packing(cfg, model)  # before minutes go into tokenizing
     log.info("Model %s from %s", cfg.model.name_or_path, source)

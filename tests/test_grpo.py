@@ -238,6 +238,13 @@ def test_a_tiny_grpo_run_trains_logs_its_metrics_and_resumes_bitwise(tmp_path, t
     assert any(m["kl"] > 0 for m in steps[1:])  # the policy moved from its reference
     assert result.summary["objective"] == "grpo" and "final_reward/mean" in result.summary
     assert result.summary["reference"] == "adapter_disabled"
+    # the tools read final/ (this run's adapter) onto the merged SFT model it trained on
+    from dtune.load_run import load_final_model
+    reread, _, _ = load_final_model(whole)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        assert torch.allclose(reread(input_ids=ids).logits,
+                              result.model.eval()(input_ids=ids).logits, atol=1e-5)
 
     cut = tmp_path / "cut"
     shutil.copytree(whole, cut)
