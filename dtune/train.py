@@ -419,7 +419,8 @@ def accumulate_pair_gradients(engine: Engine, window: list[dict], window_pairs: 
 def grpo_step(recipe: Recipe, state: TrainState, window: list[dict], counts: WindowCounts
               ) -> tuple[StepResult, dict, WindowCounts]:
     """GRPO's step: G completions of each prompt of the window, sampled (eval mode, KV cache,
-    seeded by the step, micro-batch and rank: a resume draws the same) and scored; then
+    seeded by the step and the micro-batch's place in the global window, so a resume draws
+    the same, and so do 2 ranks x 1 micro-batch and 1 rank x 2) and scored; then
     `num_iterations` updates on them, each loss divided by the whole window's normaliser
     over every rank. Returns the last update's result, the step's metrics, and `counts` with
     the tokens the updates read (every rollout token) and trained (kept completions')."""
@@ -428,8 +429,9 @@ def grpo_step(recipe: Recipe, state: TrainState, window: list[dict], counts: Win
     rollouts = []
     for index, batch in enumerate(window):
         prompts, answers = grpo.prompts_and_answers(batch, recipe.tokenizer)
-        seed = ((cfg.train.seed * 1_000_003 + state.step) * 4096 + index) * 4096 + \
-            recipe.ranks.rank
+        # rank r holds the global window's micro-batches r x accum ... (data.batching)
+        place = recipe.ranks.rank * len(window) + index
+        seed = (cfg.train.seed * 1_000_003 + state.step) * 65_536 + place
         rollout = grpo.sample_group(engine, recipe.tokenizer, prompts, answers,
                                     o.num_generations, o.max_new_tokens, o.temperature,
                                     o.top_p, seed)
