@@ -149,9 +149,10 @@ def completion_mask(completion: torch.Tensor, eos_id) -> torch.Tensor:
 @torch.no_grad()
 def sample_group(engine, tokenizer, prompts: list[list[int]], answers: list, group: int,
                  max_new_tokens: int, temperature: float, top_p: float, seed: int) -> Rollout:
-    """G completions of each prompt, sampled with the KV cache in eval mode from a generator
-    seeded by `seed` (the step and rank), so a resumed run draws the samples the
-    uninterrupted one drew. Returns the rollout on the host (its text is needed there)."""
+    """G completions of each prompt, sampled with the KV cache in eval mode, the global
+    generators seeded by `seed` (the step and the micro-batch's place in the window), so a
+    resumed run draws the samples the uninterrupted one drew. Returns the rollout on the
+    host (its text is needed there)."""
     model = engine.module
     was_training = model.training
     model.eval()
@@ -163,7 +164,8 @@ def sample_group(engine, tokenizer, prompts: list[list[int]], answers: list, gro
             output = model.generate(
                 **engine.to_device({"input_ids": prompt_ids, "attention_mask": prompt_mask}),
                 max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                top_p=top_p, top_k=0, use_cache=True,  # top_k=0: no top-k cut pad_token_id=tokenizer.pad_token_id,
+                top_p=top_p, top_k=0,  # 0: no top-k cut (the model's config may set one)
+                use_cache=True, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 **({"synced_gpus": True} if engine.synced_forward else {}))
     finally:
