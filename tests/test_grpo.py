@@ -152,6 +152,26 @@ def test_the_completion_ends_at_its_first_eos():
     assert completion_mask(ids, [7, 2]).tolist()[1] == [1, 1, 0, 0, 0]
 
 
+def test_skipped_zero_signal_groups_leave_the_loss_and_its_normalisers():
+    """skip_zero_std_groups: a group whose rewards are all equal trains nothing and is not
+    counted in the window's completions or tokens; without it, it is counted (advantage 0)."""
+    from dtune.grpo import Rollout, score, window_counts
+
+    terms = parse_rewards([{"name": "exact_match", "weight": 1.0}])
+    for skip, sequences, tokens in ((True, 2, 5), (False, 4, 9)):
+        mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.float)
+        rollout = Rollout(torch.zeros(4, 5, dtype=torch.long), torch.ones(4, 5, dtype=torch.long),
+                          torch.zeros(4, 5, dtype=torch.long), mask, ["7", "8", "x", "y"],
+                          ["7", "7", "1", "1"])
+        score(rollout, terms, group=2, max_new_tokens=3, scale=True, skip_zero_std=skip)
+        counts = window_counts([rollout])
+        assert rollout.zero_std.tolist() == [False, True]  # the second group: both wrong
+        assert rollout.keep.tolist() == ([1, 1, 0, 0] if skip else [1, 1, 1, 1])
+        assert (counts["sequences"], counts["tokens"]) == (sequences, tokens)
+        assert counts["metrics"]["zero_std_groups"] == 1 and counts["metrics"]["groups"] == 2
+        assert counts["metrics"]["reward/exact_match/mean"] == 0.25
+
+
 # --- rewards --------------------------------------------------------------------------------
 
 def brevity(completions, answers, lengths, limit=3):
