@@ -32,7 +32,7 @@ def test_the_parallelism_layouts_name_exactly_the_registered_engines():
 @pytest.mark.parametrize("overrides, key, value", [
     (["objective.name=kto"], "objective.name", "'kto'"),
     (["tracker.name=mlflow"], "tracker.name", "'mlflow'"),
-    (["parallelism=ddp", "parallelism.engine=fsdp2"], "parallelism.engine", "'fsdp2'"),
+    (["parallelism=ddp", "parallelism.engine=fsdp9"], "parallelism.engine", "'fsdp9'"),
 ])
 def test_a_name_outside_its_registry_is_refused_in_one_paragraph(overrides, key, value):
     with pytest.raises(DtuneError) as refused:

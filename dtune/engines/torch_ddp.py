@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from dtune.checkpoint import check_same_parameters, save_final, trainable_state
 from dtune.config import Config
 from dtune.distributed import Ranks
-from dtune.engines.base import (StepResult, StepStatus, adamw, lr_lambda, move_batch,
-                                param_groups, process_device)
+from dtune.engines.base import (StepResult, StepStatus, adamw, compile_layers, lr_lambda,
+                                move_batch, param_groups, process_device)
 from dtune.precision import Precision, setup_precision
 
 
@@ -41,6 +41,8 @@ class TorchEngine:
             model.to(device)  # quantized bases were placed by bitsandbytes when loaded
         optimizer = adamw(cfg, param_groups(model, cfg.train.weight_decay), device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+        if cfg.train.compile:
+            compile_layers(model)
         wrapped = model
         if ranks.world_size > 1:
             wrapped = DistributedDataParallel(
