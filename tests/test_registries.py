@@ -50,6 +50,8 @@ def test_a_name_outside_its_registry_is_refused_in_one_paragraph(overrides, key,
      ["parallelism.engine=deepspeed", "parallelism=zero1, zero2 or zero3"]),
     (["parallelism=zero2", "parallelism.engine=torch"],
      ["parallelism.zero_stage=2", "parallelism.engine=torch", "parallelism=zero2"]),
+    (["parallelism=fsdp2", "parallelism.zero_stage=3"],
+     ["parallelism.zero_stage=3", "parallelism.engine=fsdp2", "parallelism=zero3"]),
 ])
 def test_an_engine_refuses_a_layout_it_cannot_run(overrides, fragments):
     with pytest.raises(DtuneError) as refused:

@@ -75,9 +75,10 @@ class EngineSpec:
     what: str  # in words
     # the parallelism fields the engine needs (or refuses): raises DtuneError
     check: Callable[[ParallelismConfig], None]
-    # each rank holds a shard of the parameters: the model loads partitioned (inside the
-    # module's `sharded_loading(cfg, ranks)`), on no device of dtune's choosing, and nothing
-    # may read a weight outside the forward pass (the chunked loss reads the LM head)
+    # each rank holds a shard of the parameters: the model loads inside the module's
+    # `sharded_loading(cfg, ranks)` (ZeRO-3 partitions it there; FSDP2 shards it in create),
+    # on no device of dtune's choosing, and nothing may read a weight outside the forward
+    # pass (the chunked loss reads the LM head)
     shards_parameters: Callable[[ParallelismConfig], bool] = never
     # optimizer state (at least) is split by rank: bitsandbytes' packed quantized weights
     # cannot be split, so a quantized base is refused
@@ -92,6 +93,13 @@ class EngineSpec:
     # (DeepSpeed); False: fp32 weights, cast for the matmuls (autocast, FSDP2's policy)
     sixteen_bit_module: bool = False
     soft_prompts: bool = True  # it can train prompt/prefix tuning's virtual tokens
+    # the planner's: bf16/fp16 run under torch autocast (a 16-bit copy of each fp32 weight a
+    # matmul reads lives until backward); the weights are partitioned as they load (else
+    # whole in host memory first); a window's earlier micro-batches accumulate whole
+    # (unsharded) gradients, reduced once at its end
+    autocast: bool = True
+    partitions_while_loading: Callable[[ParallelismConfig], bool] = never
+    accumulates_unsharded: bool = False
     group_for_one_process: bool = False  # needs a process group even for one process
     fp16_on_cpu: bool = True  # its fp16 mode runs without a GPU
     bf16_pure: bool = True  # it can train bf16 weights with no fp32 master copy
@@ -105,14 +113,15 @@ ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (
     EngineSpec("deepspeed", "deepspeed_zero", "DeepSpeed ZeRO stage 1, 2 or 3",
                check_zero_stage, shards_parameters=zero3, shards_state=True,
                fixed_world_size=True, sharding=lambda p: p.zero_stage or 0,
-               sixteen_bit_module=True, group_for_one_process=True, fp16_on_cpu=False,
-               bf16_pure=False),
+               sixteen_bit_module=True, autocast=False, partitions_while_loading=zero3,
+               group_for_one_process=True, fp16_on_cpu=False, bf16_pure=False),
     # Its mesh needs a process group even for one process. PEFT reads a soft prompt's
     # embeddings outside the model's forward while generating, where they are still shards.
     EngineSpec("fsdp2", "fsdp2", "PyTorch FSDP2: parameters, gradients and optimizer state "
                "sharded by rank, one layer gathered at a time", check_fsdp2,
                shards_parameters=always, shards_state=True, sharding=lambda p: 3,
-               group_for_one_process=True, soft_prompts=False),
+               autocast=False, accumulates_unsharded=True, group_for_one_process=True,
+               soft_prompts=False),
 )}
 
 

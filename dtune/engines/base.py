@@ -140,7 +140,8 @@ def compile_layers(model) -> None:
             f"{type(model).__name__} (it compiles the modules the model's _no_split_modules "
             "names). Set train.compile=false.")
     for layer in layers:
-        layer.forward = torch.compile(layer.forward)
+        # dynamic: batches padded to their longest row change shape every step
+        layer.forward = torch.compile(layer.forward, dynamic=True)
 
 
 def held_here(param: torch.Tensor) -> torch.Tensor:
