@@ -61,18 +61,18 @@ def test_fsdp2_trains_as_one_process_and_resumes_on_another_number_of_processes(
 
 
 def test_compile_gives_the_eager_losses(tmp_path):
-    """train.compile=true (each decoder layer through torch.compile) under the plain engine
-    and under FSDP2, one process, 2 steps: the eager losses to 1e-5 relative (fp32; measured
-    about 1e-7: other fusions, other roundings)."""
+    """train.compile=true (each decoder layer through torch.compile, here under FSDP2 in one
+    process, 2 steps) gives the eager losses of the plain engine to 1e-5 relative (fp32;
+    measured about 1e-7: other fusions, other roundings). Compiling takes most of a minute on
+    2 cores, so one compiled run stands for every engine: they share compile_layers
+    (bench/fsdp2.py measures the plain engine compiled too)."""
     quick = [*FULL, "train.max_steps=2", "train.save_final=false", "train.save_every=0"]
     train_cli(tmp_path / "eager", *quick)
-    train_cli(tmp_path / "compiled", *quick, "train.compile=true")
-    train_cli(tmp_path / "fsdp2-compiled", *quick, "train.compile=true", *FSDP2,
+    train_cli(tmp_path / "compiled", *quick, "train.compile=true", *FSDP2,
               "parallelism.nproc_per_node=1")
     eager = step_losses(tmp_path / "eager")
     assert len(eager) == 2
     assert step_losses(tmp_path / "compiled") == pytest.approx(eager, rel=1e-5)
-    assert step_losses(tmp_path / "fsdp2-compiled") == pytest.approx(eager, rel=1e-5)
 
 
 def test_fsdp2_checkpoint_metadata_rebuilds_only_dcp_records(tmp_path):
