@@ -118,7 +118,7 @@ class Estimate:
     runtime: int
     offloaded: int  # bytes moved to host memory (not in the total)
     load_peak: int = 0  # on the device while the weights load (ZeRO-3: shard + one module)
-    gathered: int = 0  # ZeRO-3: the modules gathered whole around the one computing
+    gathered: int = 0  # ZeRO-3, FSDP2: the modules gathered whole around the one computing
 
     @property
     def training(self) -> int:
@@ -360,8 +360,8 @@ def device_memory_bytes() -> tuple[int, bool]:
 
 
 def table(estimates: list[Estimate], device_bytes: int | None) -> str:
-    header = "| parallelism | weights | ZeRO-3 gathered | gradients | optimizer | activations " \
-             "| runtime | loading | total per device | offloaded to host | fits |"
+    header = "| parallelism | weights | gathered (ZeRO-3, FSDP2) | gradients | optimizer " \
+             "| activations | runtime | loading | total per device | offloaded to host | fits |"
     lines = [header, "|" + "---|" * 11]
     for e in estimates:
         fits = "-" if device_bytes is None else ("yes" if e.total <= device_bytes else "no")
