@@ -35,9 +35,10 @@ def run(name: str, overrides: list[str], steps: int, warmup: int, processes: int
     command = [sys.executable, "-m", "dtune", "model=tiny-llama", "+method=full",
                f"parallelism.nproc_per_node={processes}", f"train.max_steps={steps}",
                "train.micro_batch_size=4", "train.lr=1e-3", "train.save_every=0",
-               "train.save_final=false", "train.warmup_steps=0", "train.loss_chunk_size=0",
-               "eval.exact_match_samples=0", "eval.max_loss_samples=8",
-               "data.builtin.train_size=512", *overrides, "hydra.run.dir=${oc.env:DTUNE_RUN_DIR}"]
+               "train.log_every=1", "train.save_final=false", "train.warmup_steps=0",
+               "train.loss_chunk_size=0", "eval.exact_match_samples=0",
+               "eval.max_loss_samples=8", "data.builtin.train_size=512", *overrides,
+               "hydra.run.dir=${oc.env:DTUNE_RUN_DIR}"]
     env = {**os.environ, "DTUNE_RUN_DIR": str(run_dir), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if done.returncode != 0:

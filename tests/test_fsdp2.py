@@ -1,6 +1,7 @@
 """FSDP2 (parallelism=fsdp2) on CPU processes with gloo: the same losses as one process, a
 checkpoint that resumes on another number of processes with the loss curve going on, the
-trained adapter or model in final/, and train.compile's losses equal to eager ones."""
+trained adapter or model in final/ (and in a checkpoint, for dtune's tools), and
+train.compile's losses equal to eager ones."""
 import json
 
 import pytest
@@ -37,7 +38,8 @@ def resume_on(run_dir, processes: int, *overrides):
 def test_fsdp2_trains_as_one_process_and_resumes_on_another_number_of_processes(tmp_path):
     """Full fine-tuning: 2 FSDP2 ranks, resumed on 1 process. LoRA: 1 FSDP2 process, resumed
     on 2 ranks. Each loss curve is one process's (plain torch engine, the same global batch)
-    to 1e-5 relative in fp32, across the resume; final/ holds the same weights."""
+    to 1e-5 relative in fp32, across the resume; final/ holds the same weights, and so does
+    the last checkpoint, as dtune's tools read it."""
     for name, method, first in (("full", FULL, 2), ("lora", LORA, 1)):
         reference, sharded = tmp_path / f"{name}-one", tmp_path / f"{name}-fsdp2"
         train_cli(reference, *method, "train.max_steps=4", "train.grad_accum_steps=2")
@@ -58,6 +60,16 @@ def test_fsdp2_trains_as_one_process_and_resumes_on_another_number_of_processes(
     adapter = load_file(tmp_path / "lora-fsdp2" / "final" / "adapter_model.safetensors")
     assert len(adapter) == 2 * 7 * 2  # A and B of 7 layers in 2 blocks: the real adapter
     assert all(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n)  # it trained
+    # dtune's tools read the step-4 checkpoint the 2 ranks wrote, whole, in one process
+    from peft import get_peft_model_state_dict
+
+    from dtune.load_run import load_final_model
+
+    model, _, _ = load_final_model(tmp_path / "lora-fsdp2", checkpoint="step-4")
+    read = get_peft_model_state_dict(model)
+    assert read.keys() == adapter.keys()
+    for key, tensor in adapter.items():
+        torch.testing.assert_close(read[key], tensor, rtol=0, atol=0, msg=key)
 
 
 def test_compile_gives_the_eager_losses(tmp_path):

@@ -1,5 +1,6 @@
 """Engines carry out the training step: one process or torch DDP (`torch_ddp`), DeepSpeed
-ZeRO (`deepspeed_zero`), or PyTorch's FSDP2 (`fsdp2`). The loop sees only the `Engine` interface of `base`.
+ZeRO (`deepspeed_zero`), or PyTorch's FSDP2 (`fsdp2`). The loop sees only the `Engine`
+interface of `base`.
 
 ENGINES is the one list of engines: a parallelism YAML names one in `engine:`, config
 validation checks the name and the layout against its spec, and everything outside this
@@ -93,6 +94,9 @@ class EngineSpec:
     # (DeepSpeed); False: fp32 weights, cast for the matmuls (autocast, FSDP2's policy)
     sixteen_bit_module: bool = False
     soft_prompts: bool = True  # it can train prompt/prefix tuning's virtual tokens
+    # dtune's tools (eval, generate, merge, export --checkpoint) can read its checkpoints'
+    # weights in one process (`checkpoint_weights`); False: only a resume under it can
+    tools_read_checkpoints: bool = True
     # the planner's: bf16/fp16 run under torch autocast (a 16-bit copy of each fp32 weight a
     # matmul reads lives until backward); the weights are partitioned as they load (else
     # whole in host memory first); a window's earlier micro-batches accumulate whole
@@ -114,7 +118,8 @@ ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (
                check_zero_stage, shards_parameters=zero3, shards_state=True,
                fixed_world_size=True, sharding=lambda p: p.zero_stage or 0,
                sixteen_bit_module=True, autocast=False, partitions_while_loading=zero3,
-               group_for_one_process=True, fp16_on_cpu=False, bf16_pure=False),
+               group_for_one_process=True, fp16_on_cpu=False, bf16_pure=False,
+               tools_read_checkpoints=False),
     # Its mesh needs a process group even for one process. PEFT reads a soft prompt's
     # embeddings outside the model's forward while generating, where they are still shards.
     EngineSpec("fsdp2", "fsdp2", "PyTorch FSDP2: parameters, gradients and optimizer state "
@@ -148,3 +153,18 @@ def run_context(cfg: Config, ranks):
 def build_engine(cfg: Config, model, ranks, total_steps: int):
     """The engine for `cfg.parallelism` around an already adapted (PEFT or full) model."""
     return engine_module(cfg.parallelism).create(cfg, model, ranks, total_steps)
+
+
+def checkpoint_weights(engine: str, folder, model) -> dict:
+    """The trained weights a sealed checkpoint that `engine` wrote holds, whole, read in this
+    one process, for dtune's tools (eval, generate, merge, export --checkpoint): its module's
+    `checkpoint_weights(folder, model)`, which refuses where only a resume can read them."""
+    module = importlib.import_module(f"dtune.engines.{ENGINES[engine].module}")
+    return module.checkpoint_weights(folder, model)
+
+
+def refuse_unreadable_checkpoint(engine: str, folder) -> None:
+    """Before any model loads: the engine's refusal, where dtune's tools cannot read what it
+    wrote (ZeRO's files)."""
+    if not ENGINES[engine].tools_read_checkpoints:
+        checkpoint_weights(engine, folder, None)  # raises the engine's own paragraph

@@ -233,3 +233,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     merged = OmegaConf.merge(OmegaConf.create(generated), OmegaConf.create(
         dict(p.deepspeed_overrides)))
     return OmegaConf.to_container(merged)
+
+
+def checkpoint_weights(folder: Path, model) -> dict:
+    raise DtuneError(
+        f"{folder} was written by DeepSpeed ZeRO (parallelism=zero*): its weights are sharded "
+        "in DeepSpeed's own files, which dtune reads back only when resuming under DeepSpeed, "
+        "not in eval, generate, merge or export. Use the run's final/ (leave --checkpoint out).")

@@ -52,8 +52,9 @@ DCP_FOLDER = "dcp"  # inside a checkpoint folder: one file per rank, and DCP's m
 
 @dataclass
 class FSDP2Engine:
-    model: torch.nn.Module  # the sharded model itself: fully_shard works in place
+    model: torch.nn.Module  # the model itself: fully_shard works in place
     module: torch.nn.Module
+    root: Any  # the outermost FSDP module: the transformers model (under PEFT's wrapper)
     device: torch.device
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -80,7 +81,12 @@ class FSDP2Engine:
             compile_layers(model)
         for layer in decoder_layers(model):
             fully_shard(layer, **options)
-        fully_shard(model, **options)  # the root: embeddings, final norm, LM head, adapters
+        # The root holds the embeddings, the final norm and the LM head. Under PEFT it is the
+        # transformers model inside the wrapper, not the wrapper: generate() calls that model
+        # directly, and its root hooks must gather them there too. Every adapter lives inside
+        # it (soft prompts, which would not, are refused: EngineSpec.soft_prompts).
+        root = model.get_base_model() if hasattr(model, "get_base_model") else model
+        fully_shard(root, **options)
         # the optimizer runs where the shards are: on the host when offloaded
         optimizer = adamw(cfg, param_groups(model, cfg.train.weight_decay),
                           torch.device("cpu") if cfg.parallelism.offload else device)
@@ -89,7 +95,7 @@ class FSDP2Engine:
         if precision == "fp16":  # its found-inf flag is agreed across ranks
             scaler = ShardedGradScaler(device.type, init_scale=cfg.precision.init_loss_scale,
                                        growth_interval=cfg.precision.growth_interval)
-        return cls(model, model, device, optimizer, scheduler, ranks,
+        return cls(model, model, root, device, optimizer, scheduler, ranks,
                    cfg.train.max_grad_norm or math.inf, method_spec(cfg.method).adapter, scaler)
 
     def to_device(self, batch: dict) -> dict:
@@ -98,7 +104,7 @@ class FSDP2Engine:
     def forward_context(self, last_in_window: bool):
         # Gradients of a window's earlier micro-batches accumulate unsharded on each rank; the
         # last one's backward reduce-scatters the sum once.
-        self.model.set_requires_gradient_sync(last_in_window)
+        self.root.set_requires_gradient_sync(last_in_window)  # the root and every layer
         return contextlib.nullcontext()
 
     def eval_context(self):
@@ -199,6 +205,18 @@ def sharded_loading(cfg: Config, ranks: Ranks):
     """Nothing to hold while the model loads: it loads whole, on the host, and `create`
     shards it (see the module's docstring)."""
     yield None
+
+
+def checkpoint_weights(folder: Path, model) -> dict:
+    """The weights that trained, whole, read from every rank's shards in this one process (no
+    process group): `model` is the plain (unsharded) model with the method applied, and its
+    parameter names are those the shards were saved under."""
+    refuse_symlink(folder / DCP_FOLDER)
+    wanted = {name: torch.empty_like(param, device="cpu")
+              for name, param in model.named_parameters() if param.requires_grad}
+    state = {"model": wanted}
+    dcp.load(state, storage_reader=SafeReader(folder / DCP_FOLDER), no_dist=True)
+    return state["model"]
 
 
 def reshard(model) -> None:
