@@ -281,6 +281,13 @@ class SafeReader(dcp.FileSystemReader):
                 f"the checkpoint {path.parent} holds values other than tensors ({others[0]}), "
                 "which torch.distributed.checkpoint would unpickle, so dtune will not load it. "
                 "Delete that checkpoint folder, or set train.resume=false.")
+        outside = [info.relative_path for info in (metadata.storage_data or {}).values()
+                   if Path(info.relative_path).name != info.relative_path]
+        if outside:  # each rank's file sits beside the metadata, named by DCP
+            raise DtuneError(
+                f"the checkpoint {path.parent} names a file outside its folder "
+                f"({outside[0]!r}), so dtune will not load it. Delete that checkpoint folder, "
+                "or set train.resume=false.")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
