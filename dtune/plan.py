@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dtune.compose import conf_group
+from dtune.compose import check_combination, conf_group
 from dtune.config import Config, ModelConfig, ParallelismConfig, loss_chunk_size
 from dtune.distributed import wanted_processes
 from dtune.engines import ENGINES, shards_parameters
@@ -314,9 +314,19 @@ def plan(cfg: Config, world_size: int, on_gpu: bool, shape: ModelShape | None = 
     options = [layout for layout in layouts().values()
                if (layout.name == "single") == (world_size == 1)
                or (world_size == 1 and layout.offload)]  # offload helps one device too
-    if not METHODS[cfg.method.name].zero:  # refused by the config check
-        options = [layout for layout in options if not ENGINES[layout.engine].shards_state]
+    options = [layout for layout in options if accepted(cfg, layout)]
     return [estimate(cfg, shape, layout, world_size, on_gpu) for layout in options]
+
+
+def accepted(cfg: Config, layout: Layout) -> bool:
+    """Whether the config check takes `cfg` under `layout`: its engine against the method
+    (QLoRA under ZeRO or FSDP2, soft prompts under FSDP2), the precision and the objective.
+    What it refuses is neither planned nor chosen."""
+    try:
+        check_combination(replace(cfg, parallelism=layout.parallelism))
+    except DtuneError:
+        return False
+    return True
 
 
 def smaller_method(method: str | None) -> str:

@@ -51,6 +51,11 @@ def test_fsdp2_shards_weights_gradients_and_optimizer_and_auto_may_choose_it():
     estimates = [e for e in plan(compose(*TINY, "+method=full"), 4, on_gpu=True)
                  if e.parallelism in ("fsdp2", "zero3")]
     assert choose(estimates, 100 * GIB)[0].parallelism == "fsdp2"
+    # what the config check refuses is neither planned nor chosen
+    soft = by_name(plan(compose(*TINY, "+method=prompt_tuning"), 4, on_gpu=True))
+    assert "zero3" in soft and "fsdp2" not in soft and "fsdp2_offload" not in soft
+    pure = by_name(plan(compose(*TINY, "+method=full", "precision=bf16_pure"), 4, on_gpu=True))
+    assert set(pure) == {"ddp", "fsdp2", "fsdp2_offload"}  # DeepSpeed keeps fp32 masters
 
 
 def fsdp2_offload_moves(estimates) -> bool:
