@@ -13,7 +13,9 @@ Checkpoints go through `torch.distributed.checkpoint`: each rank writes its shar
 load reads whatever shards the new ranks need, so a run resumes on any number of processes.
 Only tensors are written there: DCP unpickles any other value (and its metadata file) with
 plain pickle, so its metadata is read here through an unpickler that rebuilds nothing but
-DCP's own records (`SafeReader`).
+DCP's own records (`SafeReader`). Between ranks, DCP agrees on its save and load plans
+through torch's object collectives, which pickle: like every multi-node run (README,
+"Launching"), an FSDP2 run across machines trusts the cluster's network.
 """
 from __future__ import annotations
 
