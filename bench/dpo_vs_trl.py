@@ -116,10 +116,10 @@ def dtune_overrides(spec: dict) -> list[str]:
 
 
 def run_dtune(spec: dict) -> dict:
-    from dtune.compose import compose_config
+    from dtune.settle import settled_config
     from dtune.train import run
 
-    cfg = compose_config(dtune_overrides(spec))
+    cfg = settled_config(dtune_overrides(spec))
     run_dir = Path(tempfile.mkdtemp(prefix="bench-dpo-dtune-"))
     result = run(cfg, run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

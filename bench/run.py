@@ -136,7 +136,7 @@ def summarise(meter_steps: list[dict], model, k: int, peak: float) -> dict:
 # --- the runs --------------------------------------------------------------------------------
 
 def run_dtune(spec: dict, peak: float) -> dict:
-    from dtune.compose import compose_config
+    from dtune.settle import settled_config
     from dtune.train import run
 
     method = spec["method"]
@@ -154,7 +154,7 @@ def run_dtune(spec: dict, peak: float) -> dict:
     if is_adapter(method):
         overrides += [f"method.r={LORA['r']}", f"method.alpha={LORA['alpha']}",
                       f"method.dropout={LORA['dropout']}", "method.target_modules=all-linear"]
-    cfg = compose_config(overrides)
+    cfg = settled_config(overrides)
     run_dir = Path(tempfile.mkdtemp(prefix="bench-dtune-"))
     result = run(cfg, run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

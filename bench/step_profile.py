@@ -21,13 +21,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dtune.compose import compose_config  # noqa: E402
-from dtune.config import loss_chunk_size  # noqa: E402
+from dtune.settle import settled_config  # noqa: E402
 from dtune.data.batching import BatchStream  # noqa: E402
 from dtune.data.loading import load_splits  # noqa: E402
 from dtune.data.prepare import prepare_data  # noqa: E402
 from dtune.distributed import Ranks, init_process_group  # noqa: E402
-from dtune.engines import build_engine, engine_spec, shards_parameters  # noqa: E402
+from dtune.engines import build_engine, engine_spec  # noqa: E402
 from dtune.methods import apply_method, load_options  # noqa: E402
 from dtune.models import load_model_and_tokenizer  # noqa: E402
 from dtune.train import (accumulate_gradients, enable_gradient_checkpointing,  # noqa: E402
@@ -52,7 +51,7 @@ def build(cfg):
                          pack_len=cfg.data.max_seq_len if cfg.data.packing else 0)
     engine = build_engine(cfg, model, ranks, cfg.train.max_steps)
     engine.model.train()
-    return engine, stream, loss_chunk_size(cfg.train, shards_parameters(cfg.parallelism))
+    return engine, stream, cfg.settled.loss_chunk_size
 
 
 def label_phases(model) -> None:
@@ -86,7 +85,7 @@ def main() -> None:
     overrides = [f"+method={args.method}", "model=smollm2-135m", "data.max_seq_len=256",
                  "train.micro_batch_size=4", "data.packing=true",
                  f"train.max_steps={args.steps + 1}", *args.overrides]
-    cfg = compose_config(overrides)
+    cfg = settled_config(overrides)
     engine, stream, chunk_size = build(cfg)
     label_phases(engine.module)
 

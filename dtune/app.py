@@ -26,14 +26,12 @@ from dtune.run_dir import RunDir
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def train_app(cfg: DictConfig) -> float | None:
     """Returns the final eval loss, which Hydra sweepers minimise."""
-    from dtune import run_start  # torch: after the config checks, which need none
-
     hydra_cfg = HydraConfig.get()
     run_dir = RunDir(Path(hydra_cfg.runtime.output_dir))
     try:
-        config = to_config(cfg)  # every check runs here, before anything heavy loads
-        check_moved("launcher._target_", config.launcher._target_)
-        launch = get_method(config.launcher._target_)
+        config, launch = settled_launch(cfg)
+        from dtune import run_start  # torch: after the config checks, which need none
+
         if not run_start.answers_for_run(config):  # a worker: its launcher holds the run dir
             return launch(config, str(run_dir.path), list(hydra_cfg.overrides.task))
         with run_start.claimed(config, run_dir,  # the lock, a fresh run or a resume
@@ -50,6 +48,24 @@ def train_app(cfg: DictConfig) -> float | None:
             return JobFailed(f"its worker processes exited with status {stop.code}; their "
                              "messages are in the sweep's output")
         raise
+
+
+def settled_launch(cfg: DictConfig):
+    """(the settled config, the function that launches it). A worker that dtune started
+    receives the config its launcher settled, and trains; anything else settles the composed
+    one here, once, with every check that needs neither model nor data, before the launcher
+    (launcher._target_) submits a job or starts a worker."""
+    from dtune.settle import received, settle
+
+    handed = received()
+    if handed is not None:
+        from dtune.launch import run_training
+
+        return handed, run_training
+    config = to_config(cfg)  # the settings' own checks, before torch loads
+    check_moved("launcher._target_", config.launcher._target_)
+    launch = get_method(config.launcher._target_)
+    return settle(config), launch
 
 
 def record_run(run_dir: RunDir, cfg: DictConfig, hydra_cfg: DictConfig) -> None:

@@ -179,16 +179,18 @@ def run_plan(args) -> None:
     from dtune.compose import check_overrides, compose_config
     from dtune.distributed import wanted_processes
     from dtune.plan import GIB, choose, device_memory_bytes, plan, table
-    from dtune.precision import resolve
+    from dtune.settle import Machine, settle
 
     check_overrides(args.overrides)
     cfg = compose_config(args.overrides)
     local_bytes, local_gpu = device_memory_bytes()
     on_gpu, said = planned_device(args.device, args.device_gib, local_gpu)
     device_bytes = int(args.device_gib * GIB) if args.device_gib else local_bytes
-    if cfg.parallelism.name in ("single", "auto") and args.world_size is None:
-        cfg.parallelism.name = "ddp"
-    resolve(cfg, on_gpu)  # precision=auto: bf16 on a GPU
+    if cfg.parallelism.name == "auto" or (cfg.parallelism.name == "single"
+                                          and args.world_size is None):
+        cfg.parallelism.name = "ddp"  # the table compares every layout
+    # the config as a run on the planned devices would settle it (precision=auto: bf16 on a GPU)
+    cfg = settle(cfg, Machine(int(on_gpu), device_bytes, on_gpu, 1, said))
     world = args.world_size or wanted_processes(cfg.parallelism)
     estimates = plan(cfg, world, on_gpu)
     print(f"{cfg.model.name_or_path}, +method={cfg.method.name}, precision={cfg.precision.name}, "
@@ -245,7 +247,7 @@ def run_eval(args) -> None:
     pairs = [BatchStream(examples, cfg.eval.batch_size, cfg.train.seed,
                          tokenizer.pad_token_id)] if fmt == "preference" else None
     # the loss plan and the figures of training's own evaluation, so the two agree
-    plan = plan_loss(cfg, engine, tokenizer, shards_parameters=False)  # one process here
+    plan = plan_loss(cfg, engine, tokenizer)  # settled for one process (dtune/load_run.py)
     figures, scored = held_out_figures(engine, tokenizer, HeldOut({"eval": examples},
                                                                   eval_records, fmt, pairs),
                                        plan.response_head, cfg.eval.batch_size,

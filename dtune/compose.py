@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Glob, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
-from dtune.config import (Config, MethodConfig, ObjectiveConfig, check_choice,
+from dtune.config import (Config, MethodConfig, ObjectiveConfig, SettledConfig, check_choice,
                           check_finite_settings)
 from dtune.engines import ENGINES, engine_spec, shards_parameters
 from dtune.errors import DtuneError
@@ -195,15 +195,19 @@ def culprit(overrides: list[str], with_hydra: bool, text: str) -> DtuneError:
 
 
 def to_config(cfg: DictConfig) -> Config:
-    """Turn a composed DictConfig into validated dataclasses, run the checks that span
-    groups, and fill in the method's defaults."""
+    """Turn a composed DictConfig into validated dataclasses and run the checks that span
+    groups. What depends on the machine, and the method's defaults, are filled in by
+    dtune.settle, once, before launch."""
     # NaN and infinity first, named by their full key, before the dataclasses' range checks
     check_finite_settings(OmegaConf.to_container(cfg, resolve=True))
     config: Config = OmegaConf.to_object(cfg)
     refuse_secret_settings(asdict(config))  # a YAML file's free-form mapping, say
+    if config.settled != SettledConfig():
+        raise DtuneError(
+            f"settled={asdict(config.settled)}: the settled section is what dtune records "
+            "after settling a config before launch, never a setting; remove settled.* from "
+            "the command line or the YAML file.")
     check_combination(config)
-    if config.train.lr is None:
-        config.train.lr = METHODS[config.method.name].recommended_lr
     return config
 
 

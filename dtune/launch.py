@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from dtune import distributed, precision, run_start, train
+from dtune import distributed, run_start, train
 from dtune.config import Config, ParallelismConfig
 from dtune.errors import DtuneError
-from dtune.plan import resolve_auto
 from dtune.run_dir import RunDir
+from dtune.settle import SETTLED_ENV, settled_text
 from dtune.signals import STOP_SIGNALS
 
 log = logging.getLogger("dtune")
@@ -35,15 +35,12 @@ def run_training(config: Config, run_dir: str, overrides: list[str]) -> float | 
     """Train here: in this process, or in workers started for the processes asked for.
     Returns the final eval loss (what Hydra sweepers minimise)."""
     warn_if_gpus_unseen()
-    precision.resolve(config)  # here: a SLURM job settles precision=auto on its own node
-    if config.parallelism.name == "auto":
-        resolve_auto(config)
-    parallel = config.parallelism
+    parallel = config.parallelism  # settled where launch began (dtune/settle.py)
     if distributed.launched_ranks(parallel) is None and parallel.name != "single" \
             and distributed.wanted_processes(parallel) > 1:
         check_process_count(parallel)
         with held_for_workers(config, RunDir(Path(run_dir))) as run_id:
-            code = launch_workers(parallel, run_dir, overrides, run_id)
+            code = launch_workers(config, run_dir, overrides, run_id)
         if code:
             sys.exit(code)
         summary = RunDir(Path(run_dir)).read_summary()
@@ -84,11 +81,13 @@ def check_process_count(cfg: ParallelismConfig) -> None:
         )
 
 
-def launch_workers(cfg: ParallelismConfig, run_dir: str, overrides: list[str],
+def launch_workers(config: Config, run_dir: str, overrides: list[str],
                    run_id: str | None = None) -> int:
     """Re-run this command as `nproc_per_node` workers, all writing into the same run
     directory: on one machine through dtune's own starter, across several through torch's
-    elastic launcher (what `torchrun` runs). Returns the exit code (0 when all succeeded)."""
+    elastic launcher (what `torchrun` runs). They train with `config` as it was settled here
+    (DTUNE_SETTLED_CONFIG). Returns the exit code (0 when all succeeded)."""
+    cfg = config.parallelism
     nnodes, node_rank = cfg.nnodes, cfg.node_rank
     if "SLURM_NNODES" in os.environ:  # one SLURM task per node: the job decides the nodes
         nnodes = int(os.environ["SLURM_NNODES"])
@@ -100,6 +99,7 @@ def launch_workers(cfg: ParallelismConfig, run_dir: str, overrides: list[str],
     env = {**os.environ, "DTUNE_DIE_WITH_PARENT": "1", "DTUNE_RUN_DIR": run_dir,
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
                                              str(threads_per_worker(per_node)))}
+    env[SETTLED_ENV] = settled_text(config)
     if run_id is not None:  # this process holds the run dir for them (dtune/run_start.py)
         env["DTUNE_RUN_ID"] = run_id
     args = ["-m", "dtune", *kept, "hydra.run.dir=${oc.env:DTUNE_RUN_DIR}"]

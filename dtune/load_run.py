@@ -21,16 +21,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dtune.checkpoint import (TrainState, check_same_parameters, checkpoint_folders,
                               checkpoint_problem, run_id_of)
 from dtune.compose import to_config
-from dtune.config import Config, ParallelismConfig
+from dtune.config import Config, LauncherConfig, ParallelismConfig
 from dtune.engines import checkpoint_weights, refuse_unreadable_checkpoint
 from dtune.errors import DtuneError
 from dtune.files import read_text
 from dtune.logs import quiet_libraries
 from dtune.methods import METHODS, load_options
 from dtune.models import load_model_and_tokenizer
-from dtune.precision import resolve
 from dtune.run_dir import RunDir, resume_overrides
 from dtune.run_start import read_run_file
+from dtune.settle import settle, this_machine
 from dtune.tokenizer_setup import set_up_tokenizer
 
 log = logging.getLogger("dtune")
@@ -45,16 +45,18 @@ def load_run_config(run_dir: Path, trust_remote_code: bool = False) -> Config:
             f"{run_dir} is not a dtune run directory: {run.config_file} is missing. Pass the "
             "folder a training run wrote (its hydra.run.dir)."
         )
-    merged = OmegaConf.merge(OmegaConf.structured(Config),
-                             OmegaConf.create(read_text(run.config_file)))
+    saved = OmegaConf.create(read_text(run.config_file))
+    saved.pop("settled", None)  # settled for the machine that trained; settled anew for this one
+    merged = OmegaConf.merge(OmegaConf.structured(Config), saved)
     cfg = to_config(merged)
     if cfg.model.trust_remote_code and not trust_remote_code:
         log.warning("%s asks for model.trust_remote_code=true; a config read from a run "
                     "directory never enables remote code. Pass --trust-remote-code if you "
                     "trust %s.", run.config_file, cfg.model.name_or_path)
     cfg.model.trust_remote_code = trust_remote_code
-    resolve(cfg)
-    return cfg
+    # the tools load the run in one process, here, whatever launched its training
+    cfg.parallelism, cfg.launcher = ParallelismConfig(), LauncherConfig()
+    return settle(cfg, this_machine())
 
 
 def say_base(cfg: Config, run_dir: Path) -> None:

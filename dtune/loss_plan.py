@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from dtune.config import Config, loss_chunk_size
+from dtune.config import DEFAULT_LOSS_CHUNK_SIZE, Config, loss_chunk_size
+from dtune.engines import shards_parameters
 from dtune.loss import chunked_loss_mismatch, has_plain_lm_head, require_plain_lm_head
 from dtune.objectives import objective_spec
 
@@ -28,18 +29,32 @@ class LossPlan:
     response_head: bool = False  # pairs: the LM head on labelled positions only
 
 
-def plan_loss(cfg: Config, engine, tokenizer, shards_parameters: bool) -> LossPlan:
-    """The plan for `engine`'s model. `shards_parameters`: the engine holds a shard of each
-    weight (ZeRO-3), so nothing may read the LM head outside the forward pass."""
-    chunk = loss_chunk_size(cfg.train, shards_parameters)
+def planned_loss(cfg: Config) -> tuple[int, bool]:
+    """(chunk size, response head) as the settings decide them, before any model exists
+    (dtune/settle.py records them in `settled`): the chunk size as train.loss_chunk_size or
+    its default gives it for the engine; a preference objective reads the head at labelled
+    positions where a chunked loss could, and has no chunked token sum."""
+    chunk = loss_chunk_size(cfg.train, shards_parameters(cfg.parallelism))
+    if objective_spec(cfg.objective).pairs:
+        return 0, chunk > 0
+    return chunk, False
+
+
+def plan_loss(cfg: Config, engine, tokenizer) -> LossPlan:
+    """The settled plan, for `engine`'s model as loaded: a model whose LM head the loss cannot
+    read outside its forward pass falls back to full logits, quietly for the default chunk
+    size and with an error for one the user set."""
+    settled = cfg.settled
+    wanted = settled.loss_chunk_size or (DEFAULT_LOSS_CHUNK_SIZE if settled.response_head
+                                         else 0)
+    if not wanted:
+        return LossPlan()
     if cfg.train.loss_chunk_size is None and not has_plain_lm_head(engine.model):
-        chunk = 0  # the default falls back quietly; an explicit size is an error there
-    elif chunk:
-        require_plain_lm_head(engine.model)
-    chunk = checked_chunk_size(engine, tokenizer, chunk)
-    if objective_spec(cfg.objective).pairs:  # scored per sequence: no chunked token sum
-        return LossPlan(chunk_size=0, response_head=chunk > 0)
-    return LossPlan(chunk_size=chunk)
+        return LossPlan()
+    require_plain_lm_head(engine.model)
+    if not checked_chunk_size(engine, tokenizer, wanted):
+        return LossPlan()
+    return LossPlan(settled.loss_chunk_size, settled.response_head)
 
 
 def checked_chunk_size(engine, tokenizer, chunk_size: int) -> int:

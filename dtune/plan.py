@@ -41,7 +41,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dtune.compose import check_combination, conf_group
 from dtune.config import Config, ModelConfig, ParallelismConfig, loss_chunk_size
-from dtune.distributed import wanted_processes
 from dtune.engines import ENGINES, shards_parameters
 from dtune.errors import DtuneError
 from dtune.families import resolve_targets
@@ -383,15 +382,9 @@ def table(estimates: list[Estimate], device_bytes: int | None) -> str:
     return "\n".join(lines)
 
 
-def resolve_auto(cfg: Config) -> str:
-    """Replace parallelism=auto in `cfg` by the planned choice; returns the reason."""
-    device_bytes, on_gpu = device_memory_bytes()
-    cfg.parallelism.name = "ddp"  # to count processes as a multi-process option would
-    world = wanted_processes(cfg.parallelism)
+def auto_layout(cfg: Config, world: int, device_bytes: int, on_gpu: bool
+                ) -> tuple[Layout, str]:
+    """What parallelism=auto becomes for `world` processes on devices of `device_bytes`:
+    the cheapest layout that fits, and why (dtune/settle.py applies it)."""
     best, why = choose(plan(cfg, world, on_gpu), device_bytes, cfg.method.name)
-    layout = layouts()[best.parallelism]
-    p = cfg.parallelism
-    p.name, p.engine, p.zero_stage, p.offload = \
-        layout.name, layout.engine, layout.zero_stage, layout.offload
-    log.info("parallelism=auto chose %s with %d process(es): %s", best.parallelism, world, why)
-    return why
+    return layouts()[best.parallelism], why

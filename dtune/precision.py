@@ -14,10 +14,7 @@ from typing import Optional
 
 import torch
 
-from dtune.compose import check_combination
 from dtune.config import Config, PrecisionConfig
-from dtune.engines import engine_spec
-from dtune.errors import DtuneError
 from dtune.methods import METHODS
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -79,26 +76,6 @@ def setup_precision(cfg: PrecisionConfig, model, device_type: str = "cpu") -> Pr
         scaler = torch.amp.GradScaler(device_type, init_scale=cfg.init_loss_scale,
                                       growth_interval=cfg.growth_interval)
     return Precision(cfg.name, device_type, scaler)
-
-
-def resolve(cfg: Config, on_gpu: bool | None = None) -> None:
-    """Settle what depends on the hardware the run trains on, where it trains (a SLURM job
-    resolves on its node, not on the login node that submitted it): precision=auto becomes bf16
-    on a CUDA GPU with bf16 support, else fp32; QLoRA's compute_dtype=auto follows it."""
-    if on_gpu is None:
-        on_gpu = torch.cuda.is_available()
-    if cfg.precision.name == "auto":
-        bf16 = on_gpu and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
-        cfg.precision.name = "bf16" if bf16 else "fp32"
-    if cfg.precision.name == "fp16" and not engine_spec(cfg.parallelism).fp16_on_cpu \
-            and not on_gpu:
-        raise DtuneError(
-            f"precision=fp16 with parallelism={cfg.parallelism.name} needs a GPU: DeepSpeed's "
-            "fp16 mode has no CPU kernels. Use precision=bf16 (or fp32) here, or parallelism=ddp.")
-    if cfg.method.compute_dtype == "auto" and "compute_dtype" in METHODS[cfg.method.name].fields:
-        cfg.method.compute_dtype = cfg.precision.name if cfg.precision.name in AUTOCAST \
-            else "fp32"
-    check_combination(cfg)
 
 
 def base_dtype(cfg: Config) -> torch.dtype:

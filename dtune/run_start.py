@@ -46,6 +46,7 @@ SAFE_TO_CHANGE = (
     "train.gradient_checkpointing", "train.loss_chunk_size", "train.compile", "data.num_proc",
     "model.trust_remote_code", "model.attn_implementation", "model.gguf",
     "precision.init_loss_scale", "precision.growth_interval",
+    "settled.",  # the machine it was settled for, and the loss plan: a speed switch
 )
 # What a fresh run would lose or mix with its own in a directory another run trained in.
 TRAINING_STATE = ("checkpoints", "metrics.jsonl", "summary.json", "final")
@@ -230,9 +231,8 @@ def training_settings(cfg: Config, world_size: int | None) -> dict:
     (ZeRO; FSDP2's reshard onto any number); None: not known yet."""
     flat = {key: value for key, value in flatten(asdict(cfg)).items()
             if not key.startswith(SAFE_TO_CHANGE)}
-    if cfg.parallelism.name != "auto":  # the planner settles it where the run trains
-        flat["parallelism.zero_stage"] = cfg.parallelism.zero_stage
-        flat["parallelism.engine"] = cfg.parallelism.engine
+    flat["parallelism.zero_stage"] = cfg.parallelism.zero_stage  # what the engine computes
+    flat["parallelism.engine"] = cfg.parallelism.engine
     if world_size is not None:
         # The batch is its global size: 2 ranks of 1 micro-batch continue as 1 process of 2.
         flat[GLOBAL_BATCH] = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size

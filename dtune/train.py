@@ -48,6 +48,7 @@ from dtune.objectives import OBJECTIVES, ObjectiveSpec, objective_spec, pair_los
 from dtune.reference import build_reference
 from dtune.reporter import SilentReporter, create_reporter
 from dtune.run_dir import RunDir
+from dtune.settle import require_settled
 from dtune.run_start import (all_damaged, changed_settings, claimed, settings_changed,
                              training_settings)
 from dtune.signals import StopFlag, slurm_restarted, stop_after_checkpoint
@@ -106,7 +107,7 @@ def run(cfg: Config, run_dir: Path) -> RunResult:
     ranks = launched_ranks(cfg.parallelism) or Ranks()
     if os.environ.get("DTUNE_DIE_WITH_PARENT") == "1":  # a worker of dtune's own launch
         die_with_parent()
-    precision.resolve(cfg)  # precision=auto and the like, on the machine that trains
+    require_settled(cfg)  # once, where launch began (dtune/settle.py): never here again
     with process_group(cfg.parallelism, ranks), run_context(cfg, ranks), \
             this_run(cfg, RunDir(run_dir), ranks) as run_id:
         recipe = set_up(cfg, RunDir(run_dir), run_id, ranks, started)
@@ -169,7 +170,7 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     trainable, total = count_parameters(model)
     total_steps, steps_set_by = planned_steps(cfg, prepared.epoch_batches, ranks.world_size)
     engine = build_engine(cfg, model, ranks, total_steps)
-    loss = plan_loss(cfg, engine, tokenizer, shards_parameters(cfg.parallelism))
+    loss = plan_loss(cfg, engine, tokenizer)
     log.info(
         "Method %s, %s on %d process(es): %s trainable of %s parameters (%.2f%%); %s training "
         "and %d eval examples; %d steps (%s) of %d %s", cfg.method.name,

@@ -48,10 +48,10 @@ def _library_noise_filtered():
 
 
 def compose(*overrides: str):
-    """The validated Config that `python -m dtune <overrides>` would run."""
-    from dtune.compose import compose_config
+    """The settled Config that `python -m dtune <overrides>` would run on this machine."""
+    from dtune.settle import settled_config
 
-    return compose_config(list(overrides))
+    return settled_config(list(overrides))
 
 
 def run_dtune(*args: str, module: bool = True, env: dict | None = None,

@@ -2,7 +2,6 @@
 import pytest
 
 from conftest import compose, one_line, run_dtune
-from dtune import precision
 from dtune.compose import check_overrides
 from dtune.errors import DtuneError
 
@@ -12,9 +11,8 @@ def test_default_config_is_lora_on_smollm2_with_builtin_data():
     assert cfg.method.name == "lora"
     assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert cfg.data.path == "builtin"
-    assert cfg.precision.name == "auto" and cfg.parallelism.name == "single"
-    precision.resolve(cfg, on_gpu=False)
-    assert cfg.precision.name == "fp32"  # auto is fp32 off a GPU
+    assert cfg.precision.name == "fp32" and cfg.parallelism.name == "single"  # auto, settled
+    assert cfg.settled.machine.startswith("this machine (CPU")
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -125,7 +123,8 @@ def test_sweep_overrides_are_checked_by_their_first_value():
 def test_free_form_mappings_take_the_users_keys_as_the_readme_writes_them():
     """data.columns, launcher.sbatch_extra and parallelism.deepspeed_overrides hold keys the
     schema cannot know; Hydra's struct mode refused every one of them before."""
-    cfg = compose("data.columns={instruction: question, output: answer}",
+    cfg = compose("data=file", "data.path=rows.jsonl", "data.format=alpaca",
+                  "data.columns={instruction: question, output: answer}",
                   "launcher.sbatch_extra={exclusive: true}",
                   "parallelism.deepspeed_overrides={zero_optimization: {reduce_bucket_size: 5}}")
     assert cfg.data.columns == {"instruction": "question", "output": "answer"}

@@ -176,34 +176,23 @@ def test_under_bf16_a_lora_base_is_held_in_bf16_and_its_adapters_in_fp32(tmp_pat
         p.numel() * p.element_size() for p in frozen) == 2 * sum(p.numel() for p in frozen)
     if not layout:  # the planner counts what is held
         cfg = compose(*overrides)
-        cfg.precision.name = "bf16"
         single = plan(cfg, 1, on_gpu=True)[0]
         assert single.parallelism == "single"
         assert abs(single.weights - held) / held < 0.02, (single.weights, held)
 
 
 def test_qlora_computes_in_the_precision_and_int8_lora_refuses_a_compute_dtype():
-    assert compose(*TINY, "+method=qlora", "precision=bf16").method.compute_dtype in \
-        ("auto", "bf16")
-    from dtune.precision import resolve
+    from dtune.compose import compose_config
+    from dtune.settle import Machine, settle
 
-    cfg = compose(*TINY, "+method=qlora", "precision=bf16")
-    resolve(cfg, on_gpu=True)
-    assert cfg.method.compute_dtype == "bf16"
+    composed = compose_config([*TINY, "+method=qlora", "precision=bf16"])
+    assert composed.method.compute_dtype == "auto"  # until it settles
+    on_a_gpu = Machine(1, 80 * 1024 ** 3, True, 1, "a GPU")
+    assert settle(composed, on_a_gpu).method.compute_dtype == "bf16"
     with pytest.raises(DtuneError, match="method.compute_dtype='bf16' has no effect"):
         compose(*TINY, "+method=lora_int8", "method.compute_dtype=bf16")
     with pytest.raises(DtuneError, match="method.compute_dtype=fp32"):
         compose(*TINY, "+method=qlora", "precision=bf16", "method.compute_dtype=fp32")
-
-
-def test_precision_auto_is_bf16_on_a_gpu_and_fp32_on_a_cpu():
-    from dtune.precision import resolve
-
-    cpu, gpu = compose(*TINY), compose(*TINY)
-    assert cpu.precision.name == "auto"
-    resolve(cpu, on_gpu=False)
-    resolve(gpu, on_gpu=True)
-    assert (cpu.precision.name, gpu.precision.name) == ("fp32", "bf16")
 
 
 def test_fp16_under_zero_on_a_cpu_is_refused_before_anything_loads(tmp_path):
@@ -430,11 +419,11 @@ def test_ranks_load_the_base_straight_onto_their_gpu_in_its_storage_dtype(
     from dtune.engines import base
     from dtune.train import base_load_options
 
+    cfg = compose(*TINY, *overrides)  # settled here, before the GPUs are faked
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(base, "allow_tf32", lambda enabled: None)
-    options = base_load_options(compose(*TINY, *overrides),
-                                Ranks(rank=2, world_size=4, local_rank=2))
+    options = base_load_options(cfg, Ranks(rank=2, world_size=4, local_rank=2))
     assert options["dtype"] == dtype
     assert options.get("device_map") == ({"": 2} if placed else None)
 

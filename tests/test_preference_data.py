@@ -197,18 +197,18 @@ def test_settings_that_cannot_apply_to_pairs_are_refused(tmp_path):
         load_splits(mixed)
     with pytest.raises(DtuneError, match="data.packing=true does not apply to preference"):
         BatchStream([pair_example(0, 3, 2)], 1, seed=0, pad_id=0, pack_len=64)
-    from dtune.data.streaming import check_streaming, stream_specs
+    from dtune.data.settings import check_data_settings
 
     # pairs stream (issue 27); a stream has no length, so it needs train.max_steps
     streamed = preference_config(path=str(pairs), streaming=True)
     with pytest.raises(DtuneError, match="data.streaming=true needs train.max_steps"):
-        check_streaming(streamed, stream_specs(streamed))
+        check_data_settings(streamed)
     streamed.train.max_steps = 4
-    check_streaming(streamed, stream_specs(streamed))
+    check_data_settings(streamed)
     # a stream has no epochs: train.epochs would be ignored (it crashed the step plan)
     streamed.train.epochs = 2
     with pytest.raises(DtuneError, match="train.epochs=2 with data.streaming=true"):
-        check_streaming(streamed, stream_specs(streamed))
+        check_data_settings(streamed)
 
 
 # --- the built-in preference task ---------------------------------------------------------

@@ -245,7 +245,7 @@ def test_a_taken_master_port_is_named_before_any_worker_starts(tmp_path):
 
 def test_a_slurm_job_on_several_nodes_takes_its_port_from_the_job_id(monkeypatch, tmp_path):
     from dtune import launch
-    from dtune.config import ParallelismConfig
+    from dtune.config import Config, ParallelismConfig
 
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
@@ -256,7 +256,8 @@ def test_a_slurm_job_on_several_nodes_takes_its_port_from_the_job_id(monkeypatch
     monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: dtune parses the list itself
     commands = []
     monkeypatch.setattr(launch.subprocess, "call", lambda command, **kw: commands.append(command))
-    launch.launch_workers(ParallelismConfig(name="ddp", nproc_per_node=2), str(tmp_path), [])
+    launch.launch_workers(Config(parallelism=ParallelismConfig(name="ddp", nproc_per_node=2)),
+                          str(tmp_path), [])
     (command,) = commands
     assert f"--master-port={20000 + 4242}" in command and "--master-addr=gpu07" in command
 

@@ -104,11 +104,10 @@ def test_a_bad_row_is_reported_with_its_place_in_the_stream():
         s.next_window(1)
 
 
-def test_streaming_refuses_to_train_without_max_steps(tmp_path):
-    cfg = compose(*TINY, "+method=lora", "data.streaming=true", "train.max_steps=-1")
+def test_streaming_without_max_steps_is_refused_before_launch():
     with pytest.raises(DtuneError, match=r"data.streaming=true needs train.max_steps.*"
                                          r"train.max_steps=10000"):
-        run(cfg, tmp_path)
+        compose(*TINY, "+method=lora", "data.streaming=true", "train.max_steps=-1")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, compose, one_line, run_dtune
-from dtune import precision
 from dtune.errors import DtuneError
 from dtune.metrics import read_metrics
 from dtune.run_dir import RunDir
@@ -208,8 +207,7 @@ def test_offline_run_records_the_config_metrics_summary_and_artifact(tmp_path, w
     assert run["run_group"] == "slurm-array-777"
     assert run["tags"] == ["lora", "tiny-llama", "single"]
     logged_config = {k: v for k, v in run["config"]["update"].items() if k != "_wandb"}
-    resolved = compose(*overrides)
-    precision.resolve(resolved, on_gpu=False)  # what the run settles precision=auto to here
+    resolved = compose(*overrides)  # settled, as the run settles it here
     expected = json.loads(json.dumps(dataclasses.asdict(resolved)))
     assert logged_config == expected  # the fully resolved config
     assert logged_config["precision"]["name"] == "fp32"

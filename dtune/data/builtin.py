@@ -113,16 +113,30 @@ def _stream(tasks: list[str], rng: random.Random) -> Iterator[tuple[str, str, st
             yield task, prompt, answer
 
 
-def generate(tasks: list[str], train_size: int, eval_size: int, seed: int,
-             make: Callable[[str, str, str], dict] = _record) -> tuple[list, list]:
-    """Return (train records, held-out records) in chat format, disjoint by prompt (`make`
-    builds each record from its task, prompt and answer)."""
+def check_builtin(fmt: str, tasks: list[str]) -> None:
+    """The settings of a built-in source: its format and its task names."""
+    if fmt not in ("chat", "preference"):
+        raise DtuneError(
+            f"data.format={fmt!r} does not fit data.path=builtin, whose records are chat "
+            "conversations (data.format=chat, data=builtin) or preference pairs "
+            "(data.format=preference, data=builtin_preference); use one of those.")
+    check_tasks(tasks)
+
+
+def check_tasks(tasks: list[str]) -> None:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise DtuneError(
             f"data.builtin.tasks={tasks!r} names unknown tasks {unknown}; choose from "
             f"{', '.join(TASKS)}."
         )
+
+
+def generate(tasks: list[str], train_size: int, eval_size: int, seed: int,
+             make: Callable[[str, str, str], dict] = _record) -> tuple[list, list]:
+    """Return (train records, held-out records) in chat format, disjoint by prompt (`make`
+    builds each record from its task, prompt and answer)."""
+    check_tasks(tasks)
     seen: set[str] = set()
     held_out = _take(tasks, random.Random(f"held-out-{seed}"), eval_size, seen, make)
     train = _take(tasks, random.Random(f"train-{seed}"), train_size, seen, make)

@@ -52,22 +52,13 @@ def load_splits(cfg: DataConfig, local_rank: int = 0) -> list[SourceRows]:
     """Every source `cfg` names, with its train and eval rows checked for its format.
 
     On a machine with several ranks, local rank 0 checks each source and the others wait
-    for it and then open the same (now cached) rows."""
-    if cfg.sources and cfg.eval_path:
-        raise DtuneError(
-            f"data.eval_path={cfg.eval_path!r} is one file, and data.sources is a mixture; "
-            "give each source its own eval_path (or eval_split), so eval loss is reported per "
-            "source, or leave them unset to hold out data.eval_fraction of each.")
+    for it and then open the same (now cached) rows. The settings themselves were checked
+    before launch (dtune/data/settings.py)."""
     return [load_source(spec, cfg, local_rank) for spec in source_specs(cfg)]
 
 
 def load_source(spec: SourceSpec, cfg: DataConfig, local_rank: int = 0) -> SourceRows:
     if spec.path == "builtin":
-        if spec.format not in ("chat", "preference"):
-            raise DtuneError(
-                f"data.format={spec.format!r} does not fit data.path=builtin, whose records "
-                "are chat conversations (data.format=chat, data=builtin) or preference pairs "
-                "(data.format=preference, data=builtin_preference); use one of those.")
         b = cfg.builtin
         make = builtin.generate_pairs if spec.format == "preference" else builtin.generate
         train, held = make(list(b.tasks), b.train_size, b.eval_size, b.seed)

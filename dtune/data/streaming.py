@@ -48,30 +48,6 @@ log = logging.getLogger("dtune")
 START = {"epoch": 0, "block": None, "row": 0, "offset": 0}
 
 
-def check_streaming(cfg: Config, specs: list[SourceSpec]) -> None:
-    if cfg.train.max_steps <= 0:
-        raise DtuneError(
-            f"data.streaming=true needs train.max_steps (it is {cfg.train.max_steps}): a stream "
-            "has no length, so train.epochs cannot set the step count. Give the number of "
-            "optimizer steps, e.g. train.max_steps=10000.")
-    if cfg.train.epochs is not None:
-        raise DtuneError(
-            f"train.epochs={cfg.train.epochs} with data.streaming=true: a stream has no length, "
-            f"so it has no epochs; train.max_steps={cfg.train.max_steps} alone sets the run's "
-            "length (the stream starts over when it ends). Remove train.epochs.")
-    fractions = [s.name for s in specs if s.fraction is not None]
-    if fractions:
-        raise DtuneError(
-            f"data.sources: {', '.join(fractions)} set fraction, which data.streaming=true "
-            "cannot apply (a stream has no length); give weight instead.")
-    formats = sorted({s.row_format for s in specs})
-    if len(formats) > 1:
-        raise DtuneError(
-            f"data.streaming=true interleaves the sources into one stream, and these have "
-            f"different formats ({', '.join(formats)}); stream sources of one format, or set "
-            "data.streaming=false.")
-
-
 def builtin_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     """The built-in (train, eval) rows: chat conversations, or with data.format=preference
     the built-in pairs."""
@@ -100,9 +76,8 @@ def open_rows(cfg: Config, specs: list[SourceSpec]) -> datasets.IterableDataset:
 
 def eval_records(cfg: Config) -> list[dict]:
     """The streamed run's eval rows, checked (read before the model loads: a bad row fails
-    fast). Refuses train.max_steps=-1 first."""
+    fast). The stream's settings were checked before launch (dtune/data/settings.py)."""
     specs = stream_specs(cfg)
-    check_streaming(cfg, specs)
     n = held_out_count(cfg)
     if not specs:
         records = builtin_rows(cfg)[1][:n]
@@ -285,7 +260,7 @@ def stream_specs(cfg: Config) -> list[SourceSpec]:
 
 
 def row_format(cfg: Config, specs: list[SourceSpec]) -> str:
-    """The format of the streamed rows (one for all sources: check_streaming)."""
+    """The format of the streamed rows (one for all sources: data/settings.py)."""
     if not specs:  # the built-in rows
         return "preference" if cfg.data.format == "preference" else "chat"
     return specs[0].row_format
