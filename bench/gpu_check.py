@@ -98,6 +98,17 @@ STEPS = [
     Step("full-bf16-zero2-offload", ["+method=full", "precision=bf16",
                                      "parallelism=zero2_offload",
                                      "parallelism.nproc_per_node=1"]),
+    # FSDP2: bf16 policy over fp32 shards, DCP checkpoint, final/ gathered, generation with
+    # every rank joining; then per-layer torch.compile (Triton kernels on a GPU) under it
+    Step("full-bf16-fsdp2", ["+method=full", "precision=bf16", "parallelism=fsdp2",
+                             "parallelism.nproc_per_node=1", "train.save_every=2",
+                             "eval.exact_match_samples=8"], ["exact_match"]),
+    Step("lora-bf16-fsdp2-compile", ["+method=lora", "precision=bf16", "parallelism=fsdp2",
+                                     "parallelism.nproc_per_node=1", "train.compile=true"]),
+    # bitsandbytes' 4-bit weights lose their quantization state when sharded: refused
+    Step("qlora-bf16-fsdp2", ["+method=qlora", "precision=bf16", "parallelism=fsdp2",
+                              "parallelism.nproc_per_node=1"],
+         refused=lambda dry_run: "+method=qlora with parallelism=fsdp2 is not supported"),
     # packed rows under flash-attention where the package is there; a clear refusal where not
     Step("lora-bf16-packed-flash-attn", ["+method=lora", "precision=bf16", "data.packing=true",
                                          "model.attn_implementation=flash_attention_2"],

@@ -234,9 +234,16 @@ def check_combination(cfg: Config) -> None:
     if engine.shards_state and not spec.zero:
         raise DtuneError(
             f"+method={method.name} with parallelism={parallel.name} is not supported: "
-            "DeepSpeed ZeRO would have to shard bitsandbytes' packed quantized weights, which "
-            "it cannot do. A quantized base is small already: use parallelism=ddp, which "
+            f"{engine.what.split(':')[0]} would have to shard bitsandbytes' packed quantized "
+            "weights, which it cannot do (the quantization state lives on each weight, not in "
+            "its shards). A quantized base is small already: use parallelism=ddp, which "
             "replicates it and splits the data.")
+    if spec.soft_prompt and not engine.soft_prompts:
+        raise DtuneError(
+            f"+method={method.name} with parallelism={parallel.name} is not supported: peft "
+            "reads the virtual tokens' embeddings outside the model's forward pass while "
+            f"generating, where {engine.what.split(':')[0]} holds only this rank's shard of "
+            "them. They are a few thousand values: use parallelism=ddp, which replicates them.")
     if not engine.bf16_pure and precision == "bf16_pure":
         raise DtuneError(
             f"precision=bf16_pure with parallelism={parallel.name}: DeepSpeed keeps fp32 master "
@@ -271,8 +278,8 @@ def check_sequence_layout(cfg: Config, spec) -> None:
     if shards_parameters(cfg.parallelism) and cfg.train.loss_chunk_size:
         raise DtuneError(
             f"train.loss_chunk_size={cfg.train.loss_chunk_size} with parallelism="
-            f"{cfg.parallelism.name}: ZeRO-3 shards the LM head, which the chunked loss reads "
-            "outside the model's forward pass. Set train.loss_chunk_size=0.")
+            f"{cfg.parallelism.name}: it shards the LM head (ZeRO-3, FSDP2), which the chunked "
+            "loss reads outside the model's forward pass. Set train.loss_chunk_size=0.")
     if spec.soft_prompt and cfg.data.max_seq_len <= method.num_virtual_tokens:
         raise DtuneError(
             f"data.max_seq_len={cfg.data.max_seq_len} leaves no room for text next to "
@@ -460,7 +467,7 @@ def check_reference(cfg: Config, adapter: bool) -> None:
             if cfg.objective.reference == "auto" else ""
         raise DtuneError(
             f"a frozen reference copy{why} with parallelism={cfg.parallelism.name}: dtune "
-            "does not shard a second model under ZeRO-3 yet. Use "
+            "does not shard a second model where parameters are sharded (ZeRO-3, FSDP2) yet. Use "
             "objective.reference=precomputed (with data.streaming=false), or parallelism=zero2.")
     if chosen == "precomputed" and cfg.data.streaming:
         raise DtuneError(

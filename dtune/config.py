@@ -427,6 +427,9 @@ class TrainConfig(Section):
     # all logits at once; 0: the plain full-logits loss; null: 1024 wherever it works
     # (see loss_chunk_size below)
     loss_chunk_size: Optional[int] = None
+    # torch.compile each decoder layer (every engine): faster steps after a first one that
+    # compiles (seconds to minutes), the same losses within rounding
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps == 0 or self.max_steps < -1:
@@ -492,8 +495,9 @@ class PrecisionConfig(Section):
 class ParallelismConfig(Section):
     """How the run spreads over processes. `engine` names the engine that trains (a key of
     dtune.engines.ENGINES, checked with the fields it needs in dtune/compose.py): `torch` is
-    one process or DDP; `deepspeed` is ZeRO of stage `zero_stage` (1-3), and `offload` moves
-    optimizer state (and, at stage 3, parameters) to host memory. conf/parallelism/*.yaml
+    one process or DDP; `deepspeed` is ZeRO of stage `zero_stage` (1-3); `fsdp2` is PyTorch's
+    FSDP2. `offload` moves optimizer state (and, at ZeRO stage 3 and under FSDP2, parameters)
+    to host memory; the engine's check refuses it where nothing is sharded. conf/parallelism/*.yaml
     names the usual layouts."""
 
     name: str = "single"  # "auto": the memory planner picks a layout (dtune/plan.py)
@@ -516,11 +520,6 @@ class ParallelismConfig(Section):
     def __post_init__(self) -> None:
         if self.zero_stage is not None:
             check_choice("parallelism.zero_stage", self.zero_stage, (1, 2, 3))
-        if self.offload and self.zero_stage is None:
-            raise DtuneError(
-                f"parallelism.offload=true needs DeepSpeed ZeRO (parallelism={self.name} sets "
-                "no parallelism.zero_stage); choose parallelism=zero2_offload or zero3_offload."
-            )
         check_deepspeed_overrides(self.deepspeed_overrides)
         check_positive("parallelism.nproc_per_node", self.nproc_per_node, allow_zero=True)
         check_positive("parallelism.nnodes", self.nnodes)

@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dtune.checkpoint import (TrainState, check_same_parameters, checkpoint_folders,
                               checkpoint_problem, run_id_of)
 from dtune.compose import to_config
 from dtune.config import Config, LauncherConfig, ParallelismConfig
+from dtune.engines import checkpoint_weights, refuse_unreadable_checkpoint
 from dtune.errors import DtuneError
-from dtune.files import read_text, refuse_symlink
+from dtune.files import read_text
 from dtune.logs import quiet_libraries
 from dtune.methods import METHODS, load_options
 from dtune.models import load_model_and_tokenizer
@@ -160,7 +160,7 @@ def load_checkpoint_model(run: RunDir, cfg: Config, folder: Path, options: dict,
     spec = METHODS[cfg.method.name]
     adapt = METHODS["lora"].apply if merging and spec.quantized_bits else spec.apply
     model = adapt(base, cfg.method, tokenizer)
-    weights = load_file(folder / "model.safetensors")
+    weights = checkpoint_weights(written_by(state), folder, model)
     check_same_parameters(folder, weights, model, fix=(
         f"The run's config ({run.config_file}) was changed after training, or the checkpoint "
         "comes from another run; restore the config, or read the run that wrote it."))
@@ -170,18 +170,17 @@ def load_checkpoint_model(run: RunDir, cfg: Config, folder: Path, options: dict,
 
 
 def checkpoint_state(folder: Path) -> TrainState:
-    """A sealed checkpoint's trainer_state.json; one DeepSpeed ZeRO wrote is refused, since
-    its weights are in DeepSpeed's own sharded files, which only DeepSpeed reads back."""
+    """A sealed checkpoint's trainer_state.json, refused before any model loads where its
+    engine's files are for a resume alone (DeepSpeed ZeRO's)."""
     state = TrainState.from_json(read_text(folder / "trainer_state.json"))
-    weights = folder / "model.safetensors"
-    refuse_symlink(weights)
-    if "zero_world_size" in state.engine or not weights.is_file():
-        raise DtuneError(
-            f"{folder} was written by DeepSpeed ZeRO (parallelism=zero*): its weights are "
-            "sharded in DeepSpeed's own files, which dtune reads back only when resuming under "
-            "DeepSpeed, not in eval, generate, merge or export. Use the run's final/ (leave "
-            "--checkpoint out).")
+    refuse_unreadable_checkpoint(written_by(state), folder)
     return state
+
+
+def written_by(state: TrainState) -> str:
+    """The engine that wrote a checkpoint; the default one (one process, DDP) for those that
+    predate the setting."""
+    return str(state.settings.get("parallelism.engine") or ParallelismConfig.engine)
 
 
 def load_adapter(base, run_dir: Path, cfg: Config):

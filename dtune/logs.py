@@ -38,6 +38,9 @@ LIBRARY_WARNINGS = (
     # generate() hands a soft prompt the positions of its left-padded prompts; peft drops them
     ("peft.peft_model", UserWarning,
      "Position ids are not supported for parameter efficient tuning"),
+    # dtune's tools read an FSDP2 checkpoint's shards in one process, on purpose (no_dist)
+    ("torch.distributed.checkpoint.utils", UserWarning,
+     "torch.distributed is disabled, unavailable or uninitialized"),
 )
 
 # logger name -> starts of the messages it logs that are dropped

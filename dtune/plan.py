@@ -5,11 +5,14 @@ The estimate adds up, per device:
 - weights: what trains in fp32 (16 bits in DeepSpeed's bf16/fp16 modes, and under
   bf16_pure); a frozen base in its load dtype: the compute dtype under bf16/fp16 (2 bytes),
   quantised linear layers 0.5 (4-bit, + ~1.6% quantisation constants) or 1 byte (8-bit);
-  sharded across ranks by ZeRO-3, which also gathers about two whole modules at a time;
+  sharded across ranks by ZeRO-3 and FSDP2, which also gather about two whole modules at a
+  time (in 16 bits under bf16/fp16);
 - gradients: one fp32 value per trainable parameter (DeepSpeed accumulates in fp32 too);
-  sharded by ZeRO-2/3;
+  sharded by ZeRO-2/3 and FSDP2 (which, with gradient accumulation, also holds whole
+  gradients in the compute dtype until a window's last micro-batch reduces them);
 - optimizer: AdamW's two fp32 moments per trainable parameter (+ fp32 master weights in
-  DeepSpeed's 16-bit modes); sharded by ZeRO-1/2/3, moved to the host by the offload options;
+  DeepSpeed's 16-bit modes); sharded by ZeRO-1/2/3 and FSDP2, moved to the host by the
+  offload options (which at ZeRO-3 and FSDP2 move the parameter shards too);
 - activations: what backward keeps per token and layer (LLaMA-style block: ~7 hidden-size
   and 4 intermediate-size vectors; the layer input alone under gradient checkpointing), the
   fp32 logits and their gradient (one chunk of them with train.loss_chunk_size), and under
@@ -21,20 +24,22 @@ The estimate adds up, per device:
 - runtime: on a GPU the CUDA context, NCCL's buffers and allocator fragmentation (2 GiB plus
   a tenth of the rest); on CPU the process's own footprint (Python, torch, tokenizer, data:
   ~0.6 GiB measured);
-- loading: ZeRO-3 loads each rank's shard, gathering one module at a time; a layout whose
-  loading needs more than its training is planned by its loading.
+- loading: ZeRO-3 loads each rank's shard, gathering one module at a time; FSDP2 loads the
+  whole model into host memory and moves one layer at a time to the GPU (on a CPU machine:
+  the whole model per process); a layout whose loading needs more than its training is
+  planned by its loading.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dtune.compose import conf_group
+from dtune.compose import check_combination, conf_group
 from dtune.config import Config, ModelConfig, ParallelismConfig, loss_chunk_size
 from dtune.engines import ENGINES, shards_parameters
 from dtune.errors import DtuneError
@@ -64,10 +69,17 @@ class Layout:
                                  offload=self.offload)
 
     @property
+    def sharding(self) -> int:
+        """What the engine splits across ranks, counted as ZeRO's stages count it (3: FSDP2)."""
+        return ENGINES[self.engine].sharding(self.parallelism)
+
+    @property
     def cost(self) -> tuple:
         """Cheapest first: less communication and fewer moving parts win when several fit
-        (single, ddp, zero1, zero2, zero3, then the offload options)."""
-        return (self.offload, self.zero_stage or 0, self.name != "single")
+        (single, ddp, zero1, zero2, then fsdp2 before zero3: its checkpoints resume on any
+        number of processes; then the offload options)."""
+        return (self.offload, self.sharding, self.name != "single",
+                ENGINES[self.engine].fixed_world_size)
 
 
 def layouts() -> dict[str, Layout]:
@@ -105,7 +117,7 @@ class Estimate:
     runtime: int
     offloaded: int  # bytes moved to host memory (not in the total)
     load_peak: int = 0  # on the device while the weights load (ZeRO-3: shard + one module)
-    gathered: int = 0  # ZeRO-3: the modules gathered whole around the one computing
+    gathered: int = 0  # ZeRO-3, FSDP2: the modules gathered whole around the one computing
 
     @property
     def training(self) -> int:
@@ -199,21 +211,32 @@ def offline_gguf(model_cfg: ModelConfig) -> Path | None:
 def estimate(cfg: Config, shape: ModelShape, layout: Layout, world_size: int,
              on_gpu: bool) -> Estimate:
     spec, precision = METHODS[cfg.method.name], cfg.precision.name
-    zero, offload = layout.zero_stage or 0, layout.offload
+    engine = ENGINES[layout.engine]
+    zero, offload = layout.sharding, layout.offload
     w = world_size if layout.name != "single" else 1
     # DeepSpeed's 16-bit modes keep the module itself in 16 bits, fp32 masters in the optimizer
-    deepspeed_16bit = bool(zero) and precision in ("bf16", "fp16")
+    deepspeed_16bit = engine.sixteen_bit_module and precision in ("bf16", "fp16")
     trainable = trainable_params(cfg, shape)
     weights, loaded, gathered = weight_bytes(cfg, shape, trainable, deepspeed_16bit), 0, 0
     if objective_spec(cfg.objective).reference and resolve_reference(
             cfg.objective, spec.adapter, cfg.data.streaming)[0] == "frozen_copy":
         weights *= 2  # full fine-tuning only (compose refuses it for adapters and ZeRO-3)
-    module = shape.largest_module_params * (2 if deepspeed_16bit else 4)
-    if zero == 3:  # partitioned as they load: this rank's shard, plus one module gathered
-        weights /= w
-        loaded, gathered = weights + module, 2 * module  # about two at once in training
+    # a module gathered whole: in 16 bits under bf16/fp16 (DeepSpeed's module, FSDP2's policy)
+    gathered_bytes = 2 if precision in ("bf16", "fp16", "bf16_pure") else 4
+    module = shape.largest_module_params * gathered_bytes
+    if zero == 3:  # this rank's shard, plus about two modules gathered at once in training
+        whole, weights = weights, weights / w
+        gathered = 2 * module
+        # ZeRO-3 partitions as it loads (one module gathered); FSDP2 loads whole on the host
+        # and shards one layer at a time onto the GPU
+        loaded = weights + module if engine.partitions_while_loading(layout.parallelism) \
+            or on_gpu else whole
     grad_bytes = 2 if precision == "bf16_pure" else 4  # DeepSpeed accumulates them in fp32
     gradients = trainable * grad_bytes / (w if zero >= 2 else 1)
+    if engine.accumulates_unsharded and cfg.train.grad_accum_steps > 1:
+        # FSDP2 reduces once per window: until then each rank holds whole gradients, in the
+        # gathered weights' dtype, beside its fp32 shard of them
+        gradients += trainable * gathered_bytes
     state_bytes = 4 if precision != "bf16_pure" else 2
     optimizer = trainable * (2 * state_bytes + (4 if deepspeed_16bit else 0)) \
         / (w if zero >= 1 else 1)
@@ -223,7 +246,7 @@ def estimate(cfg: Config, shape: ModelShape, layout: Layout, world_size: int,
         if zero == 3:  # the parameters live on the host too, gathered as they are needed
             offloaded, weights = offloaded + weights, 0
     activations = activation_bytes(cfg, shape, shards_parameters(layout.parallelism),
-                                   deepspeed_16bit)
+                                   engine.autocast)
     work = weights + gathered + gradients + optimizer + activations
     # On a GPU: the CUDA context, NCCL's buffers and allocator fragmentation, outside what
     # training itself allocates (about 2 GiB, plus a tenth)
@@ -262,7 +285,7 @@ def weight_bytes(cfg: Config, shape: ModelShape, trainable: int, deepspeed_16bit
 
 
 def activation_bytes(cfg: Config, shape: ModelShape, sharded_parameters: bool,
-                     deepspeed_16bit: bool) -> int:
+                     autocast: bool) -> int:
     """What backward keeps per token and layer, the logits, and autocast's copies: torch
     autocast holds a 16-bit copy of every fp32 weight a matmul reads until backward."""
     precision, spec = cfg.precision.name, METHODS[cfg.method.name]
@@ -280,7 +303,7 @@ def activation_bytes(cfg: Config, shape: ModelShape, sharded_parameters: bool,
     # fp32 logits, their softmax/gradient, and the model-dtype logits the head returns
     logits = logit_rows * shape.vocab * (8 + act_bytes)
     autocast = (shape.linear_params + shape.head_params) * 2 \
-        if precision in ("bf16", "fp16") and not spec.adapter and not deepspeed_16bit else 0
+        if precision in ("bf16", "fp16") and not spec.adapter and autocast else 0
     return int(tokens * layers * act_bytes + logits + autocast)
 
 
@@ -290,9 +313,19 @@ def plan(cfg: Config, world_size: int, on_gpu: bool, shape: ModelShape | None = 
     options = [layout for layout in layouts().values()
                if (layout.name == "single") == (world_size == 1)
                or (world_size == 1 and layout.offload)]  # offload helps one device too
-    if not METHODS[cfg.method.name].zero:  # refused by the config check
-        options = [layout for layout in options if not ENGINES[layout.engine].shards_state]
+    options = [layout for layout in options if accepted(cfg, layout)]
     return [estimate(cfg, shape, layout, world_size, on_gpu) for layout in options]
+
+
+def accepted(cfg: Config, layout: Layout) -> bool:
+    """Whether the config check takes `cfg` under `layout`: its engine against the method
+    (QLoRA under ZeRO or FSDP2, soft prompts under FSDP2), the precision and the objective.
+    What it refuses is neither planned nor chosen."""
+    try:
+        check_combination(replace(cfg, parallelism=layout.parallelism))
+    except DtuneError:
+        return False
+    return True
 
 
 def smaller_method(method: str | None) -> str:
@@ -336,8 +369,8 @@ def device_memory_bytes() -> tuple[int, bool]:
 
 
 def table(estimates: list[Estimate], device_bytes: int | None) -> str:
-    header = "| parallelism | weights | ZeRO-3 gathered | gradients | optimizer | activations " \
-             "| runtime | loading | total per device | offloaded to host | fits |"
+    header = "| parallelism | weights | gathered (ZeRO-3, FSDP2) | gradients | optimizer " \
+             "| activations | runtime | loading | total per device | offloaded to host | fits |"
     lines = [header, "|" + "---|" * 11]
     for e in estimates:
         fits = "-" if device_bytes is None else ("yes" if e.total <= device_bytes else "no")

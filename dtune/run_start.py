@@ -43,7 +43,7 @@ SAFE_TO_CHANGE = (
     "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
     "train.save_final",
     "train.resume", "train.overwrite", "train.on_nonfinite", "train.deterministic",
-    "train.gradient_checkpointing", "train.loss_chunk_size", "data.num_proc",
+    "train.gradient_checkpointing", "train.loss_chunk_size", "train.compile", "data.num_proc",
     "model.trust_remote_code", "model.attn_implementation", "model.gguf",
     "precision.init_loss_scale", "precision.growth_interval",
     "settled.",  # the machine it was settled for, and the loss plan: a speed switch
@@ -227,7 +227,8 @@ def all_damaged(run_dir: RunDir, problems: list) -> DtuneError:
 
 def training_settings(cfg: Config, world_size: int | None) -> dict:
     """The settings that change what training computes, flat (`method.r`: 16). `world_size`
-    counts where the engine shards by rank (ZeRO); None: not known yet."""
+    counts where the engine's checkpoints are one file per rank that only that rank reads
+    (ZeRO; FSDP2's reshard onto any number); None: not known yet."""
     flat = {key: value for key, value in flatten(asdict(cfg)).items()
             if not key.startswith(SAFE_TO_CHANGE)}
     flat["parallelism.zero_stage"] = cfg.parallelism.zero_stage  # what the engine computes
@@ -235,7 +236,7 @@ def training_settings(cfg: Config, world_size: int | None) -> dict:
     if world_size is not None:
         # The batch is its global size: 2 ranks of 1 micro-batch continue as 1 process of 2.
         flat[GLOBAL_BATCH] = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
-        if engine_spec(cfg.parallelism).shards_state:
+        if engine_spec(cfg.parallelism).fixed_world_size:
             flat["processes (ZeRO shards its state by rank)"] = world_size
     return json.loads(json.dumps(flat, default=str))  # as a checkpoint stores them
 

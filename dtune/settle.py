@@ -72,7 +72,10 @@ def slurm_job(cfg: Config) -> Machine:
         what = f"{gpus} GPU(s) per node" + (f" of {launcher.gpu_memory_gib:g} GiB"
                                              if memory else "")
     else:
-        memory = partition_memory(launcher.partition)
+        # asked of sinfo only where parallelism=auto plans with it: nothing else runs a
+        # cluster command before the job's own settings are checked (launchers/slurm.py)
+        memory = partition_memory(launcher.partition) if cfg.parallelism.name == "auto" \
+            else None
         what = "without GPUs (launcher.gpus_per_node=0)"
     return Machine(gpus, memory, gpus > 0, launcher.nodes,
                    f"the SLURM job's {launcher.nodes} node(s), {what}")

@@ -33,7 +33,7 @@ from dtune.distributed import (Ranks, all_reduce_max, all_reduce_sums, all_reduc
 from dtune import grpo, precision
 from dtune.engines import build_engine, run_context, shards_parameters
 from dtune.engines.base import Engine
-from dtune.engines.base import StepResult, StepStatus, process_device
+from dtune.engines.base import StepResult, StepStatus, held_here, process_device
 from dtune.errors import DtuneError
 from dtune.evaluate import HeldOut, check_new_tokens, held_out_figures
 from dtune.logs import quiet_libraries
@@ -518,9 +518,9 @@ def handle_nonfinite(recipe: Recipe, state: TrainState, loss: float, grad_norm: 
 def check_final_weights(recipe: Recipe, state: TrainState) -> None:
     """Refuse to write final/ from weights holding NaN or infinity: a skipped step keeps its
     update out, but an update can still overflow (a learning rate far too high), and such
-    weights would be served as the run's result. Every rank agrees: a ZeRO-3 rank checks its
-    own shards."""
-    trained = [(name, getattr(p, "ds_tensor", p)) for name, p in
+    weights would be served as the run's result. Every rank agrees: a ZeRO-3 or FSDP2 rank
+    checks its own shards."""
+    trained = [(name, held_here(p)) for name, p in
                recipe.engine.module.named_parameters() if p.requires_grad]
     finite = torch.stack([torch.isfinite(t).all() for _, t in trained]).cpu() if trained \
         else torch.ones(0, dtype=torch.bool)  # one sync; every rank joins the reduce below
@@ -654,9 +654,9 @@ def source_summary(recipe: Recipe, final_eval: dict) -> dict:
 
 
 def parameter_bytes(model, frozen: bool = False) -> int:
-    """What this rank's parameters hold (a ZeRO-3 rank: its shards); with `frozen`, only those
-    that do not train (a base in bf16 holds 2 bytes a parameter)."""
-    return sum(getattr(p, "ds_tensor", p).numel() * p.element_size()
+    """What this rank's parameters hold (a ZeRO-3 or FSDP2 rank: its shards); with `frozen`,
+    only those that do not train (a base in bf16 holds 2 bytes a parameter)."""
+    return sum(held_here(p).numel() * p.element_size()
                for p in model.parameters() if not (frozen and p.requires_grad))
 
 

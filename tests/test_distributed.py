@@ -23,18 +23,21 @@ def train_cli(run_dir, *overrides, env=None):
 
 
 def test_parity_of_every_layout(tmp_path):
-    """DDP = 1 process (1e-5); ZeRO 1/2/3 = DDP (1e-4) over 20 steps; accumulation x ranks."""
+    """DDP = 1 process (1e-5); ZeRO 1/2/3 = DDP (1e-4); FSDP2 = DDP (1e-5) over 20 steps;
+    accumulation x ranks."""
     results = run_check(tmp_path, steps=20)
-    assert len(results) == 5
+    assert len(results) == 6
     for result in results:
         assert result.passed, (result.name, result.max_abs_diff)
     # read the runs back independently of dtune check's own comparison
     single = step_losses(tmp_path / "1_process_x_2_accum")
     ddp = step_losses(tmp_path / "ddp_2_ranks")
     zero3 = step_losses(tmp_path / "zero3_2_ranks")
-    assert len(single) == len(ddp) == len(zero3) == 20
+    fsdp2 = step_losses(tmp_path / "fsdp2_2_ranks")
+    assert len(single) == len(ddp) == len(zero3) == len(fsdp2) == 20
     assert single == pytest.approx(ddp, abs=1e-5)
     assert zero3 == pytest.approx(ddp, abs=1e-4)
+    assert fsdp2 == pytest.approx(ddp, abs=1e-5)
     assert single[-1] < single[0]
     summary = json.loads((tmp_path / "ddp_2_ranks" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 8

@@ -194,7 +194,10 @@ def test_a_damaged_foreign_zero_or_unknown_checkpoint_is_refused_in_one_paragrap
             load("step-99")
     shutil.copytree(tiny_lora_run / "checkpoints" / "step-12", run.checkpoints / "step-13")
     (run.checkpoints / "step-13" / "model.safetensors").unlink()  # ZeRO keeps its own files
-    reseal(run.checkpoints / "step-13", step=13, zero_world_size=2)
+    settings = json.loads((run.checkpoints / "step-13" / "trainer_state.json").read_text())[
+        "settings"]
+    reseal(run.checkpoints / "step-13", step=13, zero_world_size=2,
+           settings={**settings, "parallelism.engine": "deepspeed"})
     with pytest.raises(DtuneError, match="written by DeepSpeed ZeRO"):
         load_final_model(run.path, checkpoint="step-13")
     with pytest.raises(DtuneError, match="names a checkpoint of a run directory"):

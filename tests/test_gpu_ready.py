@@ -335,12 +335,13 @@ def test_the_gpu_check_passes_its_cpu_dry_run(tmp_path):
     steps = {r["step"] for r in results}
     for name in ("lora-bf16", "qlora-bf16", "lora-int8", "dora-bf16", "prompt-tuning-bf16",
                  "full-fp16", "full-fp16-zero2", "full-bf16-zero2", "full-bf16-zero3",
-                 "full-bf16-zero2-offload", "lora-bf16-packed-flash-attn", "lora-bf16-resume",
+                 "full-bf16-zero2-offload", "full-bf16-fsdp2", "lora-bf16-fsdp2-compile",
+                 "qlora-bf16-fsdp2", "lora-bf16-packed-flash-attn", "lora-bf16-resume",
                  "eval", "generate", "merge", "matmul-peak", "big-full-bf16", "big-lora-bf16"):
         assert name in steps, name
     assert not any(r["problems"] for r in results)
     assert {r["step"] for r in results if r.get("refused")} == {
-        "full-fp16-zero2", "lora-bf16-packed-flash-attn"}
+        "full-fp16-zero2", "lora-bf16-packed-flash-attn", "qlora-bf16-fsdp2"}
     assert "| big-full-bf16 | ok |" in (out / "call2.md").read_text()
 
 

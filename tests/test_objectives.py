@@ -408,7 +408,7 @@ REFUSED = [
     (["objective=dpo", "+method=lora", "objective.reference=frozen_copy"],
      "Use objective.reference=adapter_disabled"),
     (["objective=dpo", "+method=full", "objective.reference=frozen_copy", "parallelism=zero3"],
-     "does not shard a second model under ZeRO-3"),
+     "does not shard a second model"),
     (["objective=dpo", "+method=full", "data.streaming=true", "parallelism=zero3"],
      "auto picks it for streamed data"),
     (["objective=dpo", "+method=full", "objective.reference=precomputed",

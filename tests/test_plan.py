@@ -33,6 +33,36 @@ def test_zero_stages_shard_what_they_promise():
     assert four["zero2_offload"].optimizer == 0 and four["zero2_offload"].offloaded > 0
 
 
+def test_fsdp2_shards_weights_gradients_and_optimizer_and_auto_may_choose_it():
+    one = by_name(plan(compose(*TINY, "+method=full", "precision=bf16"), 1, on_gpu=True))
+    four = by_name(plan(compose(*TINY, "+method=full", "precision=bf16"), 4, on_gpu=True))
+    single, fsdp2, zero3 = one["single"], four["fsdp2"], four["zero3"]
+    # fp32 weights sharded 4 ways, no fp32 masters in the optimizer (DeepSpeed keeps them)
+    assert fsdp2.weights == pytest.approx(single.weights / 4, rel=1e-6)
+    assert fsdp2.gradients == pytest.approx(single.gradients / 4, rel=1e-6)
+    assert fsdp2.optimizer == pytest.approx(single.optimizer / 4, rel=1e-6)
+    assert zero3.optimizer == pytest.approx(fsdp2.optimizer * 12 / 8, rel=1e-6)
+    assert fsdp2.gathered > 0 and fsdp2_offload_moves(four)
+    # a window of several micro-batches holds whole 16-bit gradients until its end
+    accum = by_name(plan(compose(*TINY, "+method=full", "precision=bf16",
+                                 "train.grad_accum_steps=2"), 4, on_gpu=True))["fsdp2"]
+    assert accum.gradients - fsdp2.gradients == 2 * single.gradients / 4
+    # where zero3 and fsdp2 both fit and nothing cheaper does, auto takes fsdp2
+    estimates = [e for e in plan(compose(*TINY, "+method=full"), 4, on_gpu=True)
+                 if e.parallelism in ("fsdp2", "zero3")]
+    assert choose(estimates, 100 * GIB)[0].parallelism == "fsdp2"
+    # what the config check refuses is neither planned nor chosen
+    soft = by_name(plan(compose(*TINY, "+method=prompt_tuning"), 4, on_gpu=True))
+    assert "zero3" in soft and "fsdp2" not in soft and "fsdp2_offload" not in soft
+    pure = by_name(plan(compose(*TINY, "+method=full", "precision=bf16_pure"), 4, on_gpu=True))
+    assert set(pure) == {"ddp", "fsdp2", "fsdp2_offload"}  # DeepSpeed keeps fp32 masters
+
+
+def fsdp2_offload_moves(estimates) -> bool:
+    offloaded = estimates["fsdp2_offload"]
+    return offloaded.weights == 0 == offloaded.optimizer and offloaded.offloaded > 0
+
+
 def test_quantised_bases_and_memory_savers_lower_the_estimate():
     base = (*TINY, "data.max_seq_len=256")
     single = lambda *o: by_name(plan(compose(*base, *o), 1, on_gpu=True))["single"]  # noqa: E731

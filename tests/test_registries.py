@@ -32,7 +32,7 @@ def test_the_parallelism_layouts_name_exactly_the_registered_engines():
 @pytest.mark.parametrize("overrides, key, value", [
     (["objective.name=kto"], "objective.name", "'kto'"),
     (["tracker.name=mlflow"], "tracker.name", "'mlflow'"),
-    (["parallelism=ddp", "parallelism.engine=fsdp2"], "parallelism.engine", "'fsdp2'"),
+    (["parallelism=ddp", "parallelism.engine=fsdp9"], "parallelism.engine", "'fsdp9'"),
 ])
 def test_a_name_outside_its_registry_is_refused_in_one_paragraph(overrides, key, value):
     with pytest.raises(DtuneError) as refused:
@@ -50,6 +50,8 @@ def test_a_name_outside_its_registry_is_refused_in_one_paragraph(overrides, key,
      ["parallelism.engine=deepspeed", "parallelism=zero1, zero2 or zero3"]),
     (["parallelism=zero2", "parallelism.engine=torch"],
      ["parallelism.zero_stage=2", "parallelism.engine=torch", "parallelism=zero2"]),
+    (["parallelism=fsdp2", "parallelism.zero_stage=3"],
+     ["parallelism.zero_stage=3", "parallelism.engine=fsdp2", "parallelism=zero3"]),
 ])
 def test_an_engine_refuses_a_layout_it_cannot_run(overrides, fragments):
     with pytest.raises(DtuneError) as refused:

@@ -16,6 +16,7 @@ import torch
 
 from dtune.config import Config
 from dtune.distributed import Ranks, local_gpu
+from dtune.errors import DtuneError
 
 
 class StepStatus(enum.Enum):
@@ -116,3 +117,35 @@ def adamw(cfg: Config, groups: list[dict], device: torch.device) -> torch.optim.
     t = cfg.train
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                              fused=device.type == "cuda")
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model (under a PEFT wrapper too): the modules
+    its `_no_split_modules` names, which transformers keeps whole on one device. FSDP2
+    shards each, and train.compile compiles each."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
+def compile_layers(model) -> None:
+    """train.compile: each decoder layer's forward through torch.compile. One layer's graph
+    is compiled once and reused by every layer of its shape; the module itself stays what it
+    was (no `_orig_mod.` in its parameter names), and the hooks of DDP, FSDP2 and gradient
+    checkpointing around it run as before."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise DtuneError(
+            f"train.compile=true: dtune found no decoder layers to compile in "
+            f"{type(model).__name__} (it compiles the modules the model's _no_split_modules "
+            "names). Set train.compile=false.")
+    for layer in layers:
+        # dynamic: batches padded to their longest row change shape every step
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+
+
+def held_here(param: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a parameter: its ZeRO-3 partition, its FSDP2 shard, or all."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor
+    return param.to_local() if hasattr(param, "to_local") else param

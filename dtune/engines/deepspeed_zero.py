@@ -19,8 +19,8 @@ from dtune.checkpoint import save_final
 from dtune.config import Config
 from dtune.deepspeed_ops import load_deepspeed_ops
 from dtune.distributed import Ranks
-from dtune.engines.base import (StepResult, StepStatus, adamw, lr_lambda, move_batch,
-                                param_groups, process_device)
+from dtune.engines.base import (StepResult, StepStatus, adamw, compile_layers, lr_lambda,
+                                move_batch, param_groups, process_device)
 from dtune.errors import DtuneError
 from dtune.logs import without_printed_lines
 from dtune.methods import method_spec
@@ -87,6 +87,8 @@ class DeepSpeedEngine:
         else:
             optimizer = adamw(cfg, groups, process_device(ranks))
         factor = lr_lambda(cfg, total_steps)
+        if cfg.train.compile:
+            compile_layers(model)
         with without_printed_lines():  # ZeRO-1/2 start DeepSpeed's communication here
             engine, _, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=ds_config,
@@ -231,3 +233,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     merged = OmegaConf.merge(OmegaConf.create(generated), OmegaConf.create(
         dict(p.deepspeed_overrides)))
     return OmegaConf.to_container(merged)
+
+
+def checkpoint_weights(folder: Path, model) -> dict:
+    raise DtuneError(
+        f"{folder} was written by DeepSpeed ZeRO (parallelism=zero*): its weights are sharded "
+        "in DeepSpeed's own files, which dtune reads back only when resuming under DeepSpeed, "
+        "not in eval, generate, merge or export. Use the run's final/ (leave --checkpoint out).")

@@ -15,8 +15,10 @@ from torch.nn.parallel import DistributedDataParallel
 from dtune.checkpoint import check_same_parameters, save_final, trainable_state
 from dtune.config import Config
 from dtune.distributed import Ranks
-from dtune.engines.base import (StepResult, StepStatus, adamw, lr_lambda, move_batch,
-                                param_groups, process_device)
+from dtune.errors import DtuneError
+from dtune.engines.base import (StepResult, StepStatus, adamw, compile_layers, lr_lambda,
+                                move_batch, param_groups, process_device)
+from dtune.files import refuse_symlink
 from dtune.precision import Precision, setup_precision
 
 
@@ -41,6 +43,8 @@ class TorchEngine:
             model.to(device)  # quantized bases were placed by bitsandbytes when loaded
         optimizer = adamw(cfg, param_groups(model, cfg.train.weight_decay), device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+        if cfg.train.compile:
+            compile_layers(model)
         wrapped = model
         if ranks.world_size > 1:
             wrapped = DistributedDataParallel(
@@ -111,3 +115,15 @@ class TorchEngine:
 
 
 create = TorchEngine.create  # what dtune.engines.build_engine calls
+
+
+def checkpoint_weights(folder: Path, model) -> dict:
+    """What trained, whole: every rank held the same, and rank 0 wrote it."""
+    weights = folder / "model.safetensors"
+    refuse_symlink(weights)
+    if not weights.is_file():  # a ZeRO checkpoint from before checkpoints named their engine
+        raise DtuneError(
+            f"{folder} holds no model.safetensors: it was written by a sharding engine, whose "
+            "files dtune reads back only when resuming under it, not in eval, generate, merge "
+            "or export. Use the run's final/ (leave --checkpoint out).")
+    return load_file(weights)
