@@ -348,7 +348,7 @@ def check_objective(cfg: Config) -> None:
             f"objective={objective.name} trains on chosen/rejected pairs, but the data is "
             f"data.format={'/'.join(sorted(formats))}. Set data.format=preference, with rows "
             "holding prompt (or messages), chosen and rejected; or use objective=sft.")
-    check_pair_layout(cfg)
+    check_scored_layout(cfg, "pairs")
     if objective.loss_type == "ipo" and objective.label_smoothing:
         raise DtuneError(
             f"objective.label_smoothing={objective.label_smoothing} has no effect with "
@@ -398,7 +398,7 @@ def check_online(cfg: Config, formats: set[str]) -> None:
             f"{'/'.join(sorted(formats))}. Use rows with a prompt and a reference answer: "
             "data.format=chat (data=builtin: the user turn is the prompt, the assistant turn "
             "the answer exact_match compares with) or data.format=alpaca.")
-    check_online_layout(cfg)
+    check_scored_layout(cfg, "online")
     if shards_parameters(cfg.parallelism) and objective.beta:
         raise DtuneError(
             f"objective.beta={objective.beta} with parallelism={cfg.parallelism.name}: the KL "
@@ -407,45 +407,39 @@ def check_online(cfg: Config, formats: set[str]) -> None:
             "an adapter method, or parallelism=zero2.")
 
 
-def check_online_layout(cfg: Config) -> None:
-    """What GRPO's rollouts do not support, before anything loads."""
+# What each objective that scores whole sequences puts through the model, and why its loss
+# needs the sequences' own logits, for the refusals of check_scored_layout.
+SCORED = {
+    "pairs": ("be scored in front of each chosen and rejected response",
+              "a pair's chosen and rejected responses go through one forward as rows of one "
+              "batch, padded",
+              "weighs each sequence by a factor known only once both of a pair are scored, so "
+              "it comes from the full logits"),
+    "online": ("be placed in front of every sampled completion when it is scored",
+               "each row's prompt is completed on its own, G times",
+               "weighs each token by its advantage and clip, so it comes from the completions' "
+               "logits"),
+}
+
+
+def check_scored_layout(cfg: Config, kind: str) -> None:
+    """What the objectives that score whole sequences (preference pairs, GRPO's rollouts) do
+    not support, before anything loads."""
     name, method = cfg.objective.name, cfg.method.name
+    soft_prompt, packing, chunked = SCORED[kind]
     if METHODS[method].soft_prompt:
         raise DtuneError(
             f"+method={method} with objective={name} is not supported: its virtual tokens "
-            "would have to be placed in front of every sampled completion when it is scored, "
-            "which dtune does not do yet. Use an adapter method such as +method=lora, or "
-            "+method=full.")
+            f"would have to {soft_prompt}, which dtune does not do yet. Use an adapter method "
+            "such as +method=lora, or +method=full.")
     if cfg.data.packing:
         raise DtuneError(
-            f"data.packing=true with objective={name} is not supported: each row's prompt is "
-            "completed on its own, G times. Set data.packing=false.")
-    if cfg.train.loss_chunk_size:
-        raise DtuneError(
-            f"train.loss_chunk_size={cfg.train.loss_chunk_size} has no effect with objective="
-            f"{name}: its loss weighs each token by its advantage and clip, so it comes from "
-            "the completions' logits. Remove train.loss_chunk_size.")
-
-
-def check_pair_layout(cfg: Config) -> None:
-    """What the preference objectives do not support, before anything loads."""
-    name, method = cfg.objective.name, cfg.method.name
-    if METHODS[method].soft_prompt:
-        raise DtuneError(
-            f"+method={method} with objective={name} is not supported: its virtual tokens "
-            "would have to be scored in front of each chosen and rejected response, which "
-            "dtune does not do yet. Use an adapter method such as +method=lora, or "
-            "+method=full.")
-    if cfg.data.packing:
-        raise DtuneError(
-            f"data.packing=true with objective={name} is not supported: a pair's chosen and "
-            "rejected responses go through one forward as rows of one batch, padded. Set "
+            f"data.packing=true with objective={name} is not supported: {packing}. Set "
             "data.packing=false.")
     if cfg.train.loss_chunk_size:
         raise DtuneError(
             f"train.loss_chunk_size={cfg.train.loss_chunk_size} has no effect with objective="
-            f"{name}: its loss weighs each sequence by a factor known only once both of a pair "
-            "are scored, so it comes from the full logits. Remove train.loss_chunk_size.")
+            f"{name}: its loss {chunked}. Remove train.loss_chunk_size.")
 
 
 def check_reference(cfg: Config, adapter: bool) -> None:
