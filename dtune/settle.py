@@ -24,7 +24,7 @@ import logging
 import os
 import subprocess
 from dataclasses import dataclass, is_dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 from omegaconf import OmegaConf
 
@@ -195,11 +195,13 @@ def settled_text(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def received(environ=os.environ) -> Optional[Config]:
+def received(environ: Optional[Mapping[str, str]] = None) -> Optional[Config]:
     """The settled config this process's launcher handed it, or None. Only the process that
     started this one sets it: it travels in the environment, not through a file of the run
     directory that someone else may have written."""
-    text = environ.get(SETTLED_ENV)
+    # os.environ is looked up now, not bound as a default when this module was imported:
+    # whatever stood in for it then (a test's private copy) is not this process's environment.
+    text = (os.environ if environ is None else environ).get(SETTLED_ENV)
     if not text:
         return None
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))

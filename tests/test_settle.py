@@ -87,7 +87,10 @@ def test_workers_train_with_the_config_their_launcher_settled(tmp_path, monkeypa
     monkeypatch.setattr(launch, "run_local_workers",
                         lambda n, args, env: seen.update(env) or 0)
     assert launch.launch_workers(cfg, str(tmp_path), []) == 0
-    monkeypatch.setenv("DTUNE_SETTLED_CONFIG", seen["DTUNE_SETTLED_CONFIG"])
+    # A fresh environment object, as a worker process has: received() reads the one current
+    # now, not one bound when dtune.settle was first imported.
+    monkeypatch.setattr(os, "environ",
+                        {**os.environ, "DTUNE_SETTLED_CONFIG": seen["DTUNE_SETTLED_CONFIG"]})
     assert received() == cfg
     handed, how = app.settled_launch(compose_dict([*TINY, "train.lr=1"]))
     assert handed == cfg and handed.train.lr == 3e-3 and how is launch.run_training
