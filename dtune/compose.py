@@ -254,6 +254,8 @@ def check_combination(cfg: Config) -> None:
             "parallelism=single trains in one process; choose parallelism=ddp or a ZeRO "
             "stage such as parallelism=zero2.")
     check_sequence_layout(cfg, spec)
+    if parallel.sequence_parallel > 1:
+        check_sequence_parallel(cfg)
     check_objective(cfg)
 
 
@@ -285,6 +287,32 @@ def check_sequence_layout(cfg: Config, spec) -> None:
             f"data.max_seq_len={cfg.data.max_seq_len} leaves no room for text next to "
             f"method.num_virtual_tokens={method.num_virtual_tokens} virtual tokens; raise "
             "data.max_seq_len or lower method.num_virtual_tokens.")
+
+
+def check_sequence_parallel(cfg: Config) -> None:
+    """What sequence parallelism (dtune/sequence_parallel.py) does not train, before anything
+    loads. Every engine trains split sequences (DDP, ZeRO 1-3, FSDP2: the attention's
+    exchange is on activations, whatever holds the weights); the process count is checked once
+    the machine is known (dtune/settle.py)."""
+    size = cfg.parallelism.sequence_parallel
+    setting = f"parallelism.sequence_parallel={size}"
+    objective = OBJECTIVES[cfg.objective.name]
+    if objective.pairs or objective.online:
+        raise DtuneError(
+            f"{setting} with objective={cfg.objective.name} is not supported: it scores whole "
+            "sequences (a preference pair's, a sampled completion's), and sequence parallelism "
+            "splits each sequence over ranks; it trains objective=sft. Use objective=sft, or "
+            "set parallelism.sequence_parallel=1.")
+    if METHODS[cfg.method.name].soft_prompt:
+        raise DtuneError(
+            f"{setting} with +method={cfg.method.name} is not supported: its virtual tokens "
+            "sit in front of each row, in the first shard alone. Use an adapter method such as "
+            "+method=lora, or set parallelism.sequence_parallel=1.")
+    if cfg.model.attn_implementation == "eager":
+        raise DtuneError(
+            f"{setting} with model.attn_implementation=eager is not supported: eager attention "
+            "needs a materialized mask of the whole gathered sequence. Set "
+            "model.attn_implementation=sdpa (or flash_attention_2 on GPUs).")
 
 
 def check_method_fields(method: MethodConfig) -> None:

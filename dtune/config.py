@@ -514,6 +514,10 @@ class ParallelismConfig(Section):
     master_port: int = 0
     backend: str = "auto"  # "auto": nccl on GPUs, gloo on CPU
     timeout_minutes: int = 30
+    # Ranks per sequence-parallel group: each sequence is split into this many contiguous
+    # shards, attention exchanges heads across the group (dtune/sequence_parallel.py), and
+    # data parallelism runs across the groups. 1: off. It divides the process count.
+    sequence_parallel: int = 1
     # raw DeepSpeed config keys merged over the generated config (experts only)
     deepspeed_overrides: Dict[str, Any] = field(default_factory=dict)
 
@@ -524,6 +528,7 @@ class ParallelismConfig(Section):
         check_positive("parallelism.nproc_per_node", self.nproc_per_node, allow_zero=True)
         check_positive("parallelism.nnodes", self.nnodes)
         check_positive("parallelism.timeout_minutes", self.timeout_minutes)
+        check_positive("parallelism.sequence_parallel", self.sequence_parallel)
         check_choice("parallelism.backend", self.backend, ("auto", "nccl", "gloo"))
         if not 0 <= self.node_rank < self.nnodes:
             raise DtuneError(

@@ -40,23 +40,30 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0
         inputs["position_ids"] = batch["position_ids"]
     else:
         inputs["attention_mask"] = batch["attention_mask"]
-    length = batch["labels"].size(1)
     if chunk_size > 0:
         # logits_to_keep=1: the model computes a single position's logits, not all of them.
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1][:, -length:-1]
+        hidden = scored(out.hidden_states[-1], batch)
         head = _output_layer(model)
         return chunked_lm_loss(hidden.reshape(-1, hidden.size(-1)), head.weight,
                                batch["labels"][:, 1:].reshape(-1), chunk_size,
                                logit_transform(model), _positions(batch)["label_positions"])
-    logits = model(**inputs).logits
+    logits = scored(model(**inputs).logits, batch).float()
     labels = batch["labels"][:, 1:]
-    # Prompt tuning prepends virtual tokens to the output; score only the real positions.
-    logits = logits[:, -length:-1].float()
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
         ignore_index=IGNORE, reduction="sum",
     )
+
+
+def scored(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The positions of `outputs` ([rows, positions, ...]) whose next-token targets are
+    `labels[:, 1:]`: one per label after the first, from the first real token. Prompt tuning
+    puts its virtual tokens in front of the real ones; a sequence-parallel shard's labels are
+    one column wider than its tokens (dtune/sequence_parallel.py), so all of its positions
+    are scored, the last one against the next shard's first label."""
+    start = outputs.size(1) - batch["input_ids"].size(1)
+    return outputs[:, start:start + batch["labels"].size(1) - 1]
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor],
@@ -74,12 +81,11 @@ def sequence_logps(model, batch: dict[str, torch.Tensor],
     """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "use_cache": False}
-    length = batch["labels"].size(1)
     labels = batch["labels"][:, 1:]
     if response_head:
         # logits_to_keep=1: the model computes a single position's logits, not all of them.
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1][:, -length:-1]
+        hidden = scored(out.hidden_states[-1], batch)
         where = _positions(batch)
         scored = hidden.reshape(-1, hidden.size(-1)).index_select(0, where["label_positions"])
         logits = logit_transform(model)(_output_layer(model)(scored).float())
@@ -88,7 +94,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor],
             reduction="none")
         return token_logps.new_zeros(labels.size(0)).index_add(0, where["label_rows"],
                                                                token_logps)
-    logits = model(**inputs).logits[:, -length:-1].float()
+    logits = scored(model(**inputs).logits, batch).float()
     token_logps = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                    ignore_index=IGNORE, reduction="none")
     return token_logps.view(labels.shape).sum(1)

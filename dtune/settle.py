@@ -109,6 +109,7 @@ def settle(config: Config, machine: Optional[Machine] = None) -> Config:
     if cfg.parallelism.name == "auto":  # the planner counts in the settled precision
         settle_parallelism(cfg, machine)
     check_fp16(cfg, machine)
+    check_sequence_groups(cfg, machine)
     if cfg.train.lr is None:
         cfg.train.lr = METHODS[cfg.method.name].recommended_lr
     from dtune.loss_plan import planned_loss
@@ -134,6 +135,26 @@ def settle_precision(cfg: Config, machine: Machine) -> None:
             else "fp32"
 
 
+def process_count(cfg: Config, machine: Machine) -> int:
+    """How many processes train: per node (0: one per GPU, one on a CPU machine) x nodes."""
+    p = cfg.parallelism
+    per_node = p.nproc_per_node if p.nproc_per_node > 0 else max(machine.gpus, 1)
+    return per_node * max(machine.nodes, p.nnodes)
+
+
+def check_sequence_groups(cfg: Config, machine: Machine) -> None:
+    size = cfg.parallelism.sequence_parallel
+    world = process_count(cfg, machine)
+    if world % size:
+        raise DtuneError(
+            f"parallelism.sequence_parallel={size} groups the ranks {size} at a time, but "
+            f"parallelism={cfg.parallelism.name} runs {world} process(es) on "
+            f"{machine.described}, which {size} does not divide. Set "
+            f"parallelism.nproc_per_node (x launcher.nodes) to a multiple of {size}, e.g. "
+            f"parallelism=ddp parallelism.nproc_per_node={size}, or lower "
+            "parallelism.sequence_parallel.")
+
+
 def check_fp16(cfg: Config, machine: Machine) -> None:
     if cfg.precision.name == "fp16" and not engine_spec(cfg.parallelism).fp16_on_cpu \
             and not machine.gpus:
@@ -155,8 +176,7 @@ def settle_parallelism(cfg: Config, machine: Machine) -> None:
             "layout yourself, e.g. parallelism=ddp or parallelism=zero3 (`dtune plan --device "
             "gpu --device-gib 80` compares them).")
     p = cfg.parallelism
-    per_node = p.nproc_per_node if p.nproc_per_node > 0 else max(machine.gpus, 1)
-    world = per_node * max(machine.nodes, p.nnodes)
+    world = process_count(cfg, machine)
     layout, why = auto_layout(cfg, world, machine.device_memory, machine.gpus > 0)
     p.name, p.engine, p.zero_stage, p.offload = \
         layout.name, layout.engine, layout.zero_stage, layout.offload

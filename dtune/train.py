@@ -51,6 +51,8 @@ from dtune.rewards import parse_rewards
 from dtune.reporter import SilentReporter, create_reporter
 from dtune.run_dir import RunDir
 from dtune.settle import require_settled
+from dtune import sequence_parallel
+from dtune.sequence_parallel import SequenceParallel
 from dtune.run_start import (all_damaged, changed_settings, claimed, settings_changed,
                              training_settings)
 from dtune.signals import StopFlag, slurm_restarted, stop_after_checkpoint
@@ -87,6 +89,8 @@ class Recipe:
     # preference pairs truncation made identical (dtune/data/prepare.py); None for SFT
     identical_pairs: Optional[int] = None
     rewards: tuple = ()  # GRPO's reward terms (dtune/rewards.py); () for the others
+    # this rank's sequence-parallel group (dtune/sequence_parallel.py); size 1: none
+    sequence: SequenceParallel = dataclasses.field(default_factory=SequenceParallel)
 
 
 @dataclass
@@ -159,19 +163,25 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     model, tokenizer, source = load_base(cfg, base_load_options(cfg, ranks))
     check_context_length(cfg, model)
     check_packing(cfg, model)  # before minutes go into tokenizing
+    # its groups, and attention that spans them; the batch stream then counts groups
+    sequence = sequence_parallel.set_up(model, cfg.parallelism.sequence_parallel, ranks,
+                                        cfg.data.packing, tokenizer.pad_token_id,
+                                        cfg.model.name_or_path)
     log.info("Model %s from %s", cfg.model.name_or_path, source)
     if any(hasattr(p, "ds_numel") for p in model.parameters()):  # ZeRO-3 loads partitioned
         held = sum(p.ds_tensor.numel() for p in model.parameters())
         log.info("Loaded partitioned: rank %d holds %s of the %s weight values", ranks.rank,
                  f"{held:,}", f"{sum(p.ds_numel for p in model.parameters()):,}")
     objective = objective_spec(cfg.objective)
-    prepared = data.build(cfg, tokenizer, ranks, records, pairs=objective.pairs)
+    prepared = data.build(cfg, tokenizer, sequence_parallel.data_ranks(ranks, sequence.size),
+                          records, pairs=objective.pairs)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = apply_method(model, cfg.method, tokenizer)
     precision.keep_trainable_fp32(model, cfg)
     trainable, total = count_parameters(model)
-    total_steps, steps_set_by = planned_steps(cfg, prepared.epoch_batches, ranks.world_size)
+    total_steps, steps_set_by = planned_steps(cfg, prepared.epoch_batches,
+                                              ranks.world_size // sequence.size)
     # GRPO updates num_iterations times a step: the schedule spans every update
     updates = cfg.objective.num_iterations if objective.online else 1
     engine = build_engine(cfg, model, ranks, total_steps * updates)
@@ -191,7 +201,8 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
                   prepared.held_out, total_steps, steps_set_by, loss, (trainable, total), source,
                   started, objective=objective, reference=reference,
                   data_fingerprint=prepared.fingerprint, identical_pairs=prepared.identical_pairs,
-                  rewards=tuple(parse_rewards(cfg.objective.rewards)) if objective.online else ())
+                  rewards=tuple(parse_rewards(cfg.objective.rewards)) if objective.online else (),
+                  sequence=sequence)
 
 
 def base_load_options(cfg: Config, ranks: Ranks) -> dict:
@@ -288,6 +299,7 @@ def train_loop(recipe: Recipe, state: TrainState, reporter, stop: StopFlag) -> L
     saved = recipe.resumed_from is not None  # nothing trained since the checkpoint resumed
     while state.step < total:
         window = recipe.stream.next_window(cfg.train.grad_accum_steps)
+        window = recipe.sequence.shard_window(window)  # its shard of each row, if split
         counts = window_counts(window, stop, recipe.objective.pairs)
         if counts.stop:  # a signal on any rank: checkpoint here, then requeue or explain
             if not saved:
@@ -665,7 +677,9 @@ def due(step: int, every: int) -> bool:
 
 
 def global_batch_size(cfg: Config, ranks: Ranks) -> int:
-    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ranks.world_size
+    """Rows per optimizer step: the ranks of a sequence-parallel group share theirs."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ranks.world_size \
+        // cfg.parallelism.sequence_parallel
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -1,0 +1,199 @@
+"""Sequence parallelism (dtune/sequence_parallel.py): shards on the host, loss and gradients
+on 2 gloo processes equal to one process on the whole sequence, the recipe end to end (the
+`dtune check` row), and the refusals."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import TINY, compose
+from dtune.data.batching import collate, collate_packed, loss_token_count
+from dtune.data.formatting import IGNORE, Example
+from dtune.errors import DtuneError
+from dtune.sequence_parallel import check_heads, segment_causal_mask, shard_batch
+
+
+def examples(lengths, seed=0):
+    """Examples of random tokens whose first half is prompt (no loss)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(1, 100, (n,), generator=g).tolist()
+        out.append(Example(ids, [IGNORE] * (n // 2) + ids[n // 2:]))
+    return out
+
+
+PADDED = collate(examples([13, 7, 10]), pad_id=0)
+PACKED = collate_packed([examples([5, 6], 1), examples([9], 2)], pad_id=0)
+
+
+@pytest.mark.parametrize("batch", [PADDED, PACKED], ids=["padded", "packed"])
+@pytest.mark.parametrize("size", [2, 3])
+def test_shards_put_back_together_are_the_batch(batch, size):
+    shards = [shard_batch(batch, size, r, pad_id=0) for r in range(size)]
+    length = batch["input_ids"].size(1)
+    ids = torch.cat([s["input_ids"] for s in shards], 1)
+    assert ids.size(1) % size == 0 and torch.equal(ids[:, :length], batch["input_ids"])
+    assert (ids[:, length:] == 0).all()  # the padding up to a multiple of size
+    positions = torch.cat([s["position_ids"] for s in shards], 1)[:, :length]
+    expected = batch.get("position_ids", torch.arange(length).expand_as(batch["input_ids"]))
+    assert torch.equal(positions, expected)
+    # shard r's labels[:, 1:] are the targets of its tokens: the batch's labels shifted by one
+    targets = torch.cat([s["labels"][:, 1:] for s in shards], 1)
+    assert torch.equal(targets[:, :length - 1], batch["labels"][:, 1:])
+    assert (targets[:, length - 1:] == IGNORE).all()
+    # each loss-carrying token is counted once over the group; real tokens too
+    assert sum(loss_token_count(s) for s in shards) == loss_token_count(batch)
+    assert sum(int(s["attention_mask"].sum()) for s in shards) == int(
+        batch["attention_mask"].sum())
+    for s in shards:
+        assert s["label_positions"].numel() == loss_token_count(s)
+
+
+def test_the_gathered_mask_keeps_packed_examples_apart():
+    mask = segment_causal_mask(torch.tensor([[0, 1, 2, 0, 1, 0]]))[0, 0]
+    assert mask[2, :3].all() and not mask[3, :3].any() and mask[4, 3:5].all()
+    assert not mask[5, :5].any() and mask[5, 5] and not mask.triu(1).any()
+
+
+def test_heads_that_do_not_split_are_refused():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
+    check_heads(config, 3, "m")  # 6 heads, 3 kv heads: 3 ranks take 2 and 1
+    check_heads(config, 6, "m")  # 6 ranks: each kv head replicated twice
+    with pytest.raises(DtuneError) as refused:
+        check_heads(config, 4, "m")
+    text = str(refused.value)
+    assert "parallelism.sequence_parallel=4" in text and "6 attention heads" in text \
+        and "3 key/value heads" in text and "such as 3" in text
+
+
+# --- loss and gradients on 2 processes ----------------------------------------------------
+
+def tiny_model(method: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, vocab_size=100, max_position_embeddings=128,
+        attn_implementation="sdpa"))
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj", "up_proj"],
+                                                 init_lora_weights=False))
+    return model.train()
+
+
+def loss_and_grads(model, batch):
+    from dtune.loss import summed_token_loss
+
+    model.zero_grad()
+    loss = summed_token_loss(model, batch)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    return loss.detach(), grads
+
+
+def parity_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from dtune import sequence_parallel
+    from dtune.distributed import Ranks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    results = {}
+    for method in ("full", "lora"):
+        for name, batch in (("padded", PADDED), ("packed", PACKED)):
+            model = tiny_model(method)
+            sp = sequence_parallel.set_up(model, 2, Ranks(rank, 2, rank), name == "packed",
+                                          pad_id=0, name="tiny")
+            loss, grads = loss_and_grads(model, sp.shard_window([batch])[0])
+            # the engine's all-reduce adds the group's parts of the gradient
+            dist.all_reduce(loss)
+            dist.all_reduce(grads)
+            whole_loss, whole_grads = loss_and_grads(tiny_model(method), batch)
+            results[f"{method}-{name}"] = {
+                "loss": loss.item(), "whole_loss": whole_loss.item(),
+                "grad_diff": (grads - whole_grads).abs().max().item(),
+                "grad_scale": whole_grads.abs().max().item()}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_give_one_process_loss_and_gradients(tmp_path):
+    """Full and LoRA, padded and packed: the group's summed loss and gradients on 2 gloo
+    processes equal one process on the whole sequence (fp32, 1e-5)."""
+    out = tmp_path / "results.json"
+    mp.start_processes(parity_worker, args=(free_port(), str(out)), nprocs=2,
+                       start_method="spawn")
+    results = json.loads(out.read_text())
+    assert set(results) == {"full-padded", "full-packed", "lora-padded", "lora-packed"}
+    for case, r in results.items():
+        assert r["loss"] == pytest.approx(r["whole_loss"], abs=1e-5 * r["whole_loss"]), case
+        assert r["grad_diff"] <= 1e-5 * max(r["grad_scale"], 1.0), (case, r)
+        assert r["grad_scale"] > 0, case
+
+
+# --- the recipe end to end ------------------------------------------------------------------
+
+def test_dtune_check_row_splits_sequences_on_two_ranks(tmp_path):
+    """`dtune check`'s sequence-parallel row: `python -m dtune` with ddp on 2 ranks and
+    parallelism.sequence_parallel=2 follows one process step for step (fp32); so do ZeRO-3
+    (with gradient checkpointing: the exchange runs again in the recomputed forward) and
+    FSDP2, whose parameter gathering is independent of the exchange of activations."""
+    from dtune.parity import Layout, run_check, step_losses, train_layout
+
+    (result,) = run_check(tmp_path, steps=3, only=["ddp 2 ranks, sequences split in 2"])
+    assert result.passed, (result.max_abs_diff, result.tolerance)
+    split = tmp_path / "ddp_2_ranks,_sequences_split_in_2"
+    one = step_losses(tmp_path / "1_process")
+    assert step_losses(split) == pytest.approx(one, abs=1e-5)
+    for name, extra in (("zero3", ["train.gradient_checkpointing=true"]), ("fsdp2", [])):
+        layout = Layout(f"{name} split", [f"parallelism={name}", "parallelism.nproc_per_node=2",
+                                          "parallelism.sequence_parallel=2",
+                                          "train.micro_batch_size=4", *extra])
+        assert train_layout(layout, tmp_path, steps=3) == pytest.approx(one, abs=1e-4), name
+    summary = json.loads((split / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 4
+    assert "2 ranks per sequence" in (split / "dtune.log").read_text()
+
+
+# --- refusals, before anything loads --------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["parallelism=ddp", "parallelism.nproc_per_node=3", "parallelism.sequence_parallel=2"],
+     ["parallelism.sequence_parallel=2", "3 process(es)", "does not divide"]),
+    (["parallelism.sequence_parallel=2"], ["parallelism=single runs 1 process(es)"]),
+    (["parallelism=ddp", "parallelism.nproc_per_node=2", "parallelism.sequence_parallel=2",
+      "objective=dpo", "data=builtin_preference"], ["objective=dpo", "objective=sft"]),
+    (["parallelism=ddp", "parallelism.nproc_per_node=2", "parallelism.sequence_parallel=2",
+      "+method=prompt_tuning"], ["+method=prompt_tuning", "first shard"]),
+    (["parallelism=ddp", "parallelism.nproc_per_node=2", "parallelism.sequence_parallel=2",
+      "model.attn_implementation=eager"], ["model.attn_implementation=eager", "sdpa"]),
+    (["parallelism.sequence_parallel=0"], ["parallelism.sequence_parallel"]),
+], ids=["world", "single", "pairs", "soft-prompt", "eager", "zero"])
+def test_what_cannot_split_is_refused_before_loading(overrides, fragments):
+    with pytest.raises(DtuneError) as refused:
+        compose(*TINY, *overrides)
+    for fragment in fragments:
+        assert fragment in str(refused.value), str(refused.value)
