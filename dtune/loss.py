@@ -43,12 +43,12 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0
     if chunk_size > 0:
         # logits_to_keep=1: the model computes a single position's logits, not all of them.
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-        hidden = scored(out.hidden_states[-1], batch)
+        hidden = scored_positions(out.hidden_states[-1], batch)
         head = _output_layer(model)
         return chunked_lm_loss(hidden.reshape(-1, hidden.size(-1)), head.weight,
                                batch["labels"][:, 1:].reshape(-1), chunk_size,
                                logit_transform(model), _positions(batch)["label_positions"])
-    logits = scored(model(**inputs).logits, batch).float()
+    logits = scored_positions(model(**inputs).logits, batch).float()
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
@@ -56,7 +56,7 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0
     )
 
 
-def scored(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def scored_positions(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The positions of `outputs` ([rows, positions, ...]) whose next-token targets are
     `labels[:, 1:]`: one per label after the first, from the first real token. Prompt tuning
     puts its virtual tokens in front of the real ones; a sequence-parallel shard's labels are
@@ -85,16 +85,17 @@ def sequence_logps(model, batch: dict[str, torch.Tensor],
     if response_head:
         # logits_to_keep=1: the model computes a single position's logits, not all of them.
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-        hidden = scored(out.hidden_states[-1], batch)
+        hidden = scored_positions(out.hidden_states[-1], batch)
         where = _positions(batch)
-        scored = hidden.reshape(-1, hidden.size(-1)).index_select(0, where["label_positions"])
-        logits = logit_transform(model)(_output_layer(model)(scored).float())
+        labelled = hidden.reshape(-1, hidden.size(-1)).index_select(0,
+                                                                     where["label_positions"])
+        logits = logit_transform(model)(_output_layer(model)(labelled).float())
         token_logps = -F.cross_entropy(
             logits, labels.reshape(-1).index_select(0, where["label_positions"]),
             reduction="none")
         return token_logps.new_zeros(labels.size(0)).index_add(0, where["label_rows"],
                                                                token_logps)
-    logits = scored(model(**inputs).logits, batch).float()
+    logits = scored_positions(model(**inputs).logits, batch).float()
     token_logps = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                    ignore_index=IGNORE, reduction="none")
     return token_logps.view(labels.shape).sum(1)
