@@ -33,7 +33,8 @@ SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
 MOVED_MODULES = {"launchers.": "dtune.launchers."}
 # Free-form mappings: their keys are the user's (flags, column names), so Hydra's struct mode,
 # which refuses keys the schema lacks, is off beneath them.
-OPEN_MAPPINGS = ("data.columns", "launcher.sbatch_extra", "parallelism.deepspeed_overrides")
+OPEN_MAPPINGS = ("data.columns", "launcher.sbatch_extra", "parallelism.deepspeed_overrides",
+                 "model.rope_scaling")
 # conf/config.yaml carries LoRA's values as the default method; they stay in every composed
 # config, so they cannot count as "set by the user" for other methods.
 PRIMARY_METHOD_VALUES = {"r", "alpha", "dropout", "target_modules"}

@@ -169,11 +169,23 @@ class ModelConfig(Section):
     # an earlier dtune run directory whose final/ this run starts from (a full model, or an
     # adapter merged into its base: SFT, then GRPO); its base must be model.name_or_path
     init_from: Optional[str] = None
+    # RoPE scaling passed to the model's config (transformers' rope_parameters), e.g.
+    # {rope_type: linear, factor: 4}: it stretches the positions, and lets data.max_seq_len
+    # go past the model's max_position_embeddings up to factor times it. {}: none
+    rope_scaling: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
             raise DtuneError("model.name_or_path is empty; give a hub id or a local folder.")
         check_choice("model.attn_implementation", self.attn_implementation, ATTENTION_KERNELS)
+        if self.rope_scaling:
+            factor = self.rope_scaling.get("factor")
+            if "rope_type" not in self.rope_scaling or not isinstance(factor, (int, float)) \
+                    or isinstance(factor, bool) or not math.isfinite(factor) or factor < 1:
+                raise DtuneError(
+                    f"model.rope_scaling={dict(self.rope_scaling)} needs a rope_type and a "
+                    "finite factor >= 1 (how many times the model's positions it covers), e.g. "
+                    "model.rope_scaling={rope_type:linear,factor:4}.")
 
 
 @dataclass

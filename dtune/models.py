@@ -52,11 +52,14 @@ def load_model_and_tokenizer(cfg: ModelConfig, load_options: dict | None = None,
     `chat_template` is data.chat_template (dtune/tokenizer_setup.py).
     """
     folder, source, kwargs = located(cfg)
-    check_causal_lm(folder, cfg, kwargs)
+    config = check_causal_lm(folder, cfg, kwargs)
     # Before the weights (a bad template fails fast) and before anything tokenizes (the
     # tokenization cache's key reads the template).
     tokenizer = folder_tokenizer(folder, cfg, kwargs, chat_template)
     options = {"dtype": torch.float32, **(load_options or {}), **attention_option(cfg)}
+    if cfg.rope_scaling:  # over the model's own RoPE settings (its rope_theta stays)
+        options["rope_parameters"] = {**(getattr(config, "rope_parameters", None) or {}),
+                                      **cfg.rope_scaling}
     with weights_context or contextlib.nullcontext():
         model = load_weights(folder, cfg, {**kwargs, **options})
     if "quantization_config" in options:

@@ -703,11 +703,22 @@ def seed_everything(seed: int) -> None:
 
 
 def check_context_length(cfg: Config, model) -> None:
+    """data.max_seq_len within the model's positions, or model.rope_scaling's factor times
+    them."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and cfg.data.max_seq_len > limit:
+    scaling = cfg.model.rope_scaling
+    if limit and scaling and cfg.data.max_seq_len > limit * scaling["factor"]:
+        raise DtuneError(
+            f"data.max_seq_len={cfg.data.max_seq_len} is longer than "
+            f"model.rope_scaling's factor ({scaling['factor']}) times the "
+            f"{limit} positions of {cfg.model.name_or_path}; raise the factor or set "
+            f"data.max_seq_len<={int(limit * scaling['factor'])}.")
+    if limit and not scaling and cfg.data.max_seq_len > limit:
         raise DtuneError(
             f"data.max_seq_len={cfg.data.max_seq_len} is longer than the context of "
-            f"{cfg.model.name_or_path} ({limit} positions); set data.max_seq_len<={limit}."
+            f"{cfg.model.name_or_path} ({limit} positions); set data.max_seq_len<={limit}, or "
+            "stretch its positions with RoPE scaling, e.g. model.rope_scaling={rope_type:"
+            f"linear,factor:{-(-cfg.data.max_seq_len // limit)}}}."
         )
     check_new_tokens(cfg.eval.max_new_tokens, "eval.max_new_tokens", model,
                      cfg.model.name_or_path)

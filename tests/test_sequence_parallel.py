@@ -196,3 +196,31 @@ def test_what_cannot_split_is_refused_before_loading(overrides, fragments):
         compose(*TINY, *overrides)
     for fragment in fragments:
         assert fragment in str(refused.value), str(refused.value)
+
+
+def test_rope_scaling_reaches_the_model_and_stretches_its_context():
+    """tiny-llama has 1024 positions: 2048 is refused, unless model.rope_scaling says how to
+    stretch them, which then reaches the model's config and its rotary frequencies."""
+    from dtune.models import load_model_and_tokenizer
+    from dtune.train import check_context_length
+
+    plain = compose(*TINY, "data.max_seq_len=2048")
+    model, _, _ = load_model_and_tokenizer(plain.model)
+    with pytest.raises(DtuneError, match=r"model.rope_scaling=\{rope_type:linear,factor:2\}"):
+        check_context_length(plain, model)
+    stretched = compose(*TINY, "data.max_seq_len=2048",
+                        "model.rope_scaling={rope_type:linear,factor:2}")
+    scaled, _, _ = load_model_and_tokenizer(stretched.model)
+    assert scaled.config.rope_parameters["rope_type"] == "linear"
+    assert scaled.config.rope_parameters["factor"] == 2
+    check_context_length(stretched, scaled)
+    positions = torch.arange(8)[None]
+    x = torch.zeros(1, 8, 64)
+    cos_plain, _ = model.model.rotary_emb(x, positions)
+    cos_scaled, _ = scaled.model.rotary_emb(x, 2 * positions)
+    torch.testing.assert_close(cos_plain, cos_scaled)  # position 2p stretched = p plain
+    with pytest.raises(DtuneError, match="data.max_seq_len<=2048"):
+        check_context_length(compose(*TINY, "data.max_seq_len=4096",
+                                     "model.rope_scaling={rope_type:linear,factor:2}"), scaled)
+    with pytest.raises(DtuneError, match="finite factor"):
+        compose(*TINY, "model.rope_scaling={rope_type:linear,factor:0.5}")
