@@ -442,6 +442,13 @@ class TrainConfig(Section):
     # torch.compile each decoder layer (every engine): faster steps after a first one that
     # compiles (seconds to minutes), the same losses within rounding
     compile: bool = False
+    # long context (dtune/long_context.py). > 1: each decoder layer's MLP runs over this many
+    # sequence tiles, each recomputed in backward, so its [tokens x intermediate] activations
+    # exist one tile at a time; 0: whole
+    mlp_tiles: int = 0
+    # what backward keeps from forward is moved to host memory until backward needs it (on a
+    # GPU; a CPU run keeps it where it is): with gradient_checkpointing, the layers' inputs
+    offload_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps == 0 or self.max_steps < -1:
@@ -460,6 +467,7 @@ class TrainConfig(Section):
         for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_every", "save_every"):
             check_positive(f"train.{key}", getattr(self, key), allow_zero=True)
         check_positive("train.log_every", self.log_every)
+        check_positive("train.mlp_tiles", self.mlp_tiles, allow_zero=True)
         check_positive("train.keep_checkpoints", self.keep_checkpoints)
         check_choice("train.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         if self.resume and self.overwrite:

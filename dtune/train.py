@@ -30,7 +30,7 @@ from dtune.data.batching import loss_token_count
 from dtune.data.formatting import IGNORE
 from dtune.distributed import (Ranks, all_reduce_max, all_reduce_sums, all_reduce_tensor, barrier,
                                die_with_parent, gather, launched_ranks, process_group)
-from dtune import grpo, precision
+from dtune import grpo, long_context, precision
 from dtune.engines import build_engine, run_context, shards_parameters
 from dtune.engines.base import Engine
 from dtune.engines.base import StepResult, StepStatus, held_here, process_device
@@ -177,6 +177,7 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
                           records, pairs=objective.pairs)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    long_context.tile_mlp(model, cfg.train.mlp_tiles, cfg.model.name_or_path)
     model = apply_method(model, cfg.method, tokenizer)
     precision.keep_trainable_fp32(model, cfg)
     trainable, total = count_parameters(model)
@@ -362,7 +363,8 @@ def train_step(recipe: Recipe, state: TrainState, window: list[dict],
         pair_metrics = {**dict(zip(names, sums[1:].tolist())), "pairs": counts.pairs}
     else:  # per token: the mean over every loss-carrying token of the global window
         result = engine.step(accumulate_gradients(engine, window, counts.loss_tokens,
-                                                  recipe.loss.chunk_size))
+                                                  recipe.loss.chunk_size,
+                                                  recipe.cfg.train.offload_activations))
         pair_metrics = {}
     state.step += 1
     state.skipped_steps += result.status is StepStatus.OVERFLOW
@@ -390,7 +392,7 @@ def train_step(recipe: Recipe, state: TrainState, window: list[dict],
 
 
 def accumulate_gradients(engine: Engine, window: list[dict], window_tokens: int,
-                         chunk_size: int = 0) -> torch.Tensor:
+                         chunk_size: int = 0, offload: bool = False) -> torch.Tensor:
     """Forward, loss and backward for each micro-batch of a window, on every rank, as one
     batch: the loss is the mean over every loss-carrying token of the global window
     (`window_tokens`, from `window_counts`), not a mean of means. Returns that mean, summed
@@ -398,7 +400,8 @@ def accumulate_gradients(engine: Engine, window: list[dict], window_tokens: int,
     total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for index, batch in enumerate(window):
         batch = engine.to_device(batch)
-        with engine.forward_context(last_in_window=index == len(window) - 1):
+        with engine.forward_context(last_in_window=index == len(window) - 1), \
+                long_context.saved_activations(offload, engine.device):
             loss = summed_token_loss(engine.model, batch, chunk_size) / max(window_tokens, 1)
         engine.backward(loss)
         total += loss.detach().double()

@@ -1,6 +1,7 @@
-"""Sequence parallelism (dtune/sequence_parallel.py): shards on the host, loss and gradients
-on 2 gloo processes equal to one process on the whole sequence, the recipe end to end (the
-`dtune check` row), and the refusals."""
+"""Long context. Sequence parallelism (dtune/sequence_parallel.py): shards on the host, loss
+and gradients on 2 gloo processes equal to one process on the whole sequence, the recipe end
+to end (the `dtune check` row), and the refusals. RoPE scaling; the tiled MLP and activation
+offload (dtune/long_context.py)."""
 from __future__ import annotations
 
 import json
@@ -158,8 +159,8 @@ def test_two_ranks_give_one_process_loss_and_gradients(tmp_path):
 def test_dtune_check_row_splits_sequences_on_two_ranks(tmp_path):
     """`dtune check`'s sequence-parallel row: `python -m dtune` with ddp on 2 ranks and
     parallelism.sequence_parallel=2 follows one process step for step (fp32); so do ZeRO-3
-    (with gradient checkpointing: the exchange runs again in the recomputed forward) and
-    FSDP2, whose parameter gathering is independent of the exchange of activations."""
+    (with gradient checkpointing: the exchange runs again in the recomputed forward; and the
+    MLP in tiles, checkpointed within the layer's checkpoint) and FSDP2, whose parameter gathering is independent of the exchange of activations."""
     from dtune.parity import Layout, run_check, step_losses, train_layout
 
     (result,) = run_check(tmp_path, steps=3, only=["ddp 2 ranks, sequences split in 2"])
@@ -167,7 +168,8 @@ def test_dtune_check_row_splits_sequences_on_two_ranks(tmp_path):
     split = tmp_path / "ddp_2_ranks,_sequences_split_in_2"
     one = step_losses(tmp_path / "1_process")
     assert step_losses(split) == pytest.approx(one, abs=1e-5)
-    for name, extra in (("zero3", ["train.gradient_checkpointing=true"]), ("fsdp2", [])):
+    for name, extra in (("zero3", ["train.gradient_checkpointing=true", "train.mlp_tiles=3"]),
+                        ("fsdp2", [])):
         layout = Layout(f"{name} split", [f"parallelism={name}", "parallelism.nproc_per_node=2",
                                           "parallelism.sequence_parallel=2",
                                           "train.micro_batch_size=4", *extra])
@@ -224,3 +226,48 @@ def test_rope_scaling_reaches_the_model_and_stretches_its_context():
                                      "model.rope_scaling={rope_type:linear,factor:2}"), scaled)
     with pytest.raises(DtuneError, match="finite factor"):
         compose(*TINY, "model.rope_scaling={rope_type:linear,factor:0.5}")
+
+
+def saved_bytes(model, batch) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(bytes autograd saves in the forward for backward, the loss, the gradients)."""
+    from dtune.loss import summed_token_loss
+
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = summed_token_loss(model, batch)
+    loss.backward()
+    return sum(saved), loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_the_mlp_in_tiles_gives_the_same_gradients_and_saves_less():
+    from dtune.long_context import tile_mlp
+
+    batch = collate(examples([60, 64]), pad_id=0)
+    whole_bytes, whole_loss, whole_grads = saved_bytes(tiny_model("full"), batch)
+    model = tiny_model("full")
+    tile_mlp(model, 4, "tiny")
+    tiled_bytes, loss, grads = saved_bytes(model, batch)
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grads, whole_grads, rtol=1e-5, atol=1e-6)
+    # forward keeps each layer's MLP input (its tiles), not its three [tokens x 96] tensors
+    assert tiled_bytes < 0.8 * whole_bytes, (tiled_bytes, whole_bytes)
+    model.eval()
+    with torch.no_grad():  # generation and eval run the MLP whole
+        assert model(batch["input_ids"]).logits.shape[1] == batch["input_ids"].shape[1]
+
+
+def test_activations_go_to_host_memory_only_from_a_gpu():
+    from dtune.long_context import saved_activations
+
+    assert not isinstance(saved_activations(True, torch.device("cpu")),
+                          torch.autograd.graph.save_on_cpu)
+    assert not isinstance(saved_activations(False, torch.device("cuda", 0)),
+                          torch.autograd.graph.save_on_cpu)
+    assert isinstance(saved_activations(True, torch.device("cuda", 0)),
+                      torch.autograd.graph.save_on_cpu)
