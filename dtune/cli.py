@@ -178,7 +178,8 @@ def run_parity_check(args) -> None:
 def run_plan(args) -> None:
     from dtune.compose import check_overrides, compose_config
     from dtune.distributed import wanted_processes
-    from dtune.plan import GIB, choose, device_memory_bytes, plan, table
+    from dtune.plan import (GIB, choose, context_table, device_memory_bytes, model_shape,
+                            plan, table)
     from dtune.settle import Machine, settle
 
     check_overrides(args.overrides)
@@ -192,7 +193,8 @@ def run_plan(args) -> None:
     # the config as a run on the planned devices would settle it (precision=auto: bf16 on a GPU)
     cfg = settle(cfg, Machine(int(on_gpu), device_bytes, on_gpu, 1, said))
     world = args.world_size or wanted_processes(cfg.parallelism)
-    estimates = plan(cfg, world, on_gpu)
+    shape = model_shape(cfg)
+    estimates = plan(cfg, world, on_gpu, shape)
     print(f"{cfg.model.name_or_path}, +method={cfg.method.name}, precision={cfg.precision.name}, "
           f"{world} device(s), micro-batch {cfg.train.micro_batch_size} x "
           f"{cfg.data.max_seq_len} tokens, {device_bytes / GIB:.1f} GiB per device "
@@ -203,6 +205,9 @@ def run_plan(args) -> None:
               choose(estimates, device_bytes, cfg.method.name)[1] + ".")
     except DtuneError as error:
         print(str(error))
+    print(f"\nThe longest data.max_seq_len that fits {device_bytes / GIB:.1f} GiB per device, "
+          "as set and with each long-context switch alone:")
+    print(context_table(cfg, shape, estimates, world, on_gpu, device_bytes))
 
 
 def planned_device(device: str | None, device_gib: float | None,

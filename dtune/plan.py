@@ -14,7 +14,10 @@ The estimate adds up, per device:
   DeepSpeed's 16-bit modes); sharded by ZeRO-1/2/3 and FSDP2, moved to the host by the
   offload options (which at ZeRO-3 and FSDP2 move the parameter shards too);
 - activations: what backward keeps per token and layer (LLaMA-style block: ~7 hidden-size
-  and 4 intermediate-size vectors; the layer input alone under gradient checkpointing), the
+  and 4 intermediate-size vectors; the layer input alone under gradient checkpointing; the
+  MLP's input instead of its intermediates with train.mlp_tiles, plus one tile's worth at
+  a time; none of the layers' on a GPU with train.offload_activations, which keeps them in
+  host memory, but one layer's), for this rank's tokens: 1/sequence_parallel of each row, the
   fp32 logits and their gradient (one chunk of them with train.loss_chunk_size), and under
   torch autocast (full fine-tuning in bf16/fp16) the 16-bit copy of every fp32 weight a
   matmul read, kept until backward; a preference objective's micro-batch holds two rows per
@@ -246,7 +249,7 @@ def estimate(cfg: Config, shape: ModelShape, layout: Layout, world_size: int,
         if zero == 3:  # the parameters live on the host too, gathered as they are needed
             offloaded, weights = offloaded + weights, 0
     activations = activation_bytes(cfg, shape, shards_parameters(layout.parallelism),
-                                   engine.autocast)
+                                   engine.autocast, on_gpu)
     work = weights + gathered + gradients + optimizer + activations
     # On a GPU: the CUDA context, NCCL's buffers and allocator fragmentation, outside what
     # training itself allocates (about 2 GiB, plus a tenth)
@@ -285,18 +288,24 @@ def weight_bytes(cfg: Config, shape: ModelShape, trainable: int, deepspeed_16bit
 
 
 def activation_bytes(cfg: Config, shape: ModelShape, sharded_parameters: bool,
-                     autocast: bool) -> int:
+                     autocast: bool, on_gpu: bool = True) -> int:
     """What backward keeps per token and layer, the logits, and autocast's copies: torch
     autocast holds a 16-bit copy of every fp32 weight a matmul reads until backward."""
-    precision, spec = cfg.precision.name, METHODS[cfg.method.name]
+    precision, spec, t = cfg.precision.name, METHODS[cfg.method.name], cfg.train
     pairs = objective_spec(cfg.objective).pairs
-    tokens = cfg.train.micro_batch_size * (2 if pairs else 1) * cfg.data.max_seq_len
+    # this rank's shard of each row (dtune/sequence_parallel.py)
+    length = -(-cfg.data.max_seq_len // cfg.parallelism.sequence_parallel)
+    tokens = t.micro_batch_size * (2 if pairs else 1) * length
     act_bytes = 2 if precision in ("bf16", "fp16", "bf16_pure") else 4
-    per_token_layer = 7 * shape.hidden + 4 * shape.intermediate + 2 * shape.kv_hidden
-    if cfg.train.gradient_checkpointing:
-        layers = shape.layers * shape.hidden + per_token_layer  # inputs + one layer rebuilt
-    else:
-        layers = shape.layers * per_token_layer
+    mlp = shape.hidden if t.mlp_tiles > 1 else 4 * shape.intermediate
+    per_token_layer = 7 * shape.hidden + mlp + 2 * shape.kv_hidden
+    # one tile's intermediates exist at a time, in forward and again in backward
+    tile = 4 * shape.intermediate / t.mlp_tiles if t.mlp_tiles > 1 else 0
+    kept = shape.layers * (shape.hidden if t.gradient_checkpointing else per_token_layer)
+    if t.offload_activations and on_gpu:
+        kept = 0  # in host memory until backward asks for them, one layer's at a time
+    rebuilt = per_token_layer if t.gradient_checkpointing or kept == 0 else 0
+    layers = kept + rebuilt + tile
     # pairs: at most every position
     chunk = 0 if pairs else loss_chunk_size(cfg.train, sharded_parameters)
     logit_rows = min(chunk, tokens) if chunk else tokens
@@ -379,6 +388,69 @@ def table(estimates: list[Estimate], device_bytes: int | None) -> str:
                                            e.activations, e.runtime, e.load_peak, e.total,
                                            e.offloaded)]
             + [fits]) + " |")
+    return "\n".join(lines)
+
+
+# The switches for long context, each alone over the config: (what `dtune plan` calls it, the
+# train or parallelism fields it sets). Sequence parallelism is added for the world size.
+CONTEXT_SWITCHES = (("gradient_checkpointing", {"train.gradient_checkpointing": True}),
+                    ("mlp_tiles=8", {"train.mlp_tiles": 8}),
+                    ("offload_activations", {"train.offload_activations": True}))
+
+
+def with_settings(cfg: Config, settings: dict) -> Config:
+    """A copy of (a settled) `cfg` with dotted `settings` changed, for planning only."""
+    sections = {}
+    for key, value in settings.items():
+        section, field = key.split(".")
+        sections[section] = replace(sections.get(section, getattr(cfg, section)),
+                                    **{field: value})
+    return replace(cfg, **sections)
+
+
+def longest_context(cfg: Config, shape: ModelShape, layout: Layout, world_size: int,
+                    on_gpu: bool, device_bytes: int, step: int = 256) -> int:
+    """The longest data.max_seq_len (a multiple of `step`) whose estimate fits
+    `device_bytes` under `layout`; 0 if not even `step` does."""
+    def fits(length: int) -> bool:
+        planned = with_settings(cfg, {"data.max_seq_len": length})
+        return estimate(planned, shape, layout, world_size, on_gpu).total <= device_bytes
+
+    low, high = 0, step
+    while fits(high):  # memory grows with length: double until it no longer fits
+        low, high = high, 2 * high
+        if high > 1 << 26:
+            return low
+    while high - low > step:
+        middle = (low + high) // 2 // step * step
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def context_table(cfg: Config, shape: ModelShape, estimates: list[Estimate], world_size: int,
+                  on_gpu: bool, device_bytes: int) -> str:
+    """For each layout, the longest data.max_seq_len that fits as configured, and with each
+    long-context switch alone (and the sequence split over every rank)."""
+    switches = [(name, settings) for name, settings in CONTEXT_SWITCHES
+                if not all(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) == v
+                           for k, v in settings.items())
+                and (on_gpu or name != "offload_activations")]  # a CPU run keeps them
+    if world_size > cfg.parallelism.sequence_parallel and \
+            world_size % cfg.parallelism.sequence_parallel == 0:
+        switches.append((f"sequence_parallel={world_size}",
+                         {"parallelism.sequence_parallel": world_size}))
+    header = ["parallelism", "as set"] + [f"+ {name}" for name, _ in switches]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    everything = layouts()
+    for e in estimates:
+        layout = everything[e.parallelism]
+        row = [e.parallelism, longest_context(cfg, shape, layout, world_size, on_gpu,
+                                              device_bytes)]
+        for _, settings in switches:
+            row.append(longest_context(with_settings(cfg, settings), shape, layout,
+                                       world_size, on_gpu, device_bytes))
+        lines.append("| " + " | ".join(f"{v:,}" if isinstance(v, int) else v
+                                       for v in row) + " |")
     return "\n".join(lines)
 
 

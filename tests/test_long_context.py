@@ -271,3 +271,34 @@ def test_activations_go_to_host_memory_only_from_a_gpu():
                           torch.autograd.graph.save_on_cpu)
     assert isinstance(saved_activations(True, torch.device("cuda", 0)),
                       torch.autograd.graph.save_on_cpu)
+
+
+def test_the_planner_counts_a_ranks_share_of_the_sequence_and_each_switch():
+    from dtune.plan import estimate, layouts, longest_context, model_shape, with_settings
+
+    cfg = compose(*TINY, "+method=full", "data.max_seq_len=1024", "train.loss_chunk_size=0")
+    shape, ddp = model_shape(cfg), layouts()["ddp"]
+
+    def activations(**settings):
+        planned = with_settings(cfg, settings)
+        return estimate(planned, shape, ddp, 2, on_gpu=True).activations
+
+    whole = activations()
+    # half of each row per rank: every activation, the logits too, halves
+    assert activations(**{"parallelism.sequence_parallel": 2}) == pytest.approx(whole / 2, rel=0.01)
+    assert activations(**{"train.mlp_tiles": 8}) < whole
+    assert activations(**{"train.gradient_checkpointing": True}) < whole
+    assert activations(**{"train.offload_activations": True}) < whole
+    # a CPU run keeps its activations where they are
+    offloaded = with_settings(cfg, {"train.offload_activations": True})
+    assert estimate(offloaded, shape, ddp, 2, on_gpu=False).activations == \
+        estimate(cfg, shape, ddp, 2, on_gpu=False).activations
+    cap = int(1.5 * estimate(cfg, shape, ddp, 2, on_gpu=False).total)
+    longest = longest_context(cfg, shape, ddp, 2, False, cap)
+    split = longest_context(with_settings(cfg, {"parallelism.sequence_parallel": 2}), shape, ddp,
+                            2, False, cap)
+    assert longest >= 1024 and split > 1.8 * longest
+    planned = with_settings(cfg, {"data.max_seq_len": longest})
+    assert estimate(planned, shape, ddp, 2, False).total <= cap
+    planned = with_settings(cfg, {"data.max_seq_len": longest + 256})
+    assert estimate(planned, shape, ddp, 2, False).total > cap

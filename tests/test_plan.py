@@ -97,6 +97,9 @@ def test_plan_command_prints_the_table_and_the_choice():
     for option in ("ddp", "zero1", "zero2", "zero3", "zero3_offload"):
         assert f"| {option} |" in result.stdout
     assert "parallelism=auto would choose ddp" in one_line(result.stdout)
+    # the longest context per layout, as set and with each long-context switch alone
+    assert "| parallelism | as set | + gradient_checkpointing | + mlp_tiles=8 | " \
+        "+ offload_activations | + sequence_parallel=2 |" in result.stdout
 
 
 def test_parallelism_auto_trains_with_the_planned_choice(tmp_path):
