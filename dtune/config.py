@@ -308,10 +308,16 @@ class BuiltinDataConfig(Section):
     train_size: int = 2000
     eval_size: int = 200
     seed: int = 0
+    # find_value's document: this many lines (~15 tokens each), one of them asked about
+    document_lines: int = 64
 
     def __post_init__(self) -> None:
         check_positive("data.builtin.train_size", self.train_size)
         check_positive("data.builtin.eval_size", self.eval_size)
+        if self.document_lines < 2:
+            raise DtuneError(
+                f"data.builtin.document_lines={self.document_lines} leaves find_value no "
+                "document to search; give at least 2 lines (64 by default).")
 
 
 @dataclass

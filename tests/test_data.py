@@ -33,7 +33,8 @@ def test_builtin_is_deterministic_disjoint_and_covers_every_task():
 
 
 def test_builtin_answers_are_right():
-    train, _ = builtin.generate(["add", "reverse_words", "extract_json"], 30, 0, seed=1)
+    train, _ = builtin.generate(["add", "reverse_words", "extract_json", "find_value"], 40, 0,
+                                seed=1)
     for record in train:
         prompt, answer = record["messages"][1]["content"], record["messages"][2]["content"]
         if record["task"] == "add":
@@ -41,6 +42,13 @@ def test_builtin_answers_are_right():
             assert int(answer) == int(a) + int(b)
         elif record["task"] == "reverse_words":
             assert answer.split() == prompt.split(": ")[1].split()[::-1]
+        elif record["task"] == "find_value":
+            document, question = prompt.split("\n\n")
+            word, name = question.removeprefix("What code does the ").removesuffix(
+                " hold?").split(" locker of ")
+            assert f"The {word} locker of {name} holds code {answer}." in document.split("\n")
+            assert document.count(f" locker of {name} ") >= 1
+            assert document.count(f"The {word} locker of {name} ") == 1
         else:
             parsed = json.loads(answer)
             assert parsed["name"] in prompt and parsed["city"] in prompt

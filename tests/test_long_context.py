@@ -302,3 +302,25 @@ def test_the_planner_counts_a_ranks_share_of_the_sequence_and_each_switch():
     assert estimate(planned, shape, ddp, 2, False).total <= cap
     planned = with_settings(cfg, {"data.max_seq_len": longest + 256})
     assert estimate(planned, shape, ddp, 2, False).total > cap
+
+
+def test_find_value_plants_its_answer_at_every_depth_of_a_long_document():
+    from dtune.data import builtin
+
+    train, held = builtin.generate(["find_value"], 200, 20, seed=0,
+                                   options=builtin.TaskOptions(document_lines=50))
+    depths = []
+    for record in train + held:
+        document, question = record["messages"][1]["content"].split("\n\n")
+        lines = document.split("\n")
+        assert len(lines) == 50
+        key = question.removeprefix("What code does the ").removesuffix(" hold?")
+        (depth,) = [i for i, line in enumerate(lines) if f"The {key} holds" in line]
+        assert lines[depth].endswith(f"code {record['messages'][2]['content']}.")
+        depths.append(depth / 50)
+    assert min(depths) < 0.1 and max(depths) > 0.9  # near the start and near the end
+    cfg = compose(*TINY, "data=builtin_long", "data.builtin.document_lines=8",
+                  "data.max_seq_len=1024")
+    assert list(cfg.data.builtin.tasks) == ["find_value"]
+    with pytest.raises(DtuneError, match="data.builtin.document_lines=1"):
+        compose(*TINY, "data.builtin.document_lines=1")

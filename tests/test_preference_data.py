@@ -252,6 +252,8 @@ def test_builtin_chosen_is_right_and_rejected_is_wrong_by_a_small_perturbation()
         elif task == "convert_units":
             _, amount, src, _, dst = prompt.removesuffix(".").split()
             assert chosen.split()[1] == dst and rejected == f"{amount} {dst}" != chosen
+        elif task == "find_value":  # another line's code of the same document
+            assert f"code {rejected}." in prompt and rejected != chosen
         else:
             parsed = json.loads(chosen)
             assert parsed["name"] in prompt and str(parsed["age"]) in prompt

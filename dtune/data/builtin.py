@@ -1,6 +1,7 @@
 """The built-in dataset: instruction tasks whose answers are exact, generated deterministically.
 
-Each family has one right answer per prompt, so held-out exact match measures what a run
+Each family has one right answer per prompt (find_value, the long-context task, asks for a
+value planted at a random depth of a long generated document), so held-out exact match measures what a run
 learned. Train and held-out prompts come from separate random streams and never overlap.
 `generate_pairs` turns the same prompts into preference pairs: the right answer chosen, a
 subtly wrong one (a sum off by one, an amount left unconverted, malformed JSON, the items left
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from dtune.errors import DtuneError
@@ -45,17 +47,22 @@ UNITS = (  # (from, to, factor)
 )
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
+@dataclass(frozen=True)
+class TaskOptions:
+    document_lines: int = 64  # find_value's document length (data.builtin.document_lines)
+
+
+def _add(rng: random.Random, _: TaskOptions) -> tuple[str, str]:
     a, b = rng.randint(10, 999), rng.randint(10, 999)
     return f"What is {a} + {b}?", str(a + b)
 
 
-def _reverse_words(rng: random.Random) -> tuple[str, str]:
+def _reverse_words(rng: random.Random, _: TaskOptions) -> tuple[str, str]:
     words = rng.sample(WORDS, rng.randint(3, 5))
     return f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words))
 
 
-def _convert_units(rng: random.Random) -> tuple[str, str]:
+def _convert_units(rng: random.Random, _: TaskOptions) -> tuple[str, str]:
     src, dst, factor = rng.choice(UNITS)
     if rng.random() < 0.5:
         whole = rng.randint(2, 99)
@@ -66,7 +73,7 @@ def _convert_units(rng: random.Random) -> tuple[str, str]:
     return f"Convert {amount} {src} to {dst}.", f"{value} {dst}"
 
 
-def _extract_json(rng: random.Random) -> tuple[str, str]:
+def _extract_json(rng: random.Random, _: TaskOptions) -> tuple[str, str]:
     name, city, age = rng.choice(NAMES), rng.choice(CITIES), rng.randint(18, 90)
     sentence = rng.choice(
         (
@@ -80,19 +87,33 @@ def _extract_json(rng: random.Random) -> tuple[str, str]:
     return f"Extract name, age and city as JSON: {sentence}", answer
 
 
-def _sort_numbers(rng: random.Random) -> tuple[str, str]:
+def _sort_numbers(rng: random.Random, _: TaskOptions) -> tuple[str, str]:
     numbers = rng.sample(range(1, 100), rng.randint(3, 5))
     shown = ", ".join(map(str, numbers))
     return f"Sort from smallest to largest: {shown}", ", ".join(map(str, sorted(numbers)))
 
 
-TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+def _find_value(rng: random.Random, options: TaskOptions) -> tuple[str, str]:
+    """A document of `document_lines` lines, each a locker (a word and a name, no two alike)
+    and its four-digit code; the question asks for one of them, at a random depth."""
+    keys = rng.sample([(w, n) for w in WORDS for n in NAMES], options.document_lines)
+    codes = [f"{rng.randint(1000, 9999)}" for _ in keys]
+    asked = rng.randrange(len(keys))
+    lines = "\n".join(f"The {w} locker of {n} holds code {c}." for (w, n), c in zip(keys, codes))
+    word, name = keys[asked]
+    return (f"{lines}\n\nWhat code does the {word} locker of {name} hold?", codes[asked])
+
+
+TASKS: dict[str, Callable[[random.Random, TaskOptions], tuple[str, str]]] = {
     "add": _add,
     "reverse_words": _reverse_words,
     "convert_units": _convert_units,
     "extract_json": _extract_json,
     "sort_numbers": _sort_numbers,
+    "find_value": _find_value,
 }
+# the short tasks: the tiny test tokenizer is trained on them (corpus_for_tokenizer)
+SHORT_TASKS = [task for task in TASKS if task != "find_value"]
 
 
 def _record(task: str, prompt: str, answer: str) -> dict:
@@ -106,10 +127,11 @@ def _record(task: str, prompt: str, answer: str) -> dict:
     }
 
 
-def _stream(tasks: list[str], rng: random.Random) -> Iterator[tuple[str, str, str]]:
+def _stream(tasks: list[str], rng: random.Random,
+            options: TaskOptions) -> Iterator[tuple[str, str, str]]:
     while True:
         for task in tasks:  # round-robin keeps every family equally represented
-            prompt, answer = TASKS[task](rng)
+            prompt, answer = TASKS[task](rng, options)
             yield task, prompt, answer
 
 
@@ -133,13 +155,14 @@ def check_tasks(tasks: list[str]) -> None:
 
 
 def generate(tasks: list[str], train_size: int, eval_size: int, seed: int,
-             make: Callable[[str, str, str], dict] = _record) -> tuple[list, list]:
+             make: Callable[[str, str, str], dict] = _record,
+             options: TaskOptions = TaskOptions()) -> tuple[list, list]:
     """Return (train records, held-out records) in chat format, disjoint by prompt (`make`
     builds each record from its task, prompt and answer)."""
     check_tasks(tasks)
     seen: set[str] = set()
-    held_out = _take(tasks, random.Random(f"held-out-{seed}"), eval_size, seen, make)
-    train = _take(tasks, random.Random(f"train-{seed}"), train_size, seen, make)
+    held_out = _take(tasks, random.Random(f"held-out-{seed}"), eval_size, seen, make, options)
+    train = _take(tasks, random.Random(f"train-{seed}"), train_size, seen, make, options)
     return train, held_out
 
 
@@ -185,6 +208,12 @@ def _malformed_json(rng: random.Random, prompt: str, answer: str) -> str:
     return rng.choice(breaks)(answer)
 
 
+def _another_code(rng: random.Random, prompt: str, answer: str) -> str:
+    """Another locker's code from the same document: found, but the wrong line."""
+    codes = [line.rsplit(" ", 1)[1].rstrip(".") for line in prompt.split("\n\n")[0].split("\n")]
+    return rng.choice([c for c in codes if c != answer] or [str(int(answer) % 9000 + 1000)])
+
+
 # For each task, a wrong answer close to the right one; the seed and the prompt fix it.
 WRONG: dict[str, Callable[[random.Random, str, str], str]] = {
     "add": _off_by_one,
@@ -192,11 +221,12 @@ WRONG: dict[str, Callable[[random.Random, str, str], str]] = {
     "convert_units": _unconverted,
     "extract_json": _malformed_json,
     "sort_numbers": _prompt_order(", "),
+    "find_value": _another_code,
 }
 
 
 def generate_pairs(tasks: list[str], train_size: int, eval_size: int,
-                   seed: int) -> tuple[list, list]:
+                   seed: int, options: TaskOptions = TaskOptions()) -> tuple[list, list]:
     """(train pairs, held-out pairs) for data.format=preference: the prompts `generate` gives
     for the same seed (as chat messages ending in the user turn), the right answer as
     `chosen` and a subtly wrong one (see WRONG) as `rejected`."""
@@ -205,15 +235,16 @@ def generate_pairs(tasks: list[str], train_size: int, eval_size: int,
         return {"task": task, "messages": _record(task, prompt, answer)["messages"][:2],
                 "chosen": answer, "rejected": WRONG[task](rng, prompt, answer)}
 
-    return generate(tasks, train_size, eval_size, seed, pair)
+    return generate(tasks, train_size, eval_size, seed, pair, options)
 
 
 def _take(tasks: list[str], rng: random.Random, count: int, seen: set[str],
-          make: Callable[[str, str, str], dict] = _record) -> list[dict]:
+          make: Callable[[str, str, str], dict] = _record,
+          options: TaskOptions = TaskOptions()) -> list[dict]:
     """`count` records (`make(task, prompt, answer)`) whose prompts are not in `seen` (which
     grows with them)."""
     records: list[dict] = []
-    for task, prompt, answer in _stream(tasks, rng):
+    for task, prompt, answer in _stream(tasks, rng, options):
         if len(records) == count:
             break
         if prompt not in seen:
@@ -224,7 +255,7 @@ def _take(tasks: list[str], rng: random.Random, count: int, seen: set[str],
 
 def corpus_for_tokenizer() -> Iterator[str]:
     """Text the tiny test tokenizer is trained on: every family's vocabulary and format."""
-    train, _ = generate(list(TASKS), 2000, 0, seed=12345)
+    train, _ = generate(SHORT_TASKS, 2000, 0, seed=12345)
     for record in train:
         for message in record["messages"]:
             yield message["role"] + "\n" + message["content"]

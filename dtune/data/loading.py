@@ -61,7 +61,8 @@ def load_source(spec: SourceSpec, cfg: DataConfig, local_rank: int = 0) -> Sourc
     if spec.path == "builtin":
         b = cfg.builtin
         make = builtin.generate_pairs if spec.format == "preference" else builtin.generate
-        train, held = make(list(b.tasks), b.train_size, b.eval_size, b.seed)
+        train, held = make(list(b.tasks), b.train_size, b.eval_size, b.seed,
+                           options=builtin.TaskOptions(b.document_lines))
         return SourceRows(spec, datasets.Dataset.from_list(train),
                           datasets.Dataset.from_list(held))
     train = read_rows(spec, spec.split, local_rank)

@@ -53,7 +53,8 @@ def builtin_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     the built-in pairs."""
     b = cfg.data.builtin
     make = builtin.generate_pairs if cfg.data.format == "preference" else builtin.generate
-    return make(list(b.tasks), b.train_size, b.eval_size, b.seed)
+    return make(list(b.tasks), b.train_size, b.eval_size, b.seed,
+                options=builtin.TaskOptions(b.document_lines))
 
 
 def held_out_count(cfg: Config) -> int:
