@@ -109,6 +109,13 @@ STEPS = [
     Step("qlora-bf16-fsdp2", ["+method=qlora", "precision=bf16", "parallelism=fsdp2",
                               "parallelism.nproc_per_node=1"],
          refused=lambda dry_run: "+method=qlora with parallelism=fsdp2 is not supported"),
+    # long context on one GPU: the MLP in tiles and the layers' checkpoints in pinned host
+    # memory (a CPU run keeps them where they are); sequence parallelism needs 2 GPUs
+    Step("full-bf16-long-context", ["+method=full", "precision=bf16", "data=builtin_long",
+                                    "data.builtin.document_lines=24", "data.max_seq_len=1024",
+                                    "data.builtin.train_size=64", "data.builtin.eval_size=4",
+                                    "train.gradient_checkpointing=true", "train.mlp_tiles=4",
+                                    "train.offload_activations=true"]),
     # packed rows under flash-attention where the package is there; a clear refusal where not
     Step("lora-bf16-packed-flash-attn", ["+method=lora", "precision=bf16", "data.packing=true",
                                          "model.attn_implementation=flash_attention_2"],

@@ -336,7 +336,8 @@ def test_the_gpu_check_passes_its_cpu_dry_run(tmp_path):
     for name in ("lora-bf16", "qlora-bf16", "lora-int8", "dora-bf16", "prompt-tuning-bf16",
                  "full-fp16", "full-fp16-zero2", "full-bf16-zero2", "full-bf16-zero3",
                  "full-bf16-zero2-offload", "full-bf16-fsdp2", "lora-bf16-fsdp2-compile",
-                 "qlora-bf16-fsdp2", "lora-bf16-packed-flash-attn", "lora-bf16-resume",
+                 "qlora-bf16-fsdp2", "full-bf16-long-context", "lora-bf16-packed-flash-attn",
+                 "lora-bf16-resume",
                  "eval", "generate", "merge", "matmul-peak", "big-full-bf16", "big-lora-bf16"):
         assert name in steps, name
     assert not any(r["problems"] for r in results)
