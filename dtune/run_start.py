@@ -44,6 +44,7 @@ SAFE_TO_CHANGE = (
     "train.save_final",
     "train.resume", "train.overwrite", "train.on_nonfinite", "train.deterministic",
     "train.gradient_checkpointing", "train.loss_chunk_size", "train.compile", "data.num_proc",
+    "train.mlp_tiles", "train.offload_activations",  # memory switches: the same gradients
     "model.trust_remote_code", "model.attn_implementation", "model.gguf",
     "precision.init_loss_scale", "precision.growth_interval",
     "settled.",  # the machine it was settled for, and the loss plan: a speed switch
@@ -235,7 +236,9 @@ def training_settings(cfg: Config, world_size: int | None) -> dict:
     flat["parallelism.engine"] = cfg.parallelism.engine
     if world_size is not None:
         # The batch is its global size: 2 ranks of 1 micro-batch continue as 1 process of 2.
-        flat[GLOBAL_BATCH] = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
+        # The ranks of a sequence-parallel group share their rows.
+        flat[GLOBAL_BATCH] = cfg.train.micro_batch_size * cfg.train.grad_accum_steps \
+            * world_size // cfg.parallelism.sequence_parallel
         if engine_spec(cfg.parallelism).fixed_world_size:
             flat["processes (ZeRO shards its state by rank)"] = world_size
     return json.loads(json.dumps(flat, default=str))  # as a checkpoint stores them
