@@ -148,8 +148,8 @@ def check_sequence_groups(cfg: Config, machine: Machine) -> None:
     if world % size:
         raise DtuneError(
             f"parallelism.sequence_parallel={size} groups the ranks {size} at a time, but "
-            f"parallelism={cfg.parallelism.name} runs {world} process(es) on "
-            f"{machine.described}, which {size} does not divide. Set "
+            f"parallelism={cfg.parallelism.name} runs {world} process(es), which {size} "
+            "does not divide. Set "
             f"parallelism.nproc_per_node (x launcher.nodes) to a multiple of {size}, e.g. "
             f"parallelism=ddp parallelism.nproc_per_node={size}, or lower "
             "parallelism.sequence_parallel.")
