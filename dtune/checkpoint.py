@@ -167,6 +167,18 @@ def seal(folder: Path, step: int) -> None:
         fsync_dir(sub)
 
 
+def folder_fingerprint(folder: Path) -> Optional[str]:
+    """One SHA-256 over a folder's files (their paths and contents, in sorted order), or None
+    where there is no such folder: what a run that starts from another run's final/ records
+    (model.init_from), so it is known to start, and resume, from those very weights."""
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_of(path)}\0".encode())
+    return digest.hexdigest()
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -384,7 +384,7 @@ def check_objective(cfg: Config) -> None:
             "objective.loss_type=ipo: label smoothing (cDPO) is a form of the sigmoid loss. "
             "Remove it, or use objective.loss_type=sigmoid.")
     if spec.reference:
-        check_reference(cfg, METHODS[method.name].adapter)
+        check_reference(cfg, METHODS[method.name].adapter and not cfg.model.continues_adapter)
 
 
 def check_init_from(cfg: Config) -> None:
@@ -402,6 +402,12 @@ def check_init_from(cfg: Config) -> None:
             f"model.init_from={where} with parallelism={cfg.parallelism.name} is not supported: "
             "ZeRO-3 partitions the weights as they load, before an earlier run's adapter could "
             "be merged in. Use parallelism=zero2 or ddp.")
+    if cfg.model.continues_adapter and not METHODS[method].adapter:
+        raise DtuneError(
+            f"model.init_adapter=continue with +method={method}: it trains on the earlier run's "
+            "adapter, so this run must train that adapter too (its +method and method.* as the "
+            "earlier run set them, e.g. +method=lora). Use model.init_adapter=merge to train "
+            f"+method={method} on the merged model.")
 
 
 def check_online(cfg: Config, formats: set[str]) -> None:
@@ -428,12 +434,14 @@ def check_online(cfg: Config, formats: set[str]) -> None:
             "data.format=chat (data=builtin: the user turn is the prompt, the assistant turn "
             "the answer exact_match compares with) or data.format=alpaca.")
     check_scored_layout(cfg, "online")
-    if shards_parameters(cfg.parallelism) and objective.beta:
+    if shards_parameters(cfg.parallelism) and objective.beta \
+            and not (METHODS[cfg.method.name].adapter and not cfg.model.continues_adapter):
         raise DtuneError(
-            f"objective.beta={objective.beta} with parallelism={cfg.parallelism.name}: the KL "
-            "term's reference would be a frozen copy of ZeRO-3's partitioned weights, which "
-            "dtune does not make. Use objective.beta=0 (no KL term, as in DAPO and Dr. GRPO), "
-            "an adapter method, or parallelism=zero2.")
+            f"objective.beta={objective.beta} with +method={cfg.method.name} and parallelism="
+            f"{cfg.parallelism.name}: the KL term's reference would be a frozen copy of the "
+            "partitioned weights, which dtune does not make. Use objective.beta=0 (no KL term, "
+            "as in DAPO and Dr. GRPO), an adapter method (its reference is the model with the "
+            "adapters disabled), or parallelism=zero2.")
 
 
 # What each objective that scores whole sequences puts through the model, and why its loss
@@ -476,9 +484,12 @@ def check_reference(cfg: Config, adapter: bool) -> None:
     chosen, _ = resolve_reference(cfg.objective, adapter, cfg.data.streaming)
     method, setting = cfg.method.name, f"objective.reference={cfg.objective.reference}"
     if chosen == "adapter_disabled" and not adapter:
+        why = "full fine-tuning has no adapters to disable, so the reference would be the " \
+            "policy itself" if not cfg.model.continues_adapter else "model.init_adapter=" \
+            "continue trains model.init_from's adapter, which is part of the starting model: " \
+            "disabling it would give that run's start as the reference, not this run's"
         raise DtuneError(
-            f"{setting} with +method={method}: full fine-tuning has no adapters to disable, so "
-            "the reference would be the policy itself. Use objective.reference=precomputed "
+            f"{setting} with +method={method}: {why}. Use objective.reference=precomputed "
             "(least memory) or frozen_copy, or auto.")
     if chosen == "frozen_copy" and adapter:
         raise DtuneError(

@@ -167,8 +167,11 @@ class ModelConfig(Section):
     # "flash_attention_2" (needs the flash-attn package and a GPU) or "flex_attention"
     attn_implementation: str = "auto"
     # an earlier dtune run directory whose final/ this run starts from (a full model, or an
-    # adapter merged into its base: SFT, then GRPO); its base must be model.name_or_path
+    # adapter: SFT, then GRPO); its base must be model.name_or_path
     init_from: Optional[str] = None
+    # init_from's adapter: "merge" it into its base and train this run's method on top, or
+    # "continue" training it (this run's method settings must be that run's)
+    init_adapter: str = "merge"
     # RoPE scaling passed to the model's config (transformers' rope_parameters), e.g.
     # {rope_type: linear, factor: 4}: it stretches the positions, and lets data.max_seq_len
     # go past the model's max_position_embeddings up to factor times it. {}: none
@@ -178,6 +181,7 @@ class ModelConfig(Section):
         if not self.name_or_path:
             raise DtuneError("model.name_or_path is empty; give a hub id or a local folder.")
         check_choice("model.attn_implementation", self.attn_implementation, ATTENTION_KERNELS)
+        check_choice("model.init_adapter", self.init_adapter, ("merge", "continue"))
         if self.rope_scaling:
             factor = self.rope_scaling.get("factor")
             if "rope_type" not in self.rope_scaling or not isinstance(factor, (int, float)) \
@@ -186,6 +190,12 @@ class ModelConfig(Section):
                     f"model.rope_scaling={dict(self.rope_scaling)} needs a rope_type and a "
                     "finite factor >= 1 (how many times the model's positions it covers), e.g. "
                     "model.rope_scaling={rope_type:linear,factor:4}.")
+
+    @property
+    def continues_adapter(self) -> bool:
+        """Whether this run trains on model.init_from's adapter itself (not a merge of it):
+        its reference is then not the model with the adapters disabled."""
+        return bool(self.init_from) and self.init_adapter == "continue"
 
 
 @dataclass
@@ -261,8 +271,9 @@ class ObjectiveConfig(Section):
     gamma: float = 0.5  # simpo: the target reward margin
     # grpo (dtune/grpo.py): completions sampled per prompt (the group), how they are sampled,
     # passes over each rollout, PPO's clip range (DAPO's clip-higher: a larger upper one),
-    # the rewards named (dtune/rewards.py), and whether groups whose rewards are all equal
-    # (no signal) are left out of the loss (DAPO's dynamic sampling, without resampling)
+    # the rewards named (dtune/rewards.py); groups whose rewards are all equal (no signal):
+    # drawn again up to resample_zero_std_groups times, and those still without a signal left
+    # out of the loss with skip_zero_std_groups (DAPO's dynamic sampling, dtune/grpo.py)
     num_generations: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
@@ -272,6 +283,7 @@ class ObjectiveConfig(Section):
     epsilon_high: Optional[float] = None
     rewards: Any = None
     skip_zero_std_groups: bool = False
+    resample_zero_std_groups: int = 0
 
     def __post_init__(self) -> None:
         # beta=0 is grpo's "no KL term"; the preference objectives need > 0 (compose.py)
@@ -289,6 +301,8 @@ class ObjectiveConfig(Section):
                              "(0, 1] (1 samples from the whole distribution).")
         check_positive("objective.max_new_tokens", self.max_new_tokens)
         check_positive("objective.num_iterations", self.num_iterations)
+        check_positive("objective.resample_zero_std_groups", self.resample_zero_std_groups,
+                       allow_zero=True)
         check_fraction("objective.epsilon", self.epsilon)
         if self.epsilon_high is not None:
             check_positive("objective.epsilon_high", self.epsilon_high)
@@ -688,6 +702,9 @@ class SettledConfig(Section):
     # full logits); the model as loaded may still demote it to 0 (dtune/loss_plan.py)
     loss_chunk_size: int = 0
     response_head: bool = False  # preference objectives: the LM head at labelled positions
+    # model.init_from: the SHA-256 over its final/ when this run was settled; the run loads,
+    # resumes and is read back only from those very weights (dtune/load_run.load_init_from)
+    init_from: Optional[str] = None
 
 
 @dataclass

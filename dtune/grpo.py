@@ -12,8 +12,11 @@ group-relative advantages, and the clipped policy-gradient loss with its normali
   tokens x sequences (`loss_type=dr_grpo`).
 - DAPO (Yu et al., 2025): the token-level loss, summed over every completion token of the
   batch and divided by their count (`loss_type=dapo`), an upper clip `epsilon_high` above the
-  lower one (clip-higher), and groups whose rewards are all equal dropped
-  (`skip_zero_std_groups`: they carry no signal).
+  lower one (clip-higher), and dynamic sampling: groups whose rewards are all equal carry no
+  signal, so they are drawn again (`resample_zero_std_groups`: up to that many more draws of
+  the micro-batch, each such group replaced by its first draw with a signal; the same
+  prompts, so the data stream and the step count stay as they are) and those still without
+  one are dropped from the loss and its normaliser (`skip_zero_std_groups`).
 
 Each loss here is a *sum* over the rows it is given, and `window_normaliser` is the divisor
 for the whole window over every rank, found before the first backward: a window of one
@@ -22,6 +25,7 @@ the token normaliser does for SFT and the pair normaliser for DPO (dtune/train.p
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -119,6 +123,7 @@ class Rollout:
     keep: Optional[torch.Tensor] = None  # [N] float: 0 for a dropped zero-signal group
     zero_std: Optional[torch.Tensor] = None  # [N / G] bool: the group's rewards all equal
     old_logps: Optional[torch.Tensor] = None  # [N, C] on the device, for num_iterations > 1
+    resampled: int = 0  # groups replaced by a later draw of theirs (`refilled`)
 
     @property
     def width(self) -> int:
@@ -158,7 +163,7 @@ def sample_group(engine, tokenizer, prompts: list[list[int]], answers: list, gro
     model.eval()
     rows = [p for p in prompts for _ in range(group)]
     prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id)
-    torch.manual_seed(seed)  # CPU and every GPU: sampling draws from the global generators
+    torch.manual_seed(seed % 2**63)  # CPU and every GPU: sampling draws from the global generators
     try:
         with engine.eval_context():
             output = model.generate(
@@ -195,6 +200,44 @@ def score(rollout: Rollout, terms, group: int, max_new_tokens: int, scale: bool,
         else torch.ones_like(total)
 
 
+def widened(rollout: Rollout, width: int, pad_id: int) -> Rollout:
+    """`rollout` with its completions padded on the right to `width` tokens (masked out, as
+    generation's own padding after an EOS is)."""
+    extra = width - rollout.width
+    if extra == 0:
+        return rollout
+    ids = torch.cat([rollout.input_ids, rollout.input_ids.new_full(
+        (rollout.input_ids.size(0), extra), pad_id)], 1)
+    attention = torch.cat([rollout.attention_mask,
+                           rollout.attention_mask.new_zeros((ids.size(0), extra))], 1)
+    mask = torch.cat([rollout.completion_mask,
+                      rollout.completion_mask.new_zeros((ids.size(0), extra))], 1)
+    return dataclasses.replace(rollout, input_ids=ids, attention_mask=attention,
+                               position_ids=(attention.cumsum(1) - 1).clamp(min=0),
+                               completion_mask=mask)
+
+
+def refilled(rollout: Rollout, fresh: Rollout, group: int, pad_id: int) -> Rollout:
+    """`rollout` (scored) with each group that had no signal replaced by the same prompt's
+    group in `fresh` (a new draw of the same prompts, scored) where that one has a signal;
+    to be scored again. Counts the groups replaced in `resampled`."""
+    take = rollout.zero_std & ~fresh.zero_std
+    width = max(rollout.width, fresh.width)
+    old, new = widened(rollout, width, pad_id), widened(fresh, width, pad_id)
+    rows = take.repeat_interleave(group)
+
+    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(rows.view(-1, *[1] * (a.dim() - 1)), b, a)
+
+    return Rollout(pick(old.input_ids, new.input_ids),
+                   pick(old.attention_mask, new.attention_mask),
+                   pick(old.position_ids, new.position_ids),
+                   pick(old.completion_mask, new.completion_mask),
+                   [b if r else a for a, b, r in zip(old.completions, new.completions,
+                                                      rows.tolist())],
+                   old.answers, resampled=rollout.resampled + int(take.sum()))
+
+
 def window_counts(rollouts: list[Rollout]) -> dict:
     """What the window's rollouts hold over every rank, from their host copies in one
     collective (and one for the longest completion): the completions and completion tokens
@@ -209,17 +252,19 @@ def window_counts(rollouts: list[Rollout]) -> dict:
     local = [float(keep.sum()), float((lengths * keep).sum()), float(len(zero)),
              float(zero.sum()), float(len(lengths)), float(lengths.sum()),
              float(advantages.pow(2).sum()), float(advantages.abs().sum()),
-             float(sum(int(r.attention_mask.sum()) for r in rollouts))]
+             float(sum(int(r.attention_mask.sum()) for r in rollouts)),
+             float(sum(r.resampled for r in rollouts))]
     for n in names:
         local += [float(rewards[n].sum()), float(rewards[n].pow(2).sum())]
     summed = all_reduce_sums(local)
-    kept, tokens, groups, zero_groups, rows, length_sum, adv_sq, adv_abs, seen = summed[:9]
-    metrics = {"groups": groups, "zero_std_groups": zero_groups,
+    kept, tokens, groups, zero_groups, rows, length_sum, adv_sq, adv_abs, seen, resampled = \
+        summed[:10]
+    metrics = {"groups": groups, "zero_std_groups": zero_groups, "resampled_groups": resampled,
                "completion_length/mean": length_sum / rows,
                "completion_length/max": all_reduce_max(float(lengths.max())),
                "advantage/std": math.sqrt(adv_sq / rows), "advantage/abs_mean": adv_abs / rows}
     for i, n in enumerate(names):
-        total, squares = summed[9 + 2 * i], summed[10 + 2 * i]
+        total, squares = summed[10 + 2 * i], summed[11 + 2 * i]
         key = "reward" if n == "total" else f"reward/{n}"
         mean = total / rows
         metrics[f"{key}/mean"] = mean

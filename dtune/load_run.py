@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import asdict
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dtune.checkpoint import (TrainState, check_same_parameters, checkpoint_folders,
-                              checkpoint_problem, run_id_of)
+                              checkpoint_problem, folder_fingerprint, run_id_of)
 from dtune.compose import to_config
 from dtune.config import Config, LauncherConfig, ParallelismConfig
 from dtune.engines import checkpoint_weights, refuse_unreadable_checkpoint
@@ -46,7 +47,8 @@ def load_run_config(run_dir: Path, trust_remote_code: bool = False) -> Config:
             "folder a training run wrote (its hydra.run.dir)."
         )
     saved = OmegaConf.create(read_text(run.config_file))
-    saved.pop("settled", None)  # settled for the machine that trained; settled anew for this one
+    # settled for the machine that trained; settled anew for this one
+    trained_from = (saved.pop("settled", None) or {}).get("init_from")
     merged = OmegaConf.merge(OmegaConf.structured(Config), saved)
     cfg = to_config(merged)
     if cfg.model.trust_remote_code and not trust_remote_code:
@@ -56,7 +58,14 @@ def load_run_config(run_dir: Path, trust_remote_code: bool = False) -> Config:
     cfg.model.trust_remote_code = trust_remote_code
     # the tools load the run in one process, here, whatever launched its training
     cfg.parallelism, cfg.launcher = ParallelismConfig(), LauncherConfig()
-    return settle(cfg, this_machine())
+    settled = settle(cfg, this_machine())
+    if trained_from and settled.settled.init_from != trained_from:
+        raise DtuneError(
+            f"{run_dir} trained from model.init_from={cfg.model.init_from}, whose final/ is "
+            f"not what it was then (SHA-256 {trained_from[:12]}... at the start of training, "
+            f"{(settled.settled.init_from or 'missing')[:12]}... now): this run's adapter or "
+            "weights would be read onto another model. Restore that run's final/ as it was.")
+    return settled
 
 
 def say_base(cfg: Config, run_dir: Path) -> None:
@@ -109,7 +118,7 @@ def load_trained(run: RunDir, cfg: Config, folder: Path, options: dict,
     tokenizer = load_tokenizer(run.final, cfg.model.trust_remote_code)
     if run.final_is_adapter():
         say_base(cfg, run.path)
-        base, _, _ = load_base(cfg, options)
+        base, _, _ = load_base(cfg, options, under_adapter=True)
         model = load_adapter(base, run.path, cfg)
     else:
         model = load_model_folder(run.final, cfg.model.trust_remote_code, options)
@@ -154,7 +163,7 @@ def load_checkpoint_model(run: RunDir, cfg: Config, folder: Path, options: dict,
     checkpoint holds only those) put in. `merging`: see load_trained."""
     state = checkpoint_state(folder)
     say_base(cfg, run.path)
-    base, tokenizer, _ = load_base(cfg, options)
+    base, tokenizer, _ = load_base(cfg, options, under_adapter=True)
     if state.chat_template is not None:
         tokenizer.chat_template = state.chat_template  # the one the run trained with
     spec = METHODS[cfg.method.name]
@@ -183,12 +192,13 @@ def written_by(state: TrainState) -> str:
     return str(state.settings.get("parallelism.engine") or ParallelismConfig.engine)
 
 
-def load_adapter(base, run_dir: Path, cfg: Config):
-    """The run's final/ adapter on `base`. An adapter trained on another model (another size:
-    peft's size mismatch) is one paragraph naming both, not a traceback."""
+def load_adapter(base, run_dir: Path, cfg: Config, trainable: bool = False):
+    """The run's final/ adapter on `base` (to be trained on, with `trainable`). An adapter
+    trained on another model (another size: peft's size mismatch) is one paragraph naming
+    both, not a traceback."""
     run = RunDir(run_dir)
     try:
-        return PeftModel.from_pretrained(base, run.final)
+        return PeftModel.from_pretrained(base, run.final, is_trainable=trainable)
     except RuntimeError as exc:
         if "size mismatch" not in str(exc):
             raise
@@ -286,20 +296,22 @@ def load_gguf_file(path: Path):
     return model.eval(), tokenizer
 
 
-def load_base(cfg: Config, options: dict):
+def load_base(cfg: Config, options: dict, under_adapter: bool = False):
     """(model, tokenizer, source): what a run starts from, as training loads it and as the
-    tools load it under a run's adapter or checkpoint: the base model, or with
-    `model.init_from` the earlier run's final model (`load_init_from`)."""
+    tools load it under a run's adapter or checkpoint (`under_adapter`): the base model, or
+    with `model.init_from` the earlier run's final model (`load_init_from`)."""
     if cfg.model.init_from:
-        return load_init_from(cfg, options)
+        return load_init_from(cfg, options, under_adapter)
     return load_model_and_tokenizer(cfg.model, options, chat_template=cfg.data.chat_template)
 
 
-def load_init_from(cfg: Config, options: dict):
+def load_init_from(cfg: Config, options: dict, under_adapter: bool = False):
     """(model, tokenizer, source) for `model.init_from=RUN_DIR`: that run's final/ as this
-    run's starting weights, a full model as it is or an adapter merged into what that run
-    started from (its base, or its own init_from); this run's method then adapts the merged
-    model. Its tokenizer comes along: final/ holds the chat template and pad token it
+    run's starting weights, a full model as it is, or an adapter on what that run started
+    from (its base, or its own init_from): merged into it (this run's method then adapts the
+    merged model), or with `model.init_adapter=continue` left trainable for this run to go
+    on training (`under_adapter`: left out, this run's own adapter or checkpoint replacing
+    it). Its tokenizer comes along: final/ holds the chat template and pad token it
     trained with."""
     run = RunDir(Path(cfg.model.init_from))
     if not run.config_file.is_file() or not run.final.is_dir():
@@ -315,12 +327,48 @@ def load_init_from(cfg: Config, options: dict):
             f"run starts from to the earlier run's (e.g. model={earlier.model.name}), so the "
             "tokenizer, template and base match.")
     folder = trained_weights(run, earlier, None)
+    found = folder_fingerprint(folder)
+    if cfg.settled.init_from and found != cfg.settled.init_from:
+        raise DtuneError(
+            f"model.init_from={cfg.model.init_from}: its final/ changed after this run's "
+            f"config was settled (SHA-256 {cfg.settled.init_from[:12]}... then, "
+            f"{found[:12]}... now), so the run would not start from the weights it was "
+            "launched with. Launch it again to start from final/ as it is now.")
     tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)
+    how = ""
     if run.final_is_adapter():
         base, _, _ = load_base(earlier, options)
-        model = load_adapter(base, run.path, earlier).merge_and_unload()
+        if not cfg.model.continues_adapter:
+            model, how = load_adapter(base, run.path, earlier).merge_and_unload(), \
+                ": its adapter merged into the model it trained"
+        elif under_adapter:
+            model = base
+        else:
+            check_same_method(cfg, earlier)
+            model, how = load_adapter(base, run.path, earlier, trainable=True), \
+                ": its adapter trained on (model.init_adapter=continue)"
+    elif cfg.model.continues_adapter:
+        raise DtuneError(
+            f"model.init_adapter=continue, but model.init_from={cfg.model.init_from} trained "
+            f"+method={earlier.method.name}: its final/ is a full model, with no adapter to go "
+            "on training. Use model.init_adapter=merge (the default) to train this run's "
+            "method on that model.")
     else:
         model = load_model_folder(folder, cfg.model.trust_remote_code, options)
-    log.info("Starting from %s (model.init_from)%s", folder,
-             ": its adapter merged into the model it trained" if run.final_is_adapter() else "")
+    log.info("Starting from %s (model.init_from)%s", folder, how)
     return model.train(), tokenizer, f"init_from {folder}"
+
+
+def check_same_method(cfg: Config, earlier: Config) -> None:
+    """model.init_adapter=continue trains the earlier run's adapter as it is: this run's
+    method settings must be the ones it was made with."""
+    mine, theirs = asdict(cfg.method), asdict(earlier.method)
+    differ = [f"method.{k}={mine[k]!r} here, {theirs[k]!r} there" for k in mine
+              if mine[k] != theirs[k]]
+    if differ:
+        raise DtuneError(
+            f"model.init_adapter=continue trains the adapter of model.init_from="
+            f"{cfg.model.init_from} as it is, but this run's method differs from the one that "
+            f"made it: {'; '.join(differ[:4])}. Set this run's method as that run's "
+            f"(+method={earlier.method.name} and its method.* values), or use "
+            "model.init_adapter=merge to train a new adapter on the merged model.")

@@ -39,7 +39,8 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewar
 # generating and training.
 GRPO_METRICS = ("reward/mean", "reward/std", "advantage/std", "advantage/abs_mean",
                 "completion_length/mean", "completion_length/max", "clip_fraction", "kl",
-                "zero_std_groups", "groups", "generation_time_s", "update_time_s")
+                "zero_std_groups", "resampled_groups", "groups", "generation_time_s",
+                "update_time_s")
 
 
 @dataclass
@@ -68,6 +69,8 @@ class ObjectiveSpec:
     # samples its own completions and learns from their rewards (GRPO: dtune/grpo.py, the
     # step train.grpo_step); trains on prompts with reference answers, not on pairs
     online: bool = False
+    # the conf/data group of built-in data it trains on (`dtune check objective=...`)
+    builtin_data: str = "builtin_preference"
 
 
 def reward_metrics(chosen_rewards, rejected_rewards, logps: PairLogps) -> dict:
@@ -135,7 +138,7 @@ def simpo_loss(logps: PairLogps, cfg: ObjectiveConfig):
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {spec.name: spec for spec in (
     ObjectiveSpec("sft", "next-token cross-entropy on the response tokens", frozenset(),
-                  pairs=False),
+                  pairs=False, builtin_data="builtin"),
     ObjectiveSpec("dpo", "prefer chosen over rejected relative to a reference model (DPO; "
                   "`loss_type=ipo`: IPO)", frozenset({"beta", "loss_type", "label_smoothing",
                                                       "reference"}),
@@ -151,8 +154,9 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {spec.name: spec for spec in (
                   "`loss_type=dr_grpo`: Dr. GRPO; `loss_type=dapo`: DAPO's token loss)",
                   frozenset({"beta", "loss_type", "num_generations", "temperature", "top_p",
                              "max_new_tokens", "num_iterations", "epsilon", "epsilon_high",
-                             "rewards", "skip_zero_std_groups"}),
-                  pairs=False, metrics=GRPO_METRICS, online=True),
+                             "rewards", "skip_zero_std_groups",
+                             "resample_zero_std_groups"}),
+                  pairs=False, metrics=GRPO_METRICS, online=True, builtin_data="builtin_rl"),
 )}
 
 

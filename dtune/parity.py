@@ -99,13 +99,23 @@ TOLERANCES = {"fp32": {"ddp": 1e-5, "zero": 1e-4, "fsdp2": 1e-5, "sequence": 1e-
 
 
 def objective_overrides(overrides: list[str]) -> list[str]:
-    """The user's `dtune check` overrides (an objective and its settings), with the built-in
-    preference pairs added for a preference objective unless a data group is named."""
+    """The user's `dtune check` overrides (an objective and its settings), with the
+    objective's built-in data added (preference pairs, GRPO's prompts) unless a data group is
+    named; GRPO samples short completions, few per prompt (GRPO_CHECK)."""
+    from dtune.objectives import OBJECTIVES
+
     chosen = next((o.split("=", 1)[1] for o in reversed(overrides)
                    if o.split("=", 1)[0] == "objective"), "sft")
-    if chosen == "sft" or any(o.startswith("data=") for o in overrides):
+    spec = OBJECTIVES.get(chosen)
+    if spec is None or chosen == "sft" or any(o.startswith("data=") for o in overrides):
         return list(overrides)
-    return ["data=builtin_preference", *overrides]
+    extra = GRPO_CHECK if spec.online else []
+    return [f"data={spec.builtin_data}", *extra, *overrides]
+
+
+# A parity check compares the loss, not learning: completions of 16 tokens, 2 per prompt (the
+# same global batch of prompts), keep 20 steps of 8 layouts within minutes on a CPU.
+GRPO_CHECK = ["objective.num_generations=2", "objective.max_new_tokens=16"]
 
 
 def train_layout(layout: Layout, work_dir: Path, steps: int,

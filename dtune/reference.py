@@ -110,7 +110,9 @@ def build_reference(cfg: Config, engine, stream, tokenizer, run_dir: RunDir, res
     """The reference the objective needs (NoReference when it needs none), from the engine's
     model as it starts, before any checkpoint is loaded. `response_head`: see
     dtune.loss.sequence_logps."""
-    spec, adapter = objective_spec(cfg.objective), method_spec(cfg.method).adapter
+    spec = objective_spec(cfg.objective)
+    # a continued adapter (model.init_from) is part of the starting model: not to be disabled
+    adapter = method_spec(cfg.method).adapter and not cfg.model.continues_adapter
     if spec.online and cfg.objective.beta:  # GRPO's KL term: scored on fresh samples
         kind, why = ("adapter_disabled", "the base with adapters disabled") if adapter else \
             ("frozen_copy", "full fine-tuning: a frozen copy of the starting weights")

@@ -52,6 +52,7 @@ SAFE_TO_CHANGE = (
 # What a fresh run would lose or mix with its own in a directory another run trained in.
 TRAINING_STATE = ("checkpoints", "metrics.jsonl", "summary.json", "final")
 GLOBAL_BATCH = "the global batch (train.micro_batch_size x train.grad_accum_steps x processes)"
+INIT_FROM_WEIGHTS = "model.init_from's final/ (the SHA-256 of its files)"
 PREVIOUS_RUNS = "previous_runs"  # where train.overwrite=true moves another run's files
 _CLAIMED: dict[str, str] = {}  # run dirs this process answers for -> their run id
 
@@ -233,6 +234,8 @@ def training_settings(cfg: Config, world_size: int | None) -> dict:
     flat = {key: value for key, value in flatten(asdict(cfg)).items()
             if not key.startswith(SAFE_TO_CHANGE)}
     flat["parallelism.zero_stage"] = cfg.parallelism.zero_stage  # what the engine computes
+    if cfg.model.init_from:  # settled.* is not compared, but the starting weights are
+        flat[INIT_FROM_WEIGHTS] = cfg.settled.init_from
     flat["parallelism.engine"] = cfg.parallelism.engine
     if world_size is not None:
         # The batch is its global size: 2 ranks of 1 micro-batch continue as 1 process of 2.

@@ -116,6 +116,13 @@ def settle(config: Config, machine: Optional[Machine] = None) -> Config:
 
     cfg.settled.loss_chunk_size, cfg.settled.response_head = planned_loss(cfg)
     cfg.settled.machine = machine.described
+    if cfg.model.init_from:  # the weights this run starts from, as they are now
+        from pathlib import Path
+
+        from dtune.checkpoint import folder_fingerprint
+        from dtune.run_dir import RunDir
+
+        cfg.settled.init_from = folder_fingerprint(RunDir(Path(cfg.model.init_from)).final)
     check_combination(cfg)  # again: nothing is `auto` now
     from dtune.data.settings import check_data_settings
 

@@ -178,7 +178,8 @@ def set_up(cfg: Config, run_dir: RunDir, run_id: str, ranks: Ranks, started: flo
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     long_context.tile_mlp(model, cfg.train.mlp_tiles, cfg.model.name_or_path)
-    model = apply_method(model, cfg.method, tokenizer)
+    if not cfg.model.continues_adapter:  # else init_from's adapter is the one trained
+        model = apply_method(model, cfg.method, tokenizer)
     precision.keep_trainable_fp32(model, cfg)
     trainable, total = count_parameters(model)
     total_steps, steps_set_by = planned_steps(cfg, prepared.epoch_batches,
@@ -447,11 +448,15 @@ def grpo_step(recipe: Recipe, state: TrainState, window: list[dict], counts: Win
         # rank r holds the global window's micro-batches r x accum ... (data.batching)
         place = recipe.ranks.rank * len(window) + index
         seed = (cfg.train.seed * 1_000_003 + state.step) * 65_536 + place
-        rollout = grpo.sample_group(engine, recipe.tokenizer, prompts, answers,
-                                    o.num_generations, o.max_new_tokens, o.temperature,
-                                    o.top_p, seed)
-        grpo.score(rollout, recipe.rewards, o.num_generations, o.max_new_tokens,
-                   scale=o.loss_type != "dr_grpo", skip_zero_std=o.skip_zero_std_groups)
+        rollout = sample_and_score(recipe, prompts, answers, seed)
+        for draw in range(1, o.resample_zero_std_groups + 1):  # groups without a signal
+            if not any_rank(bool(rollout.zero_std.any()), engine.synced_forward):
+                break
+            # a draw of its own: the step's seeds are spaced 65,536 apart, these far beyond
+            fresh = sample_and_score(recipe, prompts, answers, seed + draw * 2**40)
+            rollout = grpo.refilled(rollout, fresh, o.num_generations,
+                                    recipe.tokenizer.pad_token_id)
+            score_rollout(recipe, rollout)
         rollouts.append(rollout)
     found = grpo.window_counts(rollouts)  # every rank's, before the first backward
     divisor = grpo.window_normaliser(o.loss_type, found["sequences"], found["tokens"],
@@ -479,6 +484,27 @@ def grpo_step(recipe: Recipe, state: TrainState, window: list[dict], counts: Win
                "update_time_s": time.perf_counter() - generated}
     return result, metrics, dataclasses.replace(counts, real_tokens=found["rollout_tokens"],
                                                 loss_tokens=found["tokens"])
+
+
+def sample_and_score(recipe: Recipe, prompts: list, answers: list, seed: int) -> grpo.Rollout:
+    o = recipe.cfg.objective
+    rollout = grpo.sample_group(recipe.engine, recipe.tokenizer, prompts, answers,
+                                o.num_generations, o.max_new_tokens, o.temperature, o.top_p,
+                                seed)
+    score_rollout(recipe, rollout)
+    return rollout
+
+
+def score_rollout(recipe: Recipe, rollout: grpo.Rollout) -> None:
+    o = recipe.cfg.objective
+    grpo.score(rollout, recipe.rewards, o.num_generations, o.max_new_tokens,
+               scale=o.loss_type != "dr_grpo", skip_zero_std=o.skip_zero_std_groups)
+
+
+def any_rank(flag: bool, synced: bool) -> bool:
+    """`flag` on this rank, or on any rank where every rank must join each forward (ZeRO-3,
+    FSDP2: a rank that generates alone would wait for the others' weights forever)."""
+    return all_reduce_max(float(flag)) > 0 if synced else flag
 
 
 def accumulate_grpo_gradients(engine: Engine, rollouts: list, divisor: int, tokens: int,

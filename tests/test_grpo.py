@@ -179,6 +179,45 @@ def brevity(completions, answers, lengths, limit=3):
     return [1.0 if n <= limit else 0.0 for n in lengths]
 
 
+def test_a_group_without_signal_is_replaced_by_its_next_draw_with_one():
+    """Dynamic sampling (objective.resample_zero_std_groups): a group whose rewards were all
+    equal takes the same prompt's group from a new draw when that one has a signal; a group
+    with a signal keeps its own; completions of another width are padded and masked out."""
+    from dtune.grpo import Rollout, refilled, score
+    from dtune.rewards import parse_rewards
+
+    terms = parse_rewards([{"name": "exact_match", "weight": 1.0}])
+
+    def rollout(completions, width):
+        prompt = torch.tensor([[0, 7, 8]] * 2 + [[9, 10, 11]] * 2)  # 2 prompts x G=2
+        tokens = torch.arange(4 * width).view(4, width) + 20
+        mask = torch.ones(4, width)
+        attention = torch.cat([torch.tensor([[0, 1, 1]] * 2 + [[1, 1, 1]] * 2), mask.long()], 1)
+        made = Rollout(torch.cat([prompt, tokens], 1), attention,
+                       (attention.cumsum(1) - 1).clamp(min=0), mask, completions,
+                       ["a", "a", "b", "b"])
+        score(made, terms, 2, 8, scale=True, skip_zero_std=True)
+        return made
+
+    first = rollout(["x", "y", "b", "c"], 2)  # prompt 0: no signal; prompt 1: a signal
+    fresh = rollout(["a", "z", "x", "y"], 3)  # prompt 0: a signal; prompt 1: none
+    assert first.zero_std.tolist() == [True, False] and fresh.zero_std.tolist() == [False, True]
+    merged = refilled(first, fresh, 2, pad_id=0)
+    score(merged, terms, 2, 8, scale=True, skip_zero_std=True)
+    assert merged.completions == ["a", "z", "b", "c"] and merged.resampled == 1
+    assert merged.zero_std.tolist() == [False, False] and merged.keep.tolist() == [1, 1, 1, 1]
+    assert merged.width == 3
+    assert torch.equal(merged.input_ids[:2], fresh.input_ids[:2])  # prompt 0: fresh's rows
+    assert merged.input_ids[2:, :5].tolist() == first.input_ids[2:].tolist()
+    assert merged.input_ids[2:, 5].tolist() == [0, 0]  # widened with padding ...
+    assert merged.completion_mask[2:].tolist() == [[1, 1, 0], [1, 1, 0]]  # ... masked out
+    assert merged.attention_mask[2:, 5].tolist() == [0, 0]
+    assert merged.position_ids[2:, :5].tolist() == first.position_ids[2:].tolist()
+    # a group that has no signal in either draw stays as it was, counted as without one
+    again = refilled(first, rollout(["x", "y", "x", "y"], 2), 2, pad_id=0)
+    assert again.completions == first.completions and again.resampled == 0
+
+
 def test_built_in_and_user_rewards_score_completions():
     terms = parse_rewards({"exact_match": 1.0, "json_valid": 0.5,
                            "format": {"weight": 0.2, "pattern": r"\d+"},
@@ -218,6 +257,15 @@ def test_grpo_settings_are_refused_with_other_objectives_and_vice_versa():
         compose(*TINY, "data=builtin_preference", "objective=dpo", "objective.loss_type=dapo")
     with pytest.raises(DtuneError, match="data.format=preference"):
         compose(*TINY, "data=builtin_preference", "objective=grpo")
+    with pytest.raises(DtuneError, match="objective.resample_zero_std_groups=-1 is out of"):
+        compose(*TINY, "objective=grpo", "objective.resample_zero_std_groups=-1")
+    # the KL term under sharded weights: a frozen copy refused, the adapters-off model fine
+    sharded = [*TINY, "objective=grpo", "objective.beta=0.05", "parallelism=zero3",
+               "parallelism.nproc_per_node=2"]
+    with pytest.raises(DtuneError, match="objective.beta=0.05 with .method=full and "
+                                         "parallelism=zero3"):
+        compose(*sharded, "+method=full")
+    assert compose(*sharded).method.name == "lora"
 
 
 # --- a tiny run: it samples, scores, trains, logs, and a resume draws the same samples ------
@@ -232,7 +280,8 @@ GRPO_RUN = [*TINY, "objective=grpo", "objective.num_generations=2", "objective.m
             "eval.max_new_tokens=6", "data.builtin.train_size=32", "data.builtin.eval_size=4",
             "objective.rewards=[{name:exact_match,weight:1.0},{name:chars,weight:1.0,"
             "_target_:test_grpo.distinct_characters}]", "objective.num_iterations=2",
-            "objective.beta=0.05", "train.lr=3e-3", "train.max_steps=3", "train.save_every=2"]
+            "objective.beta=0.05", "train.lr=3e-3", "train.max_steps=3", "train.save_every=2",
+            "objective.resample_zero_std_groups=1"]
 
 
 def test_a_tiny_grpo_run_trains_logs_its_metrics_and_resumes_bitwise(tmp_path, tiny_lora_run):
@@ -344,10 +393,11 @@ def test_the_recipe_step_gives_one_update_however_the_window_is_split():
             assert torch.allclose(a, b, atol=1e-9), loss_type
 
 
-def test_grpo_on_two_ddp_ranks_equals_one_process_with_accumulation(tmp_path):
+def test_grpo_on_two_ranks_equals_one_process_with_accumulation(tmp_path):
     """The samples are seeded by their micro-batch's place in the global window and the
     normalisers counted over every rank, so 2 ranks x 1 micro-batch give 1 process x 2's
-    losses, gradient norms and rewards (DDP's gradient mean compensated by the engine)."""
+    losses, gradient norms and rewards, under DDP (its gradient mean compensated by the
+    engine) and under ZeRO-3 (the weights sharded)."""
     import json
 
     from conftest import run_dtune
@@ -357,17 +407,84 @@ def test_grpo_on_two_ddp_ranks_equals_one_process_with_accumulation(tmp_path):
               "train.warmup_steps=0", "objective=grpo", "objective.num_generations=2",
               "objective.max_new_tokens=6", "train.micro_batch_size=2", "train.max_steps=2",
               "objective.rewards=[{name:format,weight:1.0,pattern:'[^0-9]*'}]",
-              "train.lr=1e-2", "objective.beta=0.05"]
+              "train.lr=1e-2", "objective.beta=0.05", "objective.resample_zero_std_groups=1"]
     runs = {"one": ["train.grad_accum_steps=2"],
-            "ddp": ["parallelism=ddp", "parallelism.nproc_per_node=2"]}
+            "ddp": ["parallelism=ddp", "parallelism.nproc_per_node=2"],
+            # every rank joins each forward: generation (and a redraw, when any rank makes
+            # one) gathers the sharded weights; the reference is the model, adapters off
+            "zero3": ["parallelism=zero3", "parallelism.nproc_per_node=2"]}
     steps = {}
     for name, layout in runs.items():
         result = run_dtune(*common, *layout, f"hydra.run.dir={tmp_path / name}")
         assert result.returncode == 0, result.stderr[-3000:]
         steps[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl")
                        .read_text().splitlines() if '"loss"' in line]
-    assert [m["step"] for m in steps["ddp"]] == [1, 2]
     assert any(m["grad_norm"] > 0 for m in steps["one"])
-    for key in ("loss", "grad_norm", "reward/mean", "kl", "clip_fraction", "groups"):
-        assert [m[key] for m in steps["ddp"]] == pytest.approx([m[key] for m in steps["one"]],
-                                                               abs=1e-6), key
+    for layout in ("ddp", "zero3"):
+        assert [m["step"] for m in steps[layout]] == [1, 2]
+        for key in ("loss", "grad_norm", "reward/mean", "kl", "clip_fraction", "groups",
+                    "resampled_groups"):
+            assert [m[key] for m in steps[layout]] == pytest.approx(
+                [m[key] for m in steps["one"]], abs=1e-6), (layout, key)
+
+
+# --- model.init_from: a full model, an adapter trained on, and the weights it records -------
+
+def test_init_from_a_full_model_and_an_adapter_trained_on(tmp_path, tiny_lora_run):
+    """A full model's final/ is the starting weights as they are; with
+    model.init_adapter=continue an adapter's final/ is trained on (not merged), and the run's
+    own final/ reads back onto the earlier run's base; the config records final/'s SHA-256
+    and a run starts only from those very weights."""
+    import shutil
+
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from conftest import train
+    from dtune.load_run import load_base, load_final_model, load_run_config
+
+    full = tmp_path / "full"
+    train(full, *TINY, "+method=full", "train.max_steps=2", "train.lr=1e-3",
+          "eval.exact_match_samples=0")
+    cfg = compose(*TINY, "+method=full", f"model.init_from={full}")
+    assert cfg.settled.init_from and len(cfg.settled.init_from) == 64
+    model, _, source = load_base(cfg, {})
+    assert source == f"init_from {full / 'final'}"
+    saved = {k: v for f in (full / "final").glob("*.safetensors") for k, v in load_file(f).items()}
+    mine = model.state_dict()
+    assert saved and all(torch.equal(mine[k], v) for k, v in saved.items())
+    with pytest.raises(DtuneError, match="final/ is a full model, with no adapter"):
+        load_base(compose(*TINY, f"model.init_from={full}", "model.init_adapter=continue"), {})
+
+    lora = tmp_path / "lora"  # a copy: its final/ is changed below
+    shutil.copytree(tiny_lora_run, lora)
+    adapter = load_file(lora / "final" / "adapter_model.safetensors")
+    with pytest.raises(DtuneError, match="method.r=8 here, 16 there"):
+        load_base(compose(*TINY, f"model.init_from={lora}", "model.init_adapter=continue",
+                          "method.r=8"), {})
+    go_on = tmp_path / "go-on"
+    result = train(go_on, *TINY, f"model.init_from={lora}", "model.init_adapter=continue",
+                   "train.max_steps=2", "train.lr=1e-3", "eval.exact_match_samples=0")
+    trained = {k: v for k, v in result.model.state_dict().items() if "lora_" in k}
+    assert len(trained) == len(adapter)
+    # trained on from the adapter's values (2 Adam steps of lr 1e-3 away), not from a fresh
+    # LoRA's (its B starts at zero, as far from these as they are large)
+    for key, start in adapter.items():
+        now = trained[key.replace(".weight", ".default.weight")]
+        assert (now - start).abs().max() <= 2.5e-3, key
+    assert max(v.abs().max() for k, v in adapter.items() if "lora_B" in k) > 1e-2
+    reread, _, _ = load_final_model(go_on)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        assert torch.allclose(reread(input_ids=ids).logits,
+                              result.model.eval()(input_ids=ids).logits, atol=1e-5)
+    recorded = OmegaConf.load(go_on / ".hydra" / "config.yaml").settled.init_from
+    assert recorded == compose(*TINY, f"model.init_from={lora}").settled.init_from
+
+    (lora / "final" / "notes.txt").write_text("changed since")
+    with pytest.raises(DtuneError, match="final/ is not what it was then"):
+        load_run_config(go_on)
+    stale = compose(*TINY, f"model.init_from={lora}", "model.init_adapter=continue")
+    (lora / "final" / "notes.txt").write_text("changed again")
+    with pytest.raises(DtuneError, match="changed after this run's config was settled"):
+        load_base(stale, {})

@@ -349,7 +349,7 @@ def test_dpo_lifts_held_out_preference_accuracy(tmp_path, pair_data):
     assert f"{100 * before:.1f}%" in page and f"{100 * after:.1f}%" in page
 
 
-def test_dtune_check_adds_the_preference_pairs_for_a_preference_objective():
+def test_dtune_check_adds_each_objectives_built_in_data():
     from dtune.parity import BASE, objective_overrides
 
     assert objective_overrides([]) == []
@@ -358,6 +358,12 @@ def test_dtune_check_adds_the_preference_pairs_for_a_preference_objective():
                                                                      "data=file"]
     cfg = compose(*BASE, *objective_overrides(["objective=dpo"]))  # what each layout runs
     assert cfg.data.format == "preference" and cfg.objective.name == "dpo"
+    # GRPO: the built-in prompt set, short completions; the user's own settings still win
+    grpo = objective_overrides(["objective=grpo", "objective.max_new_tokens=8"])
+    assert grpo[0] == "data=builtin_rl" and grpo[-1] == "objective.max_new_tokens=8"
+    cfg = compose(*BASE, *grpo)
+    assert cfg.data.format == "chat" and cfg.objective.name == "grpo"
+    assert cfg.objective.max_new_tokens == 8 and cfg.objective.num_generations == 2
 
 
 # --- resume: bitwise, with the precomputed reference read back ------------------------------
