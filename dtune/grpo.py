@@ -26,6 +26,7 @@ the token normaliser does for SFT and the pair normaliser for DPO (dtune/train.p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -152,6 +153,15 @@ def completion_mask(completion: torch.Tensor, eos_id) -> torch.Tensor:
 
 
 @torch.no_grad()
+def sample_seed(train_seed: int, step: int, place: int, draw: int = 0) -> int:
+    """The seed of one draw of completions: the run's seed, the step, the micro-batch's place
+    in the global window and the draw (0, then each redraw), hashed together. Hashed, not
+    laid out in bit fields: torch's CPU generator keeps only a seed's low 32 bits, so seeds
+    that differ above them would draw the very same samples."""
+    key = f"{train_seed}:{step}:{place}:{draw}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % 2**63
+
+
 def sample_group(engine, tokenizer, prompts: list[list[int]], answers: list, group: int,
                  max_new_tokens: int, temperature: float, top_p: float, seed: int) -> Rollout:
     """G completions of each prompt, sampled with the KV cache in eval mode, the global
@@ -163,7 +173,7 @@ def sample_group(engine, tokenizer, prompts: list[list[int]], answers: list, gro
     model.eval()
     rows = [p for p in prompts for _ in range(group)]
     prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id)
-    torch.manual_seed(seed % 2**63)  # CPU and every GPU: sampling draws from the global generators
+    torch.manual_seed(seed)  # CPU and every GPU: sampling draws from the global generators
     try:
         with engine.eval_context():
             output = model.generate(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from functools import partial
 import logging
 import math
 import os
@@ -447,13 +448,12 @@ def grpo_step(recipe: Recipe, state: TrainState, window: list[dict], counts: Win
         prompts, answers = grpo.prompts_and_answers(batch, recipe.tokenizer)
         # rank r holds the global window's micro-batches r x accum ... (data.batching)
         place = recipe.ranks.rank * len(window) + index
-        seed = (cfg.train.seed * 1_000_003 + state.step) * 65_536 + place
-        rollout = sample_and_score(recipe, prompts, answers, seed)
+        seed = partial(grpo.sample_seed, cfg.train.seed, state.step, place)
+        rollout = sample_and_score(recipe, prompts, answers, seed(0))
         for draw in range(1, o.resample_zero_std_groups + 1):  # groups without a signal
             if not any_rank(bool(rollout.zero_std.any()), engine.synced_forward):
                 break
-            # a draw of its own: the step's seeds are spaced 65,536 apart, these far beyond
-            fresh = sample_and_score(recipe, prompts, answers, seed + draw * 2**40)
+            fresh = sample_and_score(recipe, prompts, answers, seed(draw))
             rollout = grpo.refilled(rollout, fresh, o.num_generations,
                                     recipe.tokenizer.pad_token_id)
             score_rollout(recipe, rollout)

@@ -218,6 +218,23 @@ def test_a_group_without_signal_is_replaced_by_its_next_draw_with_one():
     assert again.completions == first.completions and again.resampled == 0
 
 
+def test_each_draw_has_a_seed_of_its_own():
+    """The seeds of the step, micro-batch and redraw differ where torch's CPU generator reads
+    them (the low 32 bits): a redraw that drew the very same samples would never refill a
+    group (it did, when the draw was added above bit 32)."""
+    from dtune.grpo import sample_seed
+
+    seeds = {sample_seed(0, step, place, draw) for step in range(50) for place in range(8)
+             for draw in range(3)}
+    assert len({s % 2**32 for s in seeds}) == 50 * 8 * 3
+    assert sample_seed(0, 3, 1, 1) == sample_seed(0, 3, 1, 1)  # a resume draws the same
+    draws = []
+    for draw in (0, 1):
+        torch.manual_seed(sample_seed(0, 3, 1, draw))
+        draws.append(torch.rand(4))
+    assert not torch.equal(*draws)
+
+
 def test_built_in_and_user_rewards_score_completions():
     terms = parse_rewards({"exact_match": 1.0, "json_valid": 0.5,
                            "format": {"weight": 0.2, "pattern": r"\d+"},
