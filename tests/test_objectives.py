@@ -366,6 +366,22 @@ def test_dtune_check_adds_each_objectives_built_in_data():
     assert cfg.objective.max_new_tokens == 8 and cfg.objective.num_generations == 2
 
 
+def test_dtune_check_leaves_out_the_sequence_split_for_objectives_it_cannot_train(
+        tmp_path, monkeypatch):
+    """Sequence parallelism trains SFT alone: `dtune check objective=grpo` (or dpo) compares
+    every other layout, rather than failing on the split's refusal."""
+    import dtune.parity as parity
+
+    trained = []
+    monkeypatch.setattr(parity, "train_layout", lambda layout, *a, **k:
+                        trained.append(layout.name) or [1.0, 0.5])
+    for objective, split in (["objective=grpo"], False), (["objective=dpo"], False), ([], True):
+        trained.clear()
+        results = parity.run_check(tmp_path, steps=2, overrides=tuple(objective))
+        assert ("ddp 2 ranks, sequences split in 2" in trained) == split, objective
+        assert all(r.passed for r in results) and len(results) == 6 + split
+
+
 # --- resume: bitwise, with the precomputed reference read back ------------------------------
 
 @pytest.mark.parametrize("method,reference", [("full", "precomputed"),
