@@ -38,54 +38,29 @@ bench/results/OUT.json and bench/results/OUT.md (OUT: --out, default dpo_vs_trl)
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # this checkout's dtune, not another one installed in the venv
-RESULTS = ROOT / "bench" / "results"
-MODELS = {"smollm2": "smollm2-135m", "tiny": "tiny-llama"}  # dtune model group names
-LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
-
-
-def peak_memory_bytes() -> int:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def model_folder(model: str) -> str:
-    from dtune.compose import compose_config
-    from dtune.models import resolve_model
-
-    folder, _ = resolve_model(compose_config([f"model={MODELS[model]}"]).model)
-    return str(folder)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trl_compare import (LORA, compare, doc_section, dtune_order,  # noqa: E402
+                         dtune_overrides_common, header, model_folder, notes, peak_memory_bytes,
+                         rates, sync, trainable_params, trl_common_args, trl_lora, write_report)
 
 
 def summarise(steps: list[dict], warmup: int) -> dict:
-    timed = steps[warmup:]
-    seconds = sum(s["time_s"] for s in timed)
-    tokens = sum(s["real_tokens"] for s in timed)
+    real = rates(steps, warmup, "real_tokens")
     return {
         "steps": steps,
-        "measured_steps": len(timed),
-        "measured_real_tokens": tokens,
-        "measured_seconds": seconds,
-        "real_tokens_per_s": tokens / seconds,
-        "median_step_real_tokens_per_s": statistics.median(
-            s["real_tokens"] / s["time_s"] for s in timed),
-        "median_step_time_s": statistics.median(s["time_s"] for s in timed),
+        "measured_steps": len(steps[warmup:]),
+        "measured_real_tokens": real["tokens"],
+        "measured_seconds": sum(s["time_s"] for s in steps[warmup:]),
+        "real_tokens_per_s": real["per_s"],
+        "median_step_real_tokens_per_s": real["median_step_per_s"],
+        "median_step_time_s": statistics.median(s["time_s"] for s in steps[warmup:]),
         "peak_memory_bytes": peak_memory_bytes(),
         "losses": [s.get("loss") for s in steps],
     }
@@ -94,24 +69,11 @@ def summarise(steps: list[dict], warmup: int) -> dict:
 # --- dtune -------------------------------------------------------------------------------
 
 def dtune_overrides(spec: dict) -> list[str]:
-    import torch
-
-    gpu = torch.cuda.is_available()
-    return [
-        f"model={MODELS[spec['model']]}", "objective=dpo", "data=builtin_preference",
-        "+method=lora", f"method.r={LORA['r']}", f"method.alpha={LORA['alpha']}",
-        f"method.dropout={LORA['dropout']}", "method.target_modules=all-linear",
+    return dtune_overrides_common(spec) + [
+        "objective=dpo", "data=builtin_preference",
         "objective.beta=0.1", "objective.loss_type=sigmoid", "objective.label_smoothing=0.0",
         "objective.reference=adapter_disabled",
-        f"data.max_seq_len={spec['max_len']}", f"data.builtin.train_size={spec['train_size']}",
-        f"data.builtin.eval_size={spec['eval_size']}", f"data.builtin.seed={spec['data_seed']}",
-        f"train.max_steps={spec['steps'] + spec['warmup']}",
-        f"train.micro_batch_size={spec['micro_batch']}", "train.grad_accum_steps=1",
-        f"train.lr={spec['lr']}", "train.lr_schedule=constant", "train.warmup_steps=0",
-        "train.weight_decay=0.0", "train.max_grad_norm=1.0", f"train.seed={spec['seed']}",
-        "train.log_every=1", "train.eval_every=0", "train.save_every=0",
-        "train.gradient_checkpointing=false", f"precision={'bf16' if gpu else 'fp32'}",
-        "tracker=none",
+        f"data.max_seq_len={spec['max_len']}", f"train.micro_batch_size={spec['micro_batch']}",
     ]
 
 
@@ -131,7 +93,7 @@ def run_dtune(spec: dict) -> dict:
         before = r["trained_tokens"]
     out = summarise(steps, spec["warmup"])
     model = result.model
-    out.update(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    out.update(trainable_params=trainable_params(model),
                reference=result.summary.get("reference"),
                train_loop_peak_memory_bytes=result.summary.get("train_peak_memory_bytes"),
                dtune_command="python -m dtune " + " ".join(dtune_overrides(spec)),
@@ -140,13 +102,6 @@ def run_dtune(spec: dict) -> dict:
 
 
 # --- TRL ---------------------------------------------------------------------------------
-
-def dtune_order(count: int, seed: int) -> list[int]:
-    """Epoch 0's order of dtune's BatchStream (dtune/data/batching.py: _permutation)."""
-    import torch
-
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-
 
 def trl_rows(spec: dict) -> list[dict]:
     """dtune's built-in preference pairs, in the order dtune trains on them, in TRL's
@@ -167,21 +122,15 @@ def trl_rows(spec: dict) -> list[dict]:
 def run_trl(spec: dict) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    gpu = torch.cuda.is_available()
     folder = model_folder(spec["model"])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     steps: list[dict] = []
     current: dict = {}
-
-    def sync():
-        if gpu:
-            torch.cuda.synchronize()
 
     class InOrder(DPOTrainer):
         """The pairs in the order given (dtune's), not reshuffled; each step's batch fetch
@@ -214,27 +163,17 @@ def run_trl(spec: dict) -> dict:
                 steps[-1]["loss"] = logs["loss"]
 
     args = DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-dpo-trl-"),
-        max_steps=spec["steps"] + spec["warmup"], per_device_train_batch_size=spec["micro_batch"],
-        gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        **trl_common_args(spec, tempfile.mkdtemp(prefix="bench-dpo-trl-")),
+        per_device_train_batch_size=spec["micro_batch"],
         beta=0.1, loss_type=["sigmoid"], label_smoothing=0.0, max_length=spec["max_len"],
         precompute_ref_log_probs=False,
-        # TRL's defaults are gradient checkpointing on and bf16 on (CPU included): matched
-        gradient_checkpointing=False, bf16=gpu, fp16=False,
-        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
-        dataloader_num_workers=0, seed=spec["seed"], data_seed=spec["seed"],
-        use_cpu=not gpu, disable_tqdm=True,
     )
-    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                             target_modules="all-linear", task_type="CAUSAL_LM")
     rows = trl_rows(spec)
     trainer = InOrder(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                      processing_class=tokenizer, peft_config=peft_config, callbacks=[Meter()])
+                      processing_class=tokenizer, peft_config=trl_lora(), callbacks=[Meter()])
     trainer.train()
     out = summarise(steps, spec["warmup"])
-    out.update(trainable_params=sum(p.numel() for p in trainer.model.parameters()
-                                    if p.requires_grad),
+    out.update(trainable_params=trainable_params(trainer.model),
                reference="adapters disabled (peft model, no ref_model)",
                pairs_after_filter=len(trainer.train_dataset), pairs_given=len(rows))
     return out
@@ -243,64 +182,12 @@ def run_trl(spec: dict) -> dict:
 RUNNERS = {"dtune": run_dtune, "trl": run_trl}
 
 
-def worker(spec: dict) -> None:
-    """One side in this process; prints its result as the last line."""
-    import logging
-
-    import torch
-
-    logging.disable(logging.WARNING)
-    torch.manual_seed(spec["seed"])
-    load = os.getloadavg()[0]
-    started = time.perf_counter()
-    result = RUNNERS[spec["tool"]](spec)
-    result.update(spec=spec, load_1min_before=load, load_1min_after=os.getloadavg()[0],
-                  process_wall_s=time.perf_counter() - started)
-    print("RESULT " + json.dumps(result), flush=True)
-
-
 # --- the report --------------------------------------------------------------------------
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "peft", "trl", "accelerate", "datasets", "dtune"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPU threads visible, torch threads {torch.get_num_threads()}"
-
 
 def markdown(report: dict) -> str:
     runs = {r["spec"]["tool"]: r for r in report["runs"] if "error" not in r}
     s = report["settings"]
-    lines = [
-        "# DPO with LoRA: dtune vs TRL DPOTrainer",
-        "",
-        f"Measured {report['date']} on {report['machine']} ({report['device']}).",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
-        "",
-        f"Command: `{report['command']}`",
+    lines = header("DPO with LoRA: dtune vs TRL DPOTrainer", report) + [
         "",
         f"Model {report['model_folder']} ({s['model']}); dtune's built-in preference pairs "
         f"(train_size {s['train_size']}, eval_size {s['eval_size']}, seed {s['data_seed']}), "
@@ -339,89 +226,22 @@ def markdown(report: dict) -> str:
             lines.append(f"| {i + 1} | {fa} | {fb} |")
     if "dtune" in runs:
         lines += ["", f"dtune's run as a command line: `{runs['dtune']['dtune_command']}`"]
-    lines += ["", "## What is measured", "", __doc__.split("What is counted", 1)[1]
-              .split("Each side runs")[0].strip().replace(", the same way for both:\n", "")]
-    if report.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
-    return "\n".join(lines) + "\n"
+    lines += ["", "## What is measured", "",
+              doc_section(__doc__, "What is counted", "Each side runs")]
+    return "\n".join(lines + notes(report)) + "\n"
+
+
+OPTIONS = {"--micro-batch": (int, 8, "pairs per step"), "--max-len": (int, 128, "tokens")}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
-    parser.add_argument("--steps", type=int, default=20, help="measured steps")
-    parser.add_argument("--warmup", type=int, default=3, help="steps run first, not measured")
-    parser.add_argument("--micro-batch", type=int, default=8, help="pairs per step")
-    parser.add_argument("--max-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--train-size", type=int, default=2000)
-    parser.add_argument("--eval-size", type=int, default=1,
-                        help="held-out pairs generated (dtune needs >= 1; it scores them before and after training, outside the measured steps)")
-    parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--only", choices=sorted(RUNNERS), action="append",
-                        help="run this side only (repeatable); default both")
-    parser.add_argument("--out", default="dpo_vs_trl", help="file stem under bench/results/")
-    parser.add_argument("--note", action="append", default=[], help="a note for the report")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the other tools' runs (and notes) of an existing OUT.json")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        return worker(json.loads(args.worker))
-
-    import torch
-
-    settings = {"model": args.model, "steps": args.steps, "warmup": args.warmup,
-                "micro_batch": args.micro_batch, "max_len": args.max_len, "lr": args.lr,
-                "seed": args.seed, "train_size": args.train_size, "eval_size": args.eval_size,
-                "data_seed": args.data_seed}
-    results = []
-    for tool in args.only or ["dtune", "trl"]:
-        spec = {**settings, "tool": tool}
-        print(f"[bench] {tool} ...", flush=True)
-        started = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                              cwd=ROOT, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            tail = done.stderr.strip().splitlines()
-            results.append({"spec": spec, "error": tail[-1] if tail else
-                            f"exit {done.returncode}"})
-            print(done.stdout[-3000:], done.stderr[-5000:], file=sys.stderr)
-            continue
-        r = json.loads(lines[-1][len("RESULT "):])
-        r["subprocess_wall_s"] = time.perf_counter() - started
-        results.append(r)
-        print(f"[bench]   {r['real_tokens_per_s']:.0f} real tok/s (median per step "
-              f"{r['median_step_real_tokens_per_s']:.0f}), {r['median_step_time_s']:.3f} s/step,"
-              f" peak {r['peak_memory_bytes'] / 1024**3:.2f} GiB, load "
-              f"{r['load_1min_before']:.1f}->{r['load_1min_after']:.1f}", flush=True)
-
-    gpu = torch.cuda.is_available()
-    previous = RESULTS / f"{args.out}.json"
-    notes = list(args.note)
-    if args.merge and previous.exists():
-        old = json.loads(previous.read_text())
-        if old["settings"] != settings:
-            raise SystemExit(f"--merge: {previous} was measured with other settings")
-        mine = {r["spec"]["tool"] for r in results}
-        results = [r for r in old["runs"] if r["spec"]["tool"] not in mine] + results
-        notes = old.get("notes", []) + notes
-        command = old["command"] + " ; then " + " ".join(["python", "bench/dpo_vs_trl.py",
-                                                           *sys.argv[1:]])
-    else:
-        command = " ".join(["python", "bench/dpo_vs_trl.py", *sys.argv[1:]])
-    report = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": command,
-        "machine": machine(), "device": "cuda" if gpu else "cpu",
-        "memory_kind": "torch.cuda.max_memory_allocated" if gpu else "peak RSS",
-        "versions": versions(), "model_folder": model_folder(args.model),
-        "settings": settings, "runs": results, "notes": notes,
-    }
-    ok = {r["spec"]["tool"]: r for r in results if "error" not in r}
+    done = compare(__file__, __doc__, RUNNERS, "dpo_vs_trl", 20, 3, OPTIONS, lambda r: (
+        f"{r['real_tokens_per_s']:.0f} real tok/s (median per step "
+        f"{r['median_step_real_tokens_per_s']:.0f}), {r['median_step_time_s']:.3f} s/step"))
+    if done is None:
+        return None
+    args, report = done
+    ok = {r["spec"]["tool"]: r for r in report["runs"] if "error" not in r}
     if len(ok) == 2:
         d, t = ok["dtune"], ok["trl"]
         report["ratio"] = d["real_tokens_per_s"] / t["real_tokens_per_s"]
@@ -430,11 +250,7 @@ def main() -> None:
         report["memory_ratio"] = d["peak_memory_bytes"] / t["peak_memory_bytes"]
         report["same_tokens"] = [s["real_tokens"] for s in d["steps"]] == \
             [s["real_tokens"] for s in t["steps"]]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = markdown(report)
-    (RESULTS / f"{args.out}.md").write_text(text)
-    print(text)
+    write_report(report, markdown(report), args.out)
     return None
 
 
