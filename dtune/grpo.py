@@ -46,10 +46,12 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool
     `group` consecutive completions of one prompt: reward minus the group mean, divided by
     the group's (sample) std + STD_EPS where `scale` (GRPO, DAPO), not for Dr. GRPO."""
     grouped = rewards.view(-1, group)
-    centred = grouped - grouped.mean(1, keepdim=True)
+    zero = grouped.max(1).values == grouped.min(1).values
+    # exactly 0 where the rewards are equal: their float mean may differ from them by an ulp
+    centred = torch.where(zero.unsqueeze(1), 0.0, grouped - grouped.mean(1, keepdim=True))
     std = grouped.std(1, keepdim=True) if group > 1 else torch.zeros_like(centred[:, :1])
     advantages = centred / (std + STD_EPS) if scale else centred
-    return advantages.reshape(-1), (grouped.max(1).values == grouped.min(1).values)
+    return advantages.reshape(-1), zero
 
 
 def token_terms(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
@@ -248,11 +250,42 @@ def refilled(rollout: Rollout, fresh: Rollout, group: int, pad_id: int) -> Rollo
                    old.answers, resampled=rollout.resampled + int(take.sum()))
 
 
-def window_counts(rollouts: list[Rollout]) -> dict:
+def trained_rows(rollout: Rollout, beta: float) -> Rollout:
+    """The rows of a scored `rollout` whose loss has a gradient, cut to the columns they use,
+    for the update's forward and backward to skip the rest. A dropped group's rows (keep 0)
+    never train; without the KL term (beta 0) neither does a row whose advantage is 0 (its
+    surrogate is ratio x 0, in every iteration), which is each row of a group whose rewards
+    were all equal. Skipping them changes neither the loss nor the gradient (the window's
+    normalisers count them before, from the whole rollouts), only the work: at most steps
+    most groups have no signal. One row stays where none trains, so every rank runs the
+    same forwards and backwards (DDP reduces gradients in the last backward; ZeRO-3 and
+    FSDP2 gather weights in each forward)."""
+    live = rollout.keep > 0
+    if not beta:
+        live &= rollout.advantages != 0
+    rows = live.nonzero().flatten() if bool(live.any()) else torch.tensor([0])
+    mask = rollout.completion_mask[rows]
+    width = int(mask.nonzero()[:, 1].max()) + 1 if bool(mask.any()) else 1
+    attention = rollout.attention_mask[rows]
+    first = int(attention.any(0).nonzero()[0])  # the columns left of it are all padding
+    end = attention.size(1) - rollout.width + width
+    pick = rows.tolist()
+    return dataclasses.replace(
+        rollout, input_ids=rollout.input_ids[rows, first:end], attention_mask=attention[:, first:end],
+        position_ids=rollout.position_ids[rows, first:end], completion_mask=mask[:, :width],
+        completions=[rollout.completions[i] for i in pick],
+        answers=[rollout.answers[i] for i in pick],
+        advantages=rollout.advantages[rows], keep=rollout.keep[rows],
+        rewards={k: v[rows] for k, v in rollout.rewards.items()},
+        zero_std=None, old_logps=None)
+
+
+def window_counts(rollouts: list[Rollout], trained: list[Rollout]) -> dict:
     """What the window's rollouts hold over every rank, from their host copies in one
     collective (and one for the longest completion): the completions and completion tokens
-    that train (the normalisers), every token the forward passes read (prompts and
-    completions), and the step's reward, advantage and length figures."""
+    that train (the normalisers), every token of the rollouts (prompts and completions),
+    the rows the update runs on (`trained`, their `trained_rows`), and the step's reward,
+    advantage and length figures."""
     names = list(rollouts[0].rewards)
     rewards = {n: torch.cat([r.rewards[n] for r in rollouts]) for n in names}
     advantages = torch.cat([r.advantages for r in rollouts])
@@ -263,18 +296,20 @@ def window_counts(rollouts: list[Rollout]) -> dict:
              float(zero.sum()), float(len(lengths)), float(lengths.sum()),
              float(advantages.pow(2).sum()), float(advantages.abs().sum()),
              float(sum(int(r.attention_mask.sum()) for r in rollouts)),
-             float(sum(r.resampled for r in rollouts))]
+             float(sum(r.resampled for r in rollouts)),
+             float(sum(len(t.advantages) for t in trained))]
     for n in names:
         local += [float(rewards[n].sum()), float(rewards[n].pow(2).sum())]
     summed = all_reduce_sums(local)
-    kept, tokens, groups, zero_groups, rows, length_sum, adv_sq, adv_abs, seen, resampled = \
-        summed[:10]
+    kept, tokens, groups, zero_groups, rows, length_sum, adv_sq, adv_abs, seen, resampled, \
+        updated = summed[:11]
     metrics = {"groups": groups, "zero_std_groups": zero_groups, "resampled_groups": resampled,
+               "update_rows": updated,
                "completion_length/mean": length_sum / rows,
                "completion_length/max": all_reduce_max(float(lengths.max())),
                "advantage/std": math.sqrt(adv_sq / rows), "advantage/abs_mean": adv_abs / rows}
     for i, n in enumerate(names):
-        total, squares = summed[10 + 2 * i], summed[11 + 2 * i]
+        total, squares = summed[11 + 2 * i], summed[12 + 2 * i]
         key = "reward" if n == "total" else f"reward/{n}"
         mean = total / rows
         metrics[f"{key}/mean"] = mean

@@ -35,11 +35,11 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewar
 
 # GRPO's step metrics (train.grpo_step), besides reward/<name>/mean and /std per reward:
 # advantage spread, completion length, the share of tokens whose ratio was clipped, the KL
-# to the reference (beta > 0), groups with no signal (all rewards equal), and the time spent
-# generating and training.
+# to the reference (beta > 0), groups with no signal (all rewards equal), the rows the update
+# ran on (those with a gradient, grpo.trained_rows), and the time spent generating and training.
 GRPO_METRICS = ("reward/mean", "reward/std", "advantage/std", "advantage/abs_mean",
                 "completion_length/mean", "completion_length/max", "clip_fraction", "kl",
-                "zero_std_groups", "resampled_groups", "groups", "generation_time_s",
+                "zero_std_groups", "resampled_groups", "groups", "update_rows", "generation_time_s",
                 "update_time_s")
 
 

@@ -440,7 +440,7 @@ def grpo_step(recipe: Recipe, state: TrainState, window: list[dict], counts: Win
     the same, and so do 2 ranks x 1 micro-batch and 1 rank x 2) and scored; then
     `num_iterations` updates on them, each loss divided by the whole window's normaliser
     over every rank. Returns the last update's result, the step's metrics, and `counts` with
-    the tokens the updates read (every rollout token) and trained (kept completions')."""
+    the rollouts' tokens (prompts and completions) and the trained ones (kept completions')."""
     cfg, engine, o = recipe.cfg, recipe.engine, recipe.cfg.objective
     started = time.perf_counter()
     rollouts = []
@@ -458,19 +458,20 @@ def grpo_step(recipe: Recipe, state: TrainState, window: list[dict], counts: Win
                                     recipe.tokenizer.pad_token_id)
             score_rollout(recipe, rollout)
         rollouts.append(rollout)
-    found = grpo.window_counts(rollouts)  # every rank's, before the first backward
+    trained = [grpo.trained_rows(rollout, o.beta) for rollout in rollouts]
+    found = grpo.window_counts(rollouts, trained)  # every rank's, before the first backward
     divisor = grpo.window_normaliser(o.loss_type, found["sequences"], found["tokens"],
                                      o.max_new_tokens)
     generated = time.perf_counter()
     if o.num_iterations > 1:  # the sampling policy's log-probs, before the first update
-        for rollout in rollouts:
+        for rollout in trained:
             with torch.no_grad(), engine.eval_context():
                 rollout.old_logps = grpo.completion_logps(
                     engine.module, engine.to_device(rollout.model_inputs()), rollout.width,
                     o.temperature)
     sums, statuses = 0, []
     for _ in range(o.num_iterations):
-        update = accumulate_grpo_gradients(engine, rollouts, divisor, found["tokens"], o,
+        update = accumulate_grpo_gradients(engine, trained, divisor, found["tokens"], o,
                                            recipe.reference)
         result = engine.step(update[0])
         statuses.append(result.status)
@@ -509,7 +510,8 @@ def any_rank(flag: bool, synced: bool) -> bool:
 
 def accumulate_grpo_gradients(engine: Engine, rollouts: list, divisor: int, tokens: int,
                               objective, reference) -> torch.Tensor:
-    """GRPO's forward, loss and backward for each rollout of a window: the clipped
+    """GRPO's forward, loss and backward for each rollout of a window (its trained rows,
+    `grpo.trained_rows`): the clipped
     surrogate (plus beta x KL to the reference) per completion token, summed as
     `objective.loss_type` says and divided by the window's `divisor` (dtune/grpo.py), so
     the window is one batch whatever its split over micro-batches and ranks. Returns [loss,

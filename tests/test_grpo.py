@@ -164,7 +164,7 @@ def test_skipped_zero_signal_groups_leave_the_loss_and_its_normalisers():
                           torch.zeros(4, 5, dtype=torch.long), mask, ["7", "8", "x", "y"],
                           ["7", "7", "1", "1"])
         score(rollout, terms, group=2, max_new_tokens=3, scale=True, skip_zero_std=skip)
-        counts = window_counts([rollout])
+        counts = window_counts([rollout], [rollout])
         assert rollout.zero_std.tolist() == [False, True]  # the second group: both wrong
         assert rollout.keep.tolist() == ([1, 1, 0, 0] if skip else [1, 1, 1, 1])
         assert (counts["sequences"], counts["tokens"]) == (sequences, tokens)
@@ -368,46 +368,107 @@ class HostEngine:
         loss.backward()
 
 
+PROMPTS, COMPLETIONS = [[5, 6, 7], [8, 9], [5, 6, 7], [10]], [[11, 12, 2], [13, 2, 0],
+                                                             [14, 15, 16], [2, 0, 0]]
+
+
+def tiny_double_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=2, pad_token_id=0)).double()
+
+
+def rollout_of(rows, advantages, keep=None):
+    """A Rollout of PROMPTS/COMPLETIONS' `rows`, left-padded as sample_group lays it out."""
+    from dtune.grpo import Rollout, left_pad
+
+    ids, mask = left_pad([PROMPTS[i] for i in rows], 0)
+    done = torch.tensor([COMPLETIONS[i] for i in rows])
+    cmask = completion_mask(done, 2)
+    attention = torch.cat([mask, cmask.long()], 1)
+    keep = torch.ones(len(rows), dtype=torch.float64) if keep is None else keep[rows]
+    return Rollout(torch.cat([ids, done], 1), attention, (attention.cumsum(1) - 1).clamp(min=0),
+                   cmask.double(), [str(i) for i in rows], [None] * len(rows),
+                   advantages[rows], keep=keep,
+                   rewards={"total": advantages[rows].clone()})
+
+
+def loss_and_grads(model, rollouts, divisor, tokens, objective, reference=None):
+    from dtune.train import accumulate_grpo_gradients
+
+    model.zero_grad()
+    totals = accumulate_grpo_gradients(HostEngine(model), rollouts, divisor, tokens, objective,
+                                       reference)
+    return totals, [p.grad.clone() for p in model.parameters()]
+
+
 def test_the_recipe_step_gives_one_update_however_the_window_is_split():
     """accumulate_grpo_gradients over one rollout of 4 completions equals it over 4 rollouts
     of one (their own padding), for each normaliser: the divisor is the window's."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from dtune.grpo import Rollout, left_pad
-    from dtune.train import accumulate_grpo_gradients
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=2, pad_token_id=0)).double()
-    prompts, completions = [[5, 6, 7], [8, 9], [5, 6, 7], [10]], [[11, 12, 2], [13, 2, 0],
-                                                                      [14, 15, 16], [2, 0, 0]]
+    model = tiny_double_llama()
     advantages = torch.tensor([0.8, -0.8, 1.1, -1.1], dtype=torch.float64)
-
-    def rollout(rows):
-        ids, mask = left_pad([prompts[i] for i in rows], 0)
-        done = torch.tensor([completions[i] for i in rows])
-        cmask = completion_mask(done, 2)
-        attention = torch.cat([mask, cmask.long()], 1)
-        return Rollout(torch.cat([ids, done], 1), attention,
-                       (attention.cumsum(1) - 1).clamp(min=0), cmask.double(), [], [],
-                       advantages[rows], keep=torch.ones(len(rows), dtype=torch.float64))
-
-    tokens = int(sum(completion_mask(torch.tensor(completions), 2).sum(1)))
+    tokens = int(sum(completion_mask(torch.tensor(COMPLETIONS), 2).sum(1)))
     objective = compose(*TINY, "objective=grpo", "objective.max_new_tokens=3").objective
     for loss_type in ("grpo", "dr_grpo", "dapo"):
         divisor = window_normaliser(loss_type, 4, tokens, 3)
-        results = []
-        for split in ([[0, 1, 2, 3]], [[0], [1], [2], [3]]):
-            model.zero_grad()
-            cfg = dataclasses.replace(objective, loss_type=loss_type)
-            loss = accumulate_grpo_gradients(HostEngine(model), [rollout(r) for r in split],
-                                             divisor, tokens, cfg, None)[0]
-            results.append((float(loss), [p.grad.clone() for p in model.parameters()]))
-        (whole, grads), (split_loss, split_grads) = results
-        assert split_loss == pytest.approx(whole, abs=1e-9)
+        cfg = dataclasses.replace(objective, loss_type=loss_type)
+        (whole, grads), (split, split_grads) = (
+            loss_and_grads(model, [rollout_of(r, advantages) for r in split], divisor, tokens,
+                           cfg) for split in ([[0, 1, 2, 3]], [[0], [1], [2], [3]]))
+        assert float(split[0]) == pytest.approx(float(whole[0]), abs=1e-9)
         for a, b in zip(grads, split_grads):
             assert torch.allclose(a, b, atol=1e-9), loss_type
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_rows_without_a_gradient_are_left_out_of_the_update(beta):
+    """grpo.trained_rows: the update runs only on rows with a gradient (not a dropped
+    group's; without KL not a zero-advantage one either), cut to the columns they use, and
+    gives the whole rollout's loss, clip fraction, KL and gradient; where none has one, a
+    single row still runs (every rank must join each backward) and the gradient is 0."""
+    from dtune.grpo import trained_rows
+
+    model = tiny_double_llama()
+    # rows 0, 1: a group with a signal; 2: a zero-signal group's (advantage 0, kept);
+    # 3: a dropped group's (keep 0)
+    advantages = torch.tensor([0.8, -0.8, 0.0, 0.0], dtype=torch.float64)
+    keep = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    whole = rollout_of([0, 1, 2, 3], advantages, keep)
+    tokens = int((whole.completion_mask * keep.unsqueeze(1)).sum())
+    objective = dataclasses.replace(
+        compose(*TINY, "objective=grpo", "objective.max_new_tokens=3").objective, beta=beta)
+    if beta:  # its own reference: the log-probs of a frozen copy, perturbed
+        ref_model = tiny_double_llama()
+        with torch.no_grad():
+            for q in ref_model.parameters():
+                q.add_(0.01)
+
+        class Reference:
+            def token_logps(self, engine, inputs, width, temperature):
+                from dtune.grpo import completion_logps
+                with torch.no_grad():
+                    return completion_logps(ref_model, inputs, width, temperature)
+    cut = trained_rows(whole, beta)
+    assert cut.completions == (["0", "1", "2"] if beta else ["0", "1"])
+    if not beta:  # rows 0 and 1: a prompt of 3 and 2 tokens, completions of 3 and 2
+        assert cut.input_ids.tolist() == [[5, 6, 7, 11, 12, 2], [0, 8, 9, 13, 2, 0]]
+        assert cut.width == 3 and cut.position_ids[1].tolist() == [0, 0, 1, 2, 3, 3]
+    (full, grads), (part, part_grads) = (
+        loss_and_grads(model, [rollout], 7, tokens, objective, Reference() if beta else None)
+        for rollout in (whole, cut))
+    assert torch.allclose(full, part, atol=1e-12) and float(full[0]) != 0
+    for a, b in zip(grads, part_grads):
+        assert torch.allclose(a, b, atol=1e-12)
+    nothing = dataclasses.replace(whole, advantages=torch.zeros(4, dtype=torch.float64),
+                                  keep=torch.zeros(4, dtype=torch.float64))
+    alone = trained_rows(nothing, beta)
+    assert alone.completions == ["0"] and alone.input_ids.size(0) == 1
+    if not beta:
+        _, zero = loss_and_grads(model, [alone], 7, tokens, objective)
+        assert all(float(g.abs().max()) == 0 for g in zero)
 
 
 def test_grpo_on_two_ranks_equals_one_process_with_accumulation(tmp_path):
