@@ -1,6 +1,14 @@
 """GRPO with LoRA: dtune against TRL's GRPOTrainer, on the same prompts, model and settings.
 
     python bench/grpo_vs_trl.py [--model smollm2|tiny] [--steps 10] [--warmup 2] [--only dtune]
+                                [--start RUN_DIR]
+
+--start RUN_DIR: both sides start from an earlier dtune LoRA run's result (e.g. a short SFT
+run, `python -m dtune train.max_steps=20 hydra.run.dir=RUN_DIR`), as users run GRPO after
+SFT: dtune with `model.init_from=RUN_DIR` (its adapter merged into the base), TRL from the
+folder `dtune merge RUN_DIR` writes (the same merged weights). The base model scores 0 on
+every built-in prompt, so without it no group has a signal and both updates compute a loss
+of 0.
 
 Both sides train the same LoRA (r=16, alpha=32, dropout 0, all linear layers of the decoder,
 not the LM head) with GRPO as DAPO's token-level loss (loss_type dapo: every completion
@@ -29,9 +37,14 @@ What is counted, the same way for both:
 - generated tokens of a step: the completion tokens of its 16 sequences up to and including
   each one's first EOS (dtune: the completion mask's ones, its `loss_tokens` with every group
   kept; TRL: its completion_mask's ones).
-- trained tokens of a step: every real token the update's forward reads, prompt and
-  completion (dtune: the rollout's attention mask, its `trained_tokens`; TRL: prompt_mask plus
-  completion_mask), counted once per step.
+- rollout tokens of a step: every real token of its 16 sequences, prompt and completion
+  (dtune: the rollouts' attention masks, its `trained_tokens`; TRL: prompt_mask plus
+  completion_mask), counted once per step. TRL's update reads them all; dtune's reads only
+  the rows with a gradient (`update_rows`: a group whose rewards are all equal has advantage
+  0, and with beta 0 its rows add nothing to the loss or the gradient, dtune/grpo.py
+  `trained_rows`), so it does less work for the same update.
+- zero-signal groups: groups whose G rewards are all equal (dtune: `zero_std_groups`; TRL:
+  its `frac_reward_zero_std` x the step's groups).
 - step time: from the step's first generation through scoring, the update's forward and
   backward, gradient clipping and the optimizer step (dtune: train_step's step_time_s from
   metrics.jsonl, which spans grpo_step's generation_time_s and update_time_s; TRL: the start
@@ -75,7 +88,7 @@ SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 def summarise(steps: list[dict], warmup: int) -> dict:
     timed = steps[warmup:]
     generated = rates(steps, warmup, "generated_tokens")
-    trained = rates(steps, warmup, "trained_tokens")
+    trained = rates(steps, warmup, "rollout_tokens")
     generation_s = sum(s["generation_s"] for s in timed)
     update_s = sum(s["update_s"] for s in timed)
     return {
@@ -83,11 +96,11 @@ def summarise(steps: list[dict], warmup: int) -> dict:
         "measured_steps": len(timed),
         "measured_seconds": sum(s["time_s"] for s in timed),
         "measured_generated_tokens": generated["tokens"],
-        "measured_trained_tokens": trained["tokens"],
+        "measured_rollout_tokens": trained["tokens"],
         "generated_tokens_per_s": generated["per_s"],
-        "trained_tokens_per_s": trained["per_s"],
+        "rollout_tokens_per_s": trained["per_s"],
         "median_step_generated_tokens_per_s": generated["median_step_per_s"],
-        "median_step_trained_tokens_per_s": trained["median_step_per_s"],
+        "median_step_rollout_tokens_per_s": trained["median_step_per_s"],
         "median_step_time_s": median_of(steps, warmup, "time_s"),
         "median_generation_s": median_of(steps, warmup, "generation_s"),
         "median_update_s": median_of(steps, warmup, "update_s"),
@@ -96,8 +109,12 @@ def summarise(steps: list[dict], warmup: int) -> dict:
         "generation_tokens_per_s": generated["tokens"] / generation_s,
         "generation_positions_per_s": sum(s["rows"] * s["decode_steps"] for s in timed)
         / generation_s,
-        # the update alone: trained tokens per second of it
+        # the update alone: rollout tokens per second of it
         "update_tokens_per_s": trained["tokens"] / update_s,
+        "zero_std_groups": sum(s["zero_std_groups"] for s in timed),
+        "update_rows": sum(s["update_rows"] for s in timed),
+        "rows": sum(s["rows"] for s in timed),
+        "groups": sum(s["groups"] for s in timed),
         "mean_completion_length": generated["tokens"] / sum(s["rows"] for s in timed),
         "mean_completion_length_all_steps": sum(s["generated_tokens"] for s in steps)
         / sum(s["rows"] for s in steps),
@@ -111,7 +128,8 @@ def summarise(steps: list[dict], warmup: int) -> dict:
 # --- dtune -------------------------------------------------------------------------------
 
 def dtune_overrides(spec: dict) -> list[str]:
-    return dtune_overrides_common(spec) + [
+    start = [f"model.init_from={spec['start']}"] if spec.get("start") else []
+    return dtune_overrides_common(spec) + start + [
         "objective=grpo", "data=builtin",
         f"objective.num_generations={spec['generations']}",
         f"objective.max_new_tokens={spec['max_new_tokens']}",
@@ -142,7 +160,9 @@ def run_dtune(spec: dict) -> dict:
         steps.append({
             "time_s": r["step_time_s"], "generation_s": r["generation_time_s"],
             "update_s": r["update_time_s"], "generated_tokens": generated,
-            "trained_tokens": trained, "prompt_tokens": trained - generated, "rows": count,
+            "rollout_tokens": trained, "prompt_tokens": trained - generated, "rows": count,
+            "groups": round(r["groups"]), "zero_std_groups": round(r["zero_std_groups"]),
+            "update_rows": round(r["update_rows"]),
             "decode_steps": round(r["completion_length/max"]),
             "completion_tokens_from_mean": round(r["completion_length/mean"] * count),
             "reward": r["reward/mean"], "loss": r["loss"]})
@@ -187,6 +207,10 @@ def run_trl(spec: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     folder = model_folder(spec["model"])
+    if spec.get("start"):  # the start run's adapter merged into its base, as dtune's init_from
+        from dtune.merge import merge_run
+        folder = str(merge_run(Path(spec["start"]),
+                               Path(tempfile.mkdtemp(prefix="bench-grpo-start-")) / "merged"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     rows = trl_rows(spec)
@@ -217,6 +241,9 @@ def run_trl(spec: dict) -> dict:
             current["rows"] = int(out["completion_mask"].size(0))
             current["decode_steps"] = int(out["completion_ids"].size(1))
             current["reward"] = self._metrics["train"]["reward"][-1]
+            current["groups"] = current["rows"] // group
+            current["zero_std_groups"] = round(
+                self._metrics["train"]["frac_reward_zero_std"][-1] * current["groups"])
             k = len(steps)
             expected = [r["prompt"][-1]["content"] for r in rows[k * prompts:(k + 1) * prompts]
                         for _ in range(group)]
@@ -231,8 +258,10 @@ def run_trl(spec: dict) -> dict:
                 "time_s": end - current["start"], "generation_s": current["generation_s"],
                 "update_s": end - current["generated"],
                 "generated_tokens": current["generated_tokens"],
-                "trained_tokens": current["prompt_tokens"] + current["generated_tokens"],
+                "rollout_tokens": current["prompt_tokens"] + current["generated_tokens"],
                 "prompt_tokens": current["prompt_tokens"], "rows": current["rows"],
+                "groups": current["groups"], "zero_std_groups": current["zero_std_groups"],
+                "update_rows": current["rows"],
                 "decode_steps": current["decode_steps"], "reward": current["reward"]})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -283,6 +312,8 @@ def fmt(value, spec: str = ".3f") -> str:
 def markdown(report: dict) -> str:
     runs = {r["spec"]["tool"]: r for r in report["runs"] if "error" not in r}
     s = report["settings"]
+    start = f"the run {s['start']} (its adapter merged into the base)" if s.get("start") \
+        else "the base model"
     lines = header("GRPO with LoRA: dtune vs TRL GRPOTrainer", report) + [
         f"dtune from {report.get('dtune_tree', '?')}.",
         "",
@@ -291,39 +322,41 @@ def markdown(report: dict) -> str:
         f"step x G={s['generations']} completions, up to {s['max_new_tokens']} new tokens, "
         f"temperature {SAMPLING['temperature']}, top_p {SAMPLING['top_p']}, no top-k; "
         f"exact_match reward; loss dapo, epsilon 0.2, beta 0, 1 iteration; lr {s['lr']} "
-        f"constant; LoRA r={LORA['r']} alpha={LORA['alpha']} all-linear; {s['steps']} "
+        f"constant; starting from {start}; LoRA r={LORA['r']} alpha={LORA['alpha']} all-linear; {s['steps']} "
         f"measured steps after {s['warmup']} warm-up steps; the same prompts in the same "
         "order on both sides.",
         "",
-        "| tool | generated tok/s | trained tok/s | median step time | median generation "
-        "/ update | mean completion length | median decode steps | peak memory | trainable "
-        "params | torch threads | load (1 min) before/after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tool | generated tok/s | rollout tok/s | median step time | median generation "
+        "/ update | mean completion length | median decode steps | zero-signal groups | "
+        "rows updated | peak memory | trainable params | torch threads | load (1 min) "
+        "before/after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for tool, r in runs.items():
         lines.append(
-            f"| {tool} | {r['generated_tokens_per_s']:.1f} | {r['trained_tokens_per_s']:.1f} "
+            f"| {tool} | {r['generated_tokens_per_s']:.1f} | {r['rollout_tokens_per_s']:.1f} "
             f"| {r['median_step_time_s']:.2f} s | {r['median_generation_s']:.2f} s / "
             f"{r['median_update_s']:.2f} s | {r['mean_completion_length']:.1f} | "
-            f"{r['median_decode_steps']:.0f} | {r['peak_memory_bytes'] / 1024**3:.2f} GiB "
+            f"{r['median_decode_steps']:.0f} | {r['zero_std_groups']} of {r['groups']} | "
+            f"{r['update_rows']} of {r['rows']} | {r['peak_memory_bytes'] / 1024**3:.2f} GiB "
             f"({report['memory_kind']}) | {r['trainable_params']:,} | "
             f"{r.get('torch_threads', '?')} | {r['load_1min_before']:.1f} / "
             f"{r['load_1min_after']:.1f} |")
     for r in report["runs"]:
         if "error" in r:
-            lines.append(f"| {r['spec']['tool']} | failed: {r['error'][:120]} ||||||||||")
+            lines.append(f"| {r['spec']['tool']} | failed: {r['error'][:120]} ||||||||||||")
     if "ratios" in report:
         q = report["ratios"]
-        lines += ["", f"**dtune / TRL: generated tokens/s {q['generated']:.2f}x, trained "
-                      f"tokens/s {q['trained']:.2f}x** (goal 1.3x; medians of the per-step "
-                      f"rates: {q['generated_median']:.2f}x and {q['trained_median']:.2f}x). "
+        lines += ["", f"**dtune / TRL: generated tokens/s {q['generated']:.2f}x, rollout "
+                      f"tokens/s {q['rollout']:.2f}x** (goal 1.3x; medians of the per-step "
+                      f"rates: {q['generated_median']:.2f}x and {q['rollout_median']:.2f}x). "
                       f"Peak memory dtune / TRL: {q['memory']:.2f}x.",
                   "",
                   "Where the time goes (measured steps; generation: sampling, decoding and "
                   "scoring; update: forward, backward, clipping, optimizer step):",
                   "",
                   "| tool | generation s/step | update s/step | generated tok per generation-s "
-                  "| row x decode-step positions per generation-s | trained tok per update-s |",
+                  "| row x decode-step positions per generation-s | rollout tok per update-s |",
                   "|---|---|---|---|---|---|"]
         for tool, r in runs.items():
             lines.append(
@@ -339,7 +372,7 @@ def markdown(report: dict) -> str:
                   "prompts were dtune's, in dtune's order, each repeated G times: "
                   f"{'yes' if runs['trl']['prompts_in_dtune_order'] else 'no'}.",
                   "",
-                  "Per step (time in s as generation + update; tokens generated / trained; "
+                  "Per step (time in s as generation + update; tokens generated / rollout; "
                   "the completions differ between the tools, so rewards and losses do too):",
                   "",
                   "| step | dtune time | TRL time | dtune tokens | TRL tokens | dtune reward "
@@ -350,8 +383,8 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {i + 1}{mark} | {d['time_s']:.2f} ({d['generation_s']:.2f} + "
                 f"{d['update_s']:.2f}) | {t['time_s']:.2f} ({t['generation_s']:.2f} + "
-                f"{t['update_s']:.2f}) | {d['generated_tokens']} / {d['trained_tokens']} | "
-                f"{t['generated_tokens']} / {t['trained_tokens']} | {d['reward']:.3f} | "
+                f"{t['update_s']:.2f}) | {d['generated_tokens']} / {d['rollout_tokens']} | "
+                f"{t['generated_tokens']} / {t['rollout_tokens']} | {d['reward']:.3f} | "
                 f"{t['reward']:.3f} | {fmt(d.get('loss'), '.4f')} | {fmt(t.get('loss'), '.4f')} |")
     if "dtune" in runs:
         lines += ["", f"dtune's run as a command line: `{runs['dtune']['dtune_command']}`"]
@@ -367,7 +400,8 @@ def markdown(report: dict) -> str:
               "- TRL on a CPU scores every position of the sequence in its update (its fused "
               "LM head computes only the completion's positions on Triton devices, i.e. CUDA, "
               "and all of them elsewhere); dtune computes the LM head for the last completion "
-              "width + 1 positions on every device. Both run the decoder over every position."]
+              "width + 1 positions on every device. TRL runs the decoder over every row, "
+              "dtune over the rows with a gradient (its `update_rows`)."]
     if s.get("threads"):
         lines.append(f"- Each side ran with torch's CPU threads set to {s['threads']} "
                      f"(--threads {s['threads']}), the same for both: on a machine whose cores "
@@ -377,8 +411,9 @@ def markdown(report: dict) -> str:
     if rewards and not any(rewards):
         lines.append("- Every completion of every step scored 0 on both sides: no group had a "
                      "signal, so every advantage, loss and gradient was 0 and the LoRA never "
-                     "changed. Each tool still ran the update's forward and backward in full, "
-                     "so the throughput figures hold; the losses and rewards say nothing.")
+                     "changed. TRL still ran the update's forward and backward in full, dtune "
+                     "on one row per micro-batch; the losses and rewards say nothing. Give "
+                     "--start an SFT run for a comparison where groups have a signal.")
     return "\n".join(lines + notes(report)) + "\n"
 
 
@@ -389,8 +424,8 @@ OPTIONS = {"--prompts": (int, 4, "prompts per step"),
 
 def main() -> None:
     done = compare(__file__, __doc__, RUNNERS, "grpo_vs_trl", 10, 2, OPTIONS, lambda r: (
-        f"{r['generated_tokens_per_s']:.1f} generated tok/s, {r['trained_tokens_per_s']:.1f} "
-        f"trained tok/s, {r['median_step_time_s']:.2f} s/step (generation "
+        f"{r['generated_tokens_per_s']:.1f} generated tok/s, {r['rollout_tokens_per_s']:.1f} "
+        f"rollout tok/s, {r['median_step_time_s']:.2f} s/step (generation "
         f"{r['median_generation_s']:.2f} s, update {r['median_update_s']:.2f} s), mean "
         f"completion {r['mean_completion_length']:.1f} tokens"))
     if done is None:
@@ -402,11 +437,11 @@ def main() -> None:
         d, t = ok["dtune"], ok["trl"]
         report["ratios"] = {
             "generated": d["generated_tokens_per_s"] / t["generated_tokens_per_s"],
-            "trained": d["trained_tokens_per_s"] / t["trained_tokens_per_s"],
+            "rollout": d["rollout_tokens_per_s"] / t["rollout_tokens_per_s"],
             "generated_median": d["median_step_generated_tokens_per_s"]
             / t["median_step_generated_tokens_per_s"],
-            "trained_median": d["median_step_trained_tokens_per_s"]
-            / t["median_step_trained_tokens_per_s"],
+            "rollout_median": d["median_step_rollout_tokens_per_s"]
+            / t["median_step_rollout_tokens_per_s"],
             "generation_positions": d["generation_positions_per_s"]
             / t["generation_positions_per_s"],
             "update": d["update_tokens_per_s"] / t["update_tokens_per_s"],

@@ -33,11 +33,16 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from dtune.data.formatting import IGNORE
 from dtune.distributed import all_reduce_max, all_reduce_sums
 
 STD_EPS = 1e-4  # added to the group std: a group of near-equal rewards is not blown up
+# The KV cache's name in model outputs and generate's arguments: transformers 5.2x renamed
+# past_key_values to cache (the old name still works there, with a warning)
+CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} \
+    else "past_key_values"
 
 
 def group_advantages(rewards: torch.Tensor, group: int, scale: bool
@@ -180,6 +185,7 @@ def sample_group(engine, tokenizer, prompts: list[list[int]], answers: list, gro
         with engine.eval_context():
             output = model.generate(
                 **engine.to_device({"input_ids": prompt_ids, "attention_mask": prompt_mask}),
+                **{CACHE: shared_prompt_cache(engine, prompts, group, tokenizer.pad_token_id)},
                 max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                 top_p=top_p, top_k=0,  # 0: no top-k cut (the model's config may set one)
                 use_cache=True, pad_token_id=tokenizer.pad_token_id,
@@ -195,6 +201,27 @@ def sample_group(engine, tokenizer, prompts: list[list[int]], answers: list, gro
              for ids, m in zip(completion, mask)]
     return Rollout(torch.cat([prompt_ids, completion], 1), attention, positions, mask, texts,
                    [a for a in answers for _ in range(group)])
+
+
+@torch.no_grad()
+def shared_prompt_cache(engine, prompts: list[list[int]], group: int, pad_id: int):
+    """The KV cache of each prompt's tokens but its last, computed once per prompt and
+    repeated for its G rows, for `generate` to go on from: the G completions of a prompt
+    share its prefix, so the prompt is read once, not G times (at G=8 the prompt's forward
+    is an eighth of what it was). Generation then reads only the last prompt token of each
+    row (it needs that position's logits) and decodes. None (generate reads every prompt
+    token) where nothing is shared: G=1, one-token prompts, or a cache that cannot repeat."""
+    ids, mask = left_pad(prompts, pad_id)
+    if group == 1 or ids.size(1) < 2:
+        return None
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+    prefix = engine.to_device({"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1],
+                               "position_ids": positions[:, :-1]})
+    cache = engine.module(**prefix, use_cache=True)[CACHE]
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(group)
+    return cache
 
 
 def score(rollout: Rollout, terms, group: int, max_new_tokens: int, scale: bool,

@@ -145,6 +145,37 @@ def test_one_micro_batch_of_g_equals_g_micro_batches_of_one(loss_type):
     assert torch.allclose(grad_whole, grad_split, atol=1e-12)
 
 
+def test_the_g_completions_of_a_prompt_share_its_prompt_cache():
+    """shared_prompt_cache: each prompt is read once for its G rows (the forward sees the
+    unique prompts), and generating on from that cache draws the very completions generating
+    from the repeated prompts draws, with the same seed (left padding included)."""
+    from dtune.grpo import CACHE, left_pad, shared_prompt_cache
+
+    model = tiny_double_llama().eval()
+    seen = []
+    model.model.register_forward_hook(lambda m, args, kwargs, out: seen.append(
+        tuple(kwargs["input_ids"].shape)) if kwargs.get("input_ids") is not None else None,
+        with_kwargs=True)
+
+    class Engine:
+        module = model
+
+        def to_device(self, batch):
+            return batch
+
+    prompts, group = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], 3
+    ids, mask = left_pad([p for p in prompts for _ in range(group)], 0)
+    outputs = []
+    for cache in (None, shared_prompt_cache(Engine(), prompts, group, 0)):
+        torch.manual_seed(1)
+        outputs.append(model.generate(input_ids=ids, attention_mask=mask, **{CACHE: cache},
+                                      max_new_tokens=6, do_sample=True, top_k=0,
+                                      pad_token_id=0, eos_token_id=1))
+    assert torch.equal(outputs[0], outputs[1])
+    assert (3, 4) in seen  # the shared prefix: 3 prompts, their tokens but the last
+    assert shared_prompt_cache(Engine(), prompts, 1, 0) is None  # G=1: nothing to share
+
+
 def test_the_completion_ends_at_its_first_eos():
     ids = torch.tensor([[5, 6, 2, 2, 2], [5, 2, 7, 2, 9], [5, 6, 7, 8, 9]])
     assert completion_mask(ids, 2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0],
