@@ -419,7 +419,8 @@ def markdown(report: dict) -> str:
 
 OPTIONS = {"--prompts": (int, 4, "prompts per step"),
            "--generations": (int, 4, "G: completions per prompt"),
-           "--max-new-tokens": (int, 32, "new tokens per completion at most")}
+           "--max-new-tokens": (int, 32, "new tokens per completion at most"),
+           "--start": (str, "", "an earlier dtune LoRA run both sides start from (merged)")}
 
 
 def main() -> None:
