@@ -322,7 +322,8 @@ def markdown(report: dict) -> str:
         f"step x G={s['generations']} completions, up to {s['max_new_tokens']} new tokens, "
         f"temperature {SAMPLING['temperature']}, top_p {SAMPLING['top_p']}, no top-k; "
         f"exact_match reward; loss dapo, epsilon 0.2, beta 0, 1 iteration; lr {s['lr']} "
-        f"constant; starting from {start}; LoRA r={LORA['r']} alpha={LORA['alpha']} all-linear; {s['steps']} "
+        f"constant; starting from {start}; LoRA r={LORA['r']} alpha={LORA['alpha']} "
+        f"all-linear; {s['steps']} "
         f"measured steps after {s['warmup']} warm-up steps; the same prompts in the same "
         "order on both sides.",
         "",

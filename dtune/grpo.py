@@ -210,9 +210,13 @@ def shared_prompt_cache(engine, prompts: list[list[int]], group: int, pad_id: in
     share its prefix, so the prompt is read once, not G times (at G=8 the prompt's forward
     is an eighth of what it was). Generation then reads only the last prompt token of each
     row (it needs that position's logits) and decodes. None (generate reads every prompt
-    token) where nothing is shared: G=1, one-token prompts, or a cache that cannot repeat."""
+    token) where nothing is shared: G=1, one-token prompts, a soft prompt (prompt or prefix
+    tuning: PEFT puts its own virtual tokens or prefix cache before the prompt), or a cache
+    that cannot repeat."""
     ids, mask = left_pad(prompts, pad_id)
-    if group == 1 or ids.size(1) < 2:
+    soft = getattr(getattr(engine.module, "active_peft_config", None), "is_prompt_learning",
+                   False)
+    if group == 1 or ids.size(1) < 2 or soft:
         return None
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # as generate numbers left-padded rows
     prefix = engine.to_device({"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1],
@@ -298,7 +302,8 @@ def trained_rows(rollout: Rollout, beta: float) -> Rollout:
     end = attention.size(1) - rollout.width + width
     pick = rows.tolist()
     return dataclasses.replace(
-        rollout, input_ids=rollout.input_ids[rows, first:end], attention_mask=attention[:, first:end],
+        rollout, input_ids=rollout.input_ids[rows, first:end],
+        attention_mask=attention[:, first:end],
         position_ids=rollout.position_ids[rows, first:end], completion_mask=mask[:, :width],
         completions=[rollout.completions[i] for i in pick],
         answers=[rollout.answers[i] for i in pick],

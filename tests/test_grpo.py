@@ -174,6 +174,10 @@ def test_the_g_completions_of_a_prompt_share_its_prompt_cache():
     assert torch.equal(outputs[0], outputs[1])
     assert (3, 4) in seen  # the shared prefix: 3 prompts, their tokens but the last
     assert shared_prompt_cache(Engine(), prompts, 1, 0) is None  # G=1: nothing to share
+    from peft import PromptTuningConfig, get_peft_model
+    Engine.module = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM",
+                                                             num_virtual_tokens=2))
+    assert shared_prompt_cache(Engine(), prompts, group, 0) is None  # PEFT's own prefix
 
 
 def test_the_completion_ends_at_its_first_eos():
