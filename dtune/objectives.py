@@ -39,8 +39,8 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewar
 # ran on (those with a gradient, grpo.trained_rows), and the time spent generating and training.
 GRPO_METRICS = ("reward/mean", "reward/std", "advantage/std", "advantage/abs_mean",
                 "completion_length/mean", "completion_length/max", "clip_fraction", "kl",
-                "zero_std_groups", "resampled_groups", "groups", "update_rows", "generation_time_s",
-                "update_time_s")
+                "zero_std_groups", "resampled_groups", "groups", "update_rows",
+                "generation_time_s", "update_time_s")
 
 
 @dataclass
