@@ -511,11 +511,11 @@ def any_rank(flag: bool, synced: bool) -> bool:
 def accumulate_grpo_gradients(engine: Engine, rollouts: list, divisor: int, tokens: int,
                               objective, reference) -> torch.Tensor:
     """GRPO's forward, loss and backward for each rollout of a window (its rows with a
-    gradient, `grpo.trained_rows`): the clipped surrogate (plus beta x KL to the reference) per completion token, summed as
-    `objective.loss_type` says and divided by the window's `divisor` (dtune/grpo.py), so
-    the window is one batch whatever its split over micro-batches and ranks. Returns [loss,
-    clip fraction, KL] (the last two per kept completion token), summed over ranks, not
-    yet read."""
+    gradient, `grpo.trained_rows`): the clipped surrogate (plus beta x KL to the reference)
+    per completion token, summed as `objective.loss_type` says and divided by the window's
+    `divisor` (dtune/grpo.py), so the window is one batch whatever its split over
+    micro-batches and ranks. Returns [loss, clip fraction, KL] (the last two per kept
+    completion token), summed over ranks, not yet read."""
     totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
     for index, rollout in enumerate(rollouts):
         inputs = engine.to_device(rollout.model_inputs())
