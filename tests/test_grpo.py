@@ -576,8 +576,9 @@ def test_init_from_a_full_model_and_an_adapter_trained_on(tmp_path, tiny_lora_ru
         load_base(compose(*TINY, f"model.init_from={lora}", "model.init_adapter=continue",
                           "method.r=8"), {})
     go_on = tmp_path / "go-on"
-    result = train(go_on, *TINY, f"model.init_from={lora}", "model.init_adapter=continue",
-                   "train.max_steps=2", "train.lr=1e-3", "eval.exact_match_samples=0")
+    continued = (*TINY, f"model.init_from={lora}", "model.init_adapter=continue",
+                 "train.lr=1e-3", "eval.exact_match_samples=0", "train.save_every=2")
+    result = train(go_on, *continued, "train.max_steps=2")
     trained = {k: v for k, v in result.model.state_dict().items() if "lora_" in k}
     assert len(trained) == len(adapter)
     # trained on from the adapter's values (2 Adam steps of lr 1e-3 away), not from a fresh
@@ -601,3 +602,7 @@ def test_init_from_a_full_model_and_an_adapter_trained_on(tmp_path, tiny_lora_ru
     (lora / "final" / "notes.txt").write_text("changed again")
     with pytest.raises(DtuneError, match="changed after this run's config was settled"):
         load_base(stale, {})
+    # nor does a resume go on from other weights than its checkpoint trained from
+    with pytest.raises(DtuneError, match=r"(?s)model.init_from's final/ \(the SHA-256.*"
+                                         r"in the checkpoint"):
+        train(go_on, *continued, "train.max_steps=4", "train.resume=true")
