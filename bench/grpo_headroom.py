@@ -32,6 +32,7 @@ def measure(run_dir: Path, per_task: int, g: int, temperature: float) -> dict:
     from dtune.data.formatting import render_chat
     from dtune.evaluate import Inference, generate
     from dtune.load_run import load_for_generation
+    from dtune.rewards import exact_match  # scored as the GRPO reward and the eval score it
     model, tokenizer, _ = load_for_generation(run_dir)
     engine = Inference.place(model)
     tasks = ["add", "reverse_words", "convert_units", "extract_json"]  # data=builtin_rl's
@@ -48,10 +49,10 @@ def measure(run_dir: Path, per_task: int, g: int, temperature: float) -> dict:
             first = generate(engine, tokenizer, [prompt], 40, 1, add_special_tokens=False)[0]
             samples = generate(engine, tokenizer, [prompt] * g, 32, g, add_special_tokens=False,
                                do_sample=True, temperature=temperature, top_p=1.0)
-            right = [s.strip() == answer for s in samples]
-            greedy += first.strip() == answer
+            right = exact_match(samples, [answer] * g, None)
+            greedy += exact_match([first], [answer], None)[0]
             sampled += sum(right)
-            any_right += any(right)
+            any_right += max(right)
         n = len(rows)
         by_task[task] = {"prompts": n, "greedy": greedy / n, "sampled": sampled / (n * g),
                          "pass_at_g": any_right / n}
