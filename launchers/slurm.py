@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import submitit
@@ -59,7 +60,68 @@ def submit(config: Config, run_dir: str, overrides: list[str]) -> float | None:
     write_atomically(RunDir(run_dir).slurm_job_id_file, f"{job.job_id}\n")
     if not launcher.wait:
         return None
-    return job.results()[0]  # one result per task; rank 0's is the run's
+    return wait_for(job)
+
+
+# SLURM's pending reasons that pass on their own: the job waits its turn or its start time.
+WAITING_ITS_TURN = {"None", "Priority", "Resources", "BeginTime", "Dependency", "JobHeldUser"}
+POLL_S = 2.0
+
+
+def wait_for(job: submitit.Job) -> float | None:
+    """launcher.wait=true: wait for the job and return rank 0's result (what a sweeper
+    minimises), saying what the job does each time that changes. submitit's own wait is
+    silent, and it looks at accounting only every few minutes: a job that cannot start (a
+    node down, more nodes than the partition has) would wait without a word, and one whose
+    task died would be noticed minutes late."""
+    said = None
+    while not job.done():
+        now = queue_state(job.job_id)
+        if now is None:  # left the queue without a result file: ask accounting now
+            if job.done(force_check=True):
+                break
+        elif now != said:
+            print(f"  job {job.job_id}: {now}", flush=True)
+            said = now
+        time.sleep(POLL_S)
+    try:
+        return job.results()[0]  # one result per task; rank 0's is the run's
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
+        state = job.watcher.get_state(job.job_id, mode="force")
+        raise DtuneError(
+            f"SLURM job {job.job_id} ended {state} without finishing the run"
+            f"{raised_in_job(error)}. What it printed "
+            f"is in {job.paths.stdout} and {job.paths.stderr} (one pair per node: "
+            f"_0_ is rank 0). Its checkpoints stay in the run dir: submit the same command "
+            "with train.resume=true to go on from the newest one.") from None
+
+
+def raised_in_job(error: Exception) -> str:
+    """': <the error's last line>' from a task's traceback that submitit hands back (a
+    DtuneError's paragraph is that line), or '' where the task left none (it was killed)."""
+    parts = str(error).split("-" * 22)
+    lines = [line.strip() for line in (parts[1] if len(parts) > 2 else "").splitlines()]
+    last = next((line for line in reversed(lines) if line), "")
+    return f": {last}" if last else ""
+
+
+def queue_state(job_id: str) -> str | None:
+    """The job's state in the queue in words ("pending (Resources)", "running on
+    node[1-2]"), or None once it has left the queue."""
+    try:
+        listed = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%N"],
+                                capture_output=True, text=True, timeout=30).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "state unknown (squeue did not answer)"
+    state, _, rest = listed[0].strip().partition("|")
+    if not state:
+        return None
+    reason, _, nodes = rest.partition("|")
+    if state == "PENDING":
+        hint = "" if reason in WAITING_ITS_TURN else \
+            "; SLURM will not start it while that holds: `sinfo -R` says why nodes are out"
+        return f"pending ({reason}{hint})"
+    return f"{state.lower()}" + (f" on {nodes}" if nodes else "")
 
 
 def check_script_paths(run_dir: Path, folder: Path) -> None:
@@ -81,6 +143,9 @@ def sbatch_parameters(launcher: LauncherConfig) -> dict:
         "account": launcher.account, "qos": launcher.qos, "constraint": launcher.constraint,
         "signal_delay_s": launcher.signal_delay_s,
         "additional_parameters": {"requeue": True, **launcher.sbatch_extra},
+        # One task failing ends the job: the others would wait for it in a collective until
+        # parallelism.timeout_minutes runs out.
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     if launcher.gpus_per_node:
         params["gpus_per_node"] = launcher.gpus_per_node

@@ -48,9 +48,17 @@ def cluster():
 
 
 def submit(run_dir, *overrides, wait=True):
-    result = run_dtune(*overrides, "launcher=slurm", "launcher.partition=debug",
-                       f"launcher.wait={str(wait).lower()}", f"hydra.run.dir={run_dir}",
-                       env=ENV)
+    try:
+        result = run_dtune(*overrides, "launcher=slurm", "launcher.partition=debug",
+                           f"launcher.wait={str(wait).lower()}", f"hydra.run.dir={run_dir}",
+                           env=ENV, timeout=300)
+    except subprocess.TimeoutExpired as late:  # what dtune said while it waited, and why
+        said = late.output.decode() if isinstance(late.output, bytes) else late.output or ""
+        found = re.search(r"Submitted SLURM job (\d+)", said)
+        if found:
+            subprocess.run(["scancel", found.group(1)])
+        queue = subprocess.run(["sh", "-c", "squeue; sinfo -R"], capture_output=True, text=True)
+        pytest.fail(f"no result in 300 s; dtune said:\n{said}\n{queue.stdout}")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -90,6 +98,36 @@ def test_two_nodes_match_the_same_run_launched_locally(tmp_path, layout):
     assert summary["world_size"] == 2
     assert step_losses(tmp_path / "slurm") == pytest.approx(step_losses(tmp_path / "local"),
                                                             abs=1e-6)
+
+
+def test_a_waiting_job_says_why_and_a_cancelled_one_is_explained(tmp_path):
+    # A start time an hour away keeps the job pending: while dtune waits for it, it says so
+    # (not a silent wait); once cancelled, dtune says how the job ended, in words.
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "dtune", *LORA, "train.max_steps=2", "launcher=slurm",
+         "launcher.partition=debug", "launcher.wait=true",
+         "+launcher.sbatch_extra.begin=now+1hour", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, env={**os.environ, **ENV}, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    lines = []
+    try:
+        for line in waiting.stdout:
+            lines.append(line)
+            if ": pending (BeginTime)" in line:
+                break
+        job = job_id("".join(lines))
+        assert f"job {job}: pending (BeginTime)" in lines[-1], "".join(lines)
+        subprocess.run(["scancel", job], check=True)
+        output, errors = waiting.communicate(timeout=120)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    message = one_line(errors)
+    assert waiting.returncode == 2 and "Traceback" not in errors, errors[-3000:]
+    assert f"SLURM job {job} ended CANCELLED" in message, message
+    assert f"{job}_0_log.err" in message and "train.resume=true" in message
+    script = (tmp_path / "slurm" / f"{job}_submission.sh").read_text()
+    assert "srun --unbuffered" in script and "--kill-on-bad-exit=1" in script
 
 
 def release_when_requeued(job: str, timeout_s: float = 120) -> None:
