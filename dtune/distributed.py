@@ -71,8 +71,9 @@ def slurm_hosts() -> list[str]:
 
 def slurm_port() -> int:
     """A port derived from the job id, so every task of the job agrees on it without talking,
-    and two jobs sharing a first node do not collide."""
-    return 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+    and two jobs sharing a first node do not collide. Kept below Linux's ephemeral ports
+    (32768 and up), which any outgoing connection on the node may hold at that moment."""
+    return 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 12000
 
 
 def processes_per_node(cfg: ParallelismConfig) -> int:
