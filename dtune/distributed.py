@@ -5,8 +5,10 @@ Collectives run on tensors of the backend's device: NCCL takes CUDA tensors only
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import logging
 import os
 import sys
 import tempfile
@@ -102,7 +104,11 @@ def process_group(cfg: ParallelismConfig, ranks: Ranks):
     process (without one it looks for MPI), so a lone ZeRO process gets a group of one.
     A worker that dtune's own launch started leaves without teardown once the run is done:
     every file is written, every rank is past the last collective, and gloo's and DeepSpeed's
-    threads can abort during teardown under load (SIGABRT), failing a good run.
+    threads can abort during teardown under load (SIGABRT), failing a good run. A SLURM task
+    (launchers/slurm.py) must first hand its result to submitit, so it keeps the group and
+    leaves without teardown when the interpreter exits (`leave_without_teardown`): under load,
+    rank 0 of a finished two-node DDP job was seen to hang after its summary, its job left
+    running until cancelled.
     """
     created = not dist.is_initialized() and (ranks.distributed
                                              or engine_spec(cfg).group_for_one_process)
@@ -124,11 +130,31 @@ def process_group(cfg: ParallelismConfig, ranks: Ranks):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+        if completed and created and ranks.world_size > 1 and _LEAVE_AT_EXIT:
+            atexit.register(_exit_now)  # registered last, so it runs first
+            return
         if created and dist.is_initialized():
             destroy_process_group()
         if lone:
             for key, value in saved.items():
                 os.environ.pop(key) if value is None else os.environ.update({key: value})
+
+
+_LEAVE_AT_EXIT = False
+
+
+def leave_without_teardown() -> None:
+    """Make a finished multi-process run of this process keep its process group and leave
+    without teardown at interpreter exit, once its caller has handed back what it returns."""
+    global _LEAVE_AT_EXIT
+    _LEAVE_AT_EXIT = True
+
+
+def _exit_now() -> None:
+    logging.shutdown()  # the log files' last lines: the exit below skips the usual flush
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def destroy_process_group() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import submitit
 
-from dtune import run_start
+from dtune import distributed, run_start
 from dtune.config import Config, LauncherConfig, check_no_control_characters
 from dtune.errors import DtuneError
 from dtune.files import NoFollowFileHandler, refuse_symlink, write_atomically
@@ -211,6 +211,7 @@ def run_job(config: Config, run_dir: str, overrides: list[str],
         handlers.append(NoFollowFileHandler(RunDir(run_dir).log_file))
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, handlers=handlers,
                         format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
+    distributed.leave_without_teardown()  # once submitit has the result (dtune/distributed.py)
     if not run_start.answers_for_run(config):
         return run_training(config, run_dir, overrides)
     with run_start.claimed(config, RunDir(run_dir), expected_id=run_id):
